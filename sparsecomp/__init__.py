@@ -1,0 +1,46 @@
+"""sparsecomp: PyTorch compiler passes that make models physically smaller and faster.
+
+Pipeline: ``capture`` (torch.export) -> ``dependency_graph`` (coupled dims, pruning groups) -> passes
+(``StructuredPruning``) -> a smaller ``torch.nn.Module``; see docs/ARCHITECTURE.md.
+"""
+
+from .api import compress, dependency_graph
+from .capture import Captured, capture
+from .config import PassConfig, config_from_dict, load_recipe
+from .errors import (
+    CaptureError,
+    ConfigError,
+    MissingDependencyError,
+    PassError,
+    SparsecompError,
+    UnsupportedError,
+    VerificationError,
+)
+from .graph.depgraph import DependencyGraph, Group, Member
+from .graph.registry import OpRegistry, OpRule
+from .passes import StructuredPruning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Captured",
+    "CaptureError",
+    "ConfigError",
+    "DependencyGraph",
+    "Group",
+    "Member",
+    "MissingDependencyError",
+    "OpRegistry",
+    "OpRule",
+    "PassConfig",
+    "PassError",
+    "SparsecompError",
+    "StructuredPruning",
+    "UnsupportedError",
+    "VerificationError",
+    "capture",
+    "compress",
+    "config_from_dict",
+    "dependency_graph",
+    "load_recipe",
+]

@@ -1,0 +1,388 @@
+"""Command-line interface: ``sparsecomp demo | inspect | compress``.
+
+Examples
+--------
+::
+
+    sparsecomp demo --ratios 0.25 0.5 --threads 1
+    sparsecomp inspect mypkg.models:make_model
+    sparsecomp inspect path/to/file.py:make
+    sparsecomp compress path/to/file.py:make --ratio 0.5 -o small.pt2
+    sparsecomp compress mypkg.models:make_model --recipe recipe.yaml -o small.pt2
+
+``MODULE:FUNCTION`` names a zero-argument function returning
+``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``;
+``MODULE`` is a dotted module name importable from the current directory or a
+path to a ``.py`` file.
+
+Errors are reported as one line on stderr (``sparsecomp: error: ...``) with
+exit status 2; ``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["CLIError", "load_factory", "main"]
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+
+
+class CLIError(Exception):
+    """A user error detected by the command line (bad spec, bad arguments)."""
+
+
+# ---------------------------------------------------------------------------
+# MODULE:FUNCTION loading
+# ---------------------------------------------------------------------------
+
+
+def _import_file(path: Path) -> Any:
+    """Import a ``.py`` file as a fresh module; its folder is importable while it loads."""
+    name = f"_sparsecomp_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise CLIError(f"cannot import {str(path)!r} as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        try:
+            sys.path.remove(folder)
+        except ValueError:
+            pass
+    return module
+
+
+def _import_target(target: str, spec: str) -> Any:
+    looks_like_path = target.endswith(".py") or os.sep in target or "/" in target
+    if looks_like_path:
+        path = Path(target)
+        if not path.is_file():
+            raise CLIError(f"no such Python file: {target!r} (from {spec!r})")
+        return _import_file(path)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current folder
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
+            raise CLIError(
+                f"cannot import module {target!r} from {spec!r}: no module named {exc.name!r}"
+            ) from exc
+        raise
+
+
+def load_factory(spec: str) -> tuple[nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """Resolve ``MODULE:FUNCTION``, call it and validate what it returns.
+
+    Parameters
+    ----------
+    spec : str
+        ``"pkg.mod:function"`` or ``"path/to/file.py:function"``.
+
+    Returns
+    -------
+    model : nn.Module
+    example_inputs : tuple
+        Positional example inputs (a single tensor is wrapped in a tuple).
+    example_kwargs : dict
+        Keyword example inputs (empty if the function returned none).
+
+    Raises
+    ------
+    CLIError
+        If the spec is malformed, the module or function cannot be found, or
+        the function returns something else than described above.
+    """
+    target, sep, func_name = spec.rpartition(":")
+    if not sep or not target or not func_name:
+        raise CLIError(f"expected MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    module = _import_target(target, spec)
+    factory = getattr(module, func_name, None)
+    if factory is None:
+        raise CLIError(f"{target!r} has no attribute {func_name!r} (from {spec!r})")
+    if not callable(factory):
+        raise CLIError(f"{spec!r} is not callable")
+    result = factory()
+
+    if not isinstance(result, tuple) or len(result) not in (2, 3):
+        raise CLIError(
+            f"{spec!r} must return (model, example_inputs) or "
+            f"(model, example_inputs, example_kwargs), got {type(result).__name__}"
+        )
+    model, args = result[0], result[1]
+    kwargs = result[2] if len(result) == 3 else None
+    if not isinstance(model, nn.Module):
+        raise CLIError(f"{spec!r} returned a model of type {type(model).__name__}, not an nn.Module")
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    elif isinstance(args, list):
+        args = tuple(args)
+    if not isinstance(args, tuple):
+        raise CLIError(
+            f"{spec!r} returned example_inputs of type {type(args).__name__}; "
+            "expected a tensor or a tuple of inputs"
+        )
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(kwargs, Mapping):
+        raise CLIError(
+            f"{spec!r} returned example_kwargs of type {type(kwargs).__name__}; expected a dict"
+        )
+    return model, args, dict(kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        ratios=tuple(ns.ratios),
+        seq_len=ns.seq_len,
+        threads=ns.threads,
+        importance=ns.importance,
+        progress=not ns.quiet,
+    )
+    return EXIT_OK
+
+
+def _cmd_inspect(ns: argparse.Namespace) -> int:
+    import sparsecomp
+
+    model, args, kwargs = load_factory(ns.spec)
+    graph = sparsecomp.dependency_graph(model, args, kwargs or None)
+    print(graph.summary())
+    return EXIT_OK
+
+
+def _recipe_configs(path: str) -> list[Any]:
+    if not Path(path).is_file():
+        raise CLIError(f"no such recipe file: {path!r}")
+    from .config import load_recipe
+
+    configs = load_recipe(path)
+    if not configs:
+        raise CLIError(f"recipe {path!r} holds no configs")
+    return configs
+
+
+def _build_configs(ns: argparse.Namespace) -> list[Any]:
+    import sparsecomp
+
+    if ns.recipe is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--ratio", ns.ratio),
+                ("--importance", ns.importance),
+                ("--granularity", ns.granularity),
+            )
+            if value is not None
+        ]
+        if given:
+            raise CLIError(f"--recipe cannot be combined with {', '.join(given)}")
+        return _recipe_configs(ns.recipe)
+    options: dict[str, Any] = {"ratio": 0.5 if ns.ratio is None else ns.ratio}
+    if ns.importance is not None:
+        options["importance"] = ns.importance
+    if ns.granularity is not None:
+        options["granularity"] = ns.granularity
+    return [sparsecomp.StructuredPruning(**options)]
+
+
+def _fmt_count(n: int) -> str:
+    for unit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= unit:
+            return f"{n / unit:.3f}{suffix} ({n:,})"
+    return f"{n:,}"
+
+
+def _cmd_compress(ns: argparse.Namespace) -> int:
+    import sparsecomp
+
+    from .metrics import count_macs, count_params
+
+    configs = _build_configs(ns)
+    model, args, kwargs = load_factory(ns.spec)
+    model.eval()
+    if ns.output is not None and os.path.isdir(ns.output):
+        raise CLIError(f"output path {ns.output!r} is a directory")
+
+    params_before = count_params(model)
+    macs_before = count_macs(model, args, kwargs)
+    config: Any = configs[0] if len(configs) == 1 else configs
+    for c in configs:
+        print(f"config: {c.to_json() if hasattr(c, 'to_json') else c}")
+    compressed = sparsecomp.compress(model, args, config, example_kwargs=kwargs or None)
+    params_after = count_params(compressed)
+    macs_after = count_macs(compressed, args, kwargs)
+
+    print(
+        f"params: {_fmt_count(params_before)} -> {_fmt_count(params_after)}"
+        f"  ({params_before / max(params_after, 1):.2f}x smaller)"
+    )
+    print(
+        f"MACs:   {_fmt_count(macs_before)} -> {_fmt_count(macs_after)}"
+        f"  ({macs_before / max(macs_after, 1):.2f}x fewer)"
+    )
+    if ns.output is not None:
+        with torch.no_grad():
+            program = torch.export.export(compressed, args, kwargs, strict=False)
+        out_dir = os.path.dirname(os.path.abspath(ns.output))
+        os.makedirs(out_dir, exist_ok=True)
+        torch.export.save(program, ns.output)
+        print(f"saved: {ns.output} (load with torch.export.load(path).module())")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# Parser and entry point
+# ---------------------------------------------------------------------------
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``sparsecomp`` command."""
+    parser = argparse.ArgumentParser(
+        prog="sparsecomp",
+        description="Structured pruning that makes PyTorch models physically smaller and faster.",
+    )
+    debug_help = "show the full traceback of an error instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="prune all-MiniLM-L6-v2 at several ratios and report size, speed and fidelity",
+        description="Compress the bundled all-MiniLM-L6-v2 sentence encoder (offline) at several "
+        "pruning ratios and print params, MACs, latency and embedding cosine similarity.",
+    )
+    demo.add_argument(
+        "--ratios", type=_ratio, nargs="+", default=[0.0, 0.25, 0.5, 0.75], metavar="R",
+        help="pruning ratios (default: 0 0.25 0.5 0.75)",
+    )
+    demo.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads (default 1)")
+    demo.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per input (default 128)")
+    demo.add_argument("--importance", default="l1", help="importance criterion (default l1)")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    demo.set_defaults(func=_cmd_demo)
+
+    spec_help = "MODULE:FUNCTION or FILE.py:FUNCTION returning (model, example_inputs[, example_kwargs])"
+    inspect = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="print the pruning dependency groups of a model",
+        description="Capture a model and print its dependency graph summary.",
+    )
+    inspect.add_argument("spec", metavar="MODULE:FUNCTION", help=spec_help)
+    inspect.set_defaults(func=_cmd_inspect)
+
+    compress = sub.add_parser(
+        "compress",
+        parents=[common],
+        help="compress a model and save it as a torch.export program (.pt2)",
+        description="Compress a model with StructuredPruning (or a recipe file), report params and "
+        "MACs before/after, and save the result with torch.export.save.",
+    )
+    compress.add_argument("spec", metavar="MODULE:FUNCTION", help=spec_help)
+    compress.add_argument("--ratio", type=_ratio, default=None, help="pruning ratio (default 0.5)")
+    compress.add_argument("--importance", default=None, help="importance criterion (default l1)")
+    compress.add_argument("--granularity", default=None, help="pruning granularity (default auto)")
+    compress.add_argument(
+        "--recipe", default=None, metavar="FILE",
+        help="JSON or YAML recipe (a config, a list of configs, or {passes: [...]})",
+    )
+    compress.add_argument("-o", "--output", default=None, metavar="OUT.pt2", help="where to save")
+    compress.set_defaults(func=_cmd_compress)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > 500:
+        text = text[:497] + "..."
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sparsecomp`` command.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 on a user or library error (argparse
+        usage errors also exit with 2).
+    """
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or usage error (2)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_ERROR
+    func: Callable[[argparse.Namespace], int] = ns.func
+    try:
+        return func(ns)
+    except KeyboardInterrupt:
+        print("sparsecomp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line unless --debug
+        if ns.debug:
+            traceback.print_exc()
+        else:
+            kind = "error" if isinstance(exc, CLIError) else f"error ({type(exc).__name__})"
+            print(f"sparsecomp: {kind}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""End-to-end demo: structured pruning of all-MiniLM-L6-v2 on CPU.
+
+``run_demo`` loads the bundled sentence encoder (offline), captures it with
+``torch.export``, compresses it with :class:`sparsecomp.StructuredPruning` at
+several ratios and prints, per ratio, the physical size, MACs, single-thread
+latency and the fidelity of the sentence embeddings (mean cosine similarity
+to the dense model's embeddings).
+
+Run it with ``sparsecomp demo`` or ``python -m sparsecomp.demo``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .metrics import count_macs, count_params, measure_latencies
+from .models import (
+    BUILTIN_SENTENCES,
+    SentenceEncoder,
+    encode_batch,
+    load_minilm,
+    sentence_embeddings,
+)
+
+__all__ = ["DemoRow", "format_table", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """One line of the demo table.
+
+    Attributes
+    ----------
+    ratio : float
+        Pruning ratio passed to ``StructuredPruning`` (``0.0`` is the dense
+        captured model).
+    params : int
+        Stored weight elements (:func:`sparsecomp.metrics.count_params`).
+    macs : int
+        MACs of one batch-1 call (:func:`sparsecomp.metrics.count_macs`).
+    latency_ms, latency_p10_ms, latency_p90_ms : float
+        Median / p10 / p90 latency of one batch-1 call.
+    speedup : float
+        Dense median latency divided by this row's median latency.
+    mac_reduction : float
+        Dense MACs divided by this row's MACs.
+    cosine : float
+        Mean cosine similarity between this row's and the dense eager model's
+        sentence embeddings over the fidelity sentences.
+    min_cosine : float
+        Smallest cosine similarity over those sentences.
+    """
+
+    ratio: float
+    params: int
+    macs: int
+    latency_ms: float
+    latency_p10_ms: float
+    latency_p90_ms: float
+    speedup: float
+    mac_reduction: float
+    cosine: float
+    min_cosine: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the row as a plain JSON-serialisable dict."""
+        return asdict(self)
+
+
+def _progress(enabled: bool) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        if enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    return say
+
+
+def _iterate(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
+    """Wrap ``items`` in a tqdm bar on stderr when tqdm is installed and progress is on."""
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+def _embed_each(
+    module: Callable[..., torch.Tensor],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    desc: str,
+    progress: bool,
+) -> torch.Tensor:
+    """Sentence embeddings, one batch-1 call per sentence (matches the captured shapes)."""
+    rows = []
+    with torch.inference_mode():
+        for i in _iterate(range(input_ids.shape[0]), desc, progress):
+            ids, mask = input_ids[i : i + 1], attention_mask[i : i + 1]
+            rows.append(sentence_embeddings(module(ids, mask), mask))
+    return torch.cat(rows)
+
+
+def format_table(rows: Sequence[DemoRow], threads: int = 1, seq_len: int = 128) -> str:
+    """Render demo rows as a markdown table.
+
+    Parameters
+    ----------
+    rows : sequence of DemoRow
+        Rows from :func:`run_demo`.
+    threads : int, default 1
+        Thread count, shown in the latency header.
+    seq_len : int, default 128
+        Sequence length, shown in the latency header.
+
+    Returns
+    -------
+    str
+        The table, without a trailing newline.
+    """
+    thread_word = "thread" if threads == 1 else "threads"
+    header = [
+        "ratio",
+        "params (M)",
+        "MACs (G)",
+        f"latency ms (torch, {threads} {thread_word}, batch 1, seq {seq_len})",
+        "speedup vs dense",
+        "MAC reduction",
+        "cosine",
+    ]
+    body = [
+        [
+            f"{r.ratio:.2f}",
+            f"{r.params / 1e6:.2f}",
+            f"{r.macs / 1e9:.3f}",
+            f"{r.latency_ms:.2f} (p10 {r.latency_p10_ms:.2f}, p90 {r.latency_p90_ms:.2f})",
+            f"{r.speedup:.2f}x",
+            f"{r.mac_reduction:.2f}x",
+            f"{r.cosine:.4f}",
+        ]
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(b) for b in body)])
+
+
+def run_demo(
+    ratios: Sequence[float] = (0.0, 0.25, 0.5, 0.75),
+    seq_len: int = 128,
+    threads: int = 1,
+    out: Callable[[str], Any] | None = print,
+    *,
+    importance: str = "l1",
+    sentences: Sequence[str] | None = None,
+    rounds: int = 3,
+    min_time: float = 0.5,
+    progress: bool = True,
+    loader: Callable[[], tuple[nn.Module, Any]] | None = None,
+) -> list[DemoRow]:
+    """Compress all-MiniLM-L6-v2 at several pruning ratios and report the trade-off.
+
+    For each ratio the encoder is captured and compressed with
+    ``sparsecomp.compress(encoder, (input_ids, attention_mask),
+    StructuredPruning(ratio=r, importance=importance))`` using a batch-1,
+    ``seq_len``-token example. The dense baseline (ratio ``0.0``) is the
+    *captured* dense graph, so dense and pruned models run through the same
+    execution path and the speedup reflects only the smaller weights.
+    Latencies are measured interleaved (see
+    :func:`sparsecomp.metrics.measure_latencies`) with ``threads`` intra-op
+    threads. Fidelity is the cosine similarity between each model's sentence
+    embeddings (mean pooling + L2 normalisation) and the dense eager model's,
+    over ``sentences``.
+
+    Parameters
+    ----------
+    ratios : sequence of float, default (0.0, 0.25, 0.5, 0.75)
+        Pruning ratios to report; ``0.0`` is the dense row. The dense model is
+        always measured (as the reference) even if ``0.0`` is not listed.
+    seq_len : int, default 128
+        Tokens per input (padding to this length).
+    threads : int, default 1
+        Intra-op threads for the latency measurement.
+    out : callable or None, default print
+        Called with each line of the final table; ``None`` prints nothing.
+    importance : str, default "l1"
+        Importance criterion passed to ``StructuredPruning``.
+    sentences : sequence of str, optional
+        Fidelity sentences; defaults to :data:`sparsecomp.models.BUILTIN_SENTENCES`.
+    rounds : int, default 3
+        Interleaved latency rounds.
+    min_time : float, default 0.5
+        Minimum timed seconds per model and round.
+    progress : bool, default True
+        Print progress to stderr.
+    loader : callable, optional
+        Returns ``(hf_model, tokenizer)``; defaults to
+        :func:`sparsecomp.models.load_minilm`. Tests pass a tiny model here.
+
+    Returns
+    -------
+    list of DemoRow
+        One row per entry of ``ratios``, in order.
+    """
+    import sparsecomp  # the core API; imported lazily so that this module imports cheaply
+
+    ratios = [float(r) for r in ratios]
+    if not ratios:
+        raise ValueError("run_demo needs at least one ratio")
+    for r in ratios:
+        if not 0.0 <= r < 1.0:
+            raise ValueError(f"pruning ratios must be in [0, 1), got {r}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    sentences = list(BUILTIN_SENTENCES if sentences is None else sentences)
+    if not sentences:
+        raise ValueError("run_demo needs at least one fidelity sentence")
+
+    say = _progress(progress)
+    pruned_ratios = [r for r in ratios if r > 0.0]
+    steps = 3 + len(pruned_ratios)
+    step = 0
+
+    def stage(message: str) -> None:
+        nonlocal step
+        step += 1
+        say(f"[{step}/{steps}] {message}")
+
+    stage("loading all-MiniLM-L6-v2 (offline)" if loader is None else "loading model")
+    hf_model, tokenizer = (loader or load_minilm)()
+    encoder = SentenceEncoder(hf_model).eval()
+    example = encode_batch(tokenizer, sentences[0], seq_len=seq_len)
+    fid_ids, fid_mask = encode_batch(tokenizer, sentences, seq_len=seq_len)
+    reference = _embed_each(encoder, fid_ids, fid_mask, "dense eager embeddings", progress)
+
+    stage("capturing the dense model with torch.export")
+    models: dict[float, nn.Module] = {0.0: sparsecomp.capture(encoder, example).module}
+
+    for r in pruned_ratios:
+        stage(f"compressing with StructuredPruning(ratio={r:g}, importance={importance!r})")
+        config = sparsecomp.StructuredPruning(ratio=r, importance=importance)
+        models[r] = sparsecomp.compress(encoder, example, config)
+
+    stage(f"measuring latency ({threads} thread(s), batch 1, seq {seq_len}) and fidelity")
+    latencies = measure_latencies(
+        {str(r): m for r, m in models.items()},
+        example,
+        threads=threads,
+        rounds=rounds,
+        min_time=min_time,
+    )
+    dense_macs = count_macs(models[0.0], example)
+    dense_ms = latencies["0.0"].median_ms
+
+    rows = []
+    for r in ratios:
+        module = models[r]
+        embeddings = _embed_each(module, fid_ids, fid_mask, f"ratio {r:g} embeddings", progress)
+        cos = (embeddings * reference).sum(dim=1)
+        macs = count_macs(module, example)
+        lat = latencies[str(r)]
+        rows.append(
+            DemoRow(
+                ratio=r,
+                params=count_params(module),
+                macs=macs,
+                latency_ms=lat.median_ms,
+                latency_p10_ms=lat.p10_ms,
+                latency_p90_ms=lat.p90_ms,
+                speedup=dense_ms / lat.median_ms,
+                mac_reduction=dense_macs / macs if macs else float("inf"),
+                cosine=float(cos.mean()),
+                min_cosine=float(cos.min()),
+            )
+        )
+
+    if out is not None:
+        for line in format_table(rows, threads=threads, seq_len=seq_len).splitlines():
+            out(line)
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience entry point
+    run_demo()

@@ -1,0 +1,129 @@
+"""Apply a removal decision to a captured graph: slice parameters, fix op arguments, re-export.
+
+Also builds the *zeroed* twin of the original model (the removed units' weights set to zero) that the
+equivalence check compares against: removing a group must compute exactly what zeroing it computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings as _warnings
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ..capture.export import Captured
+from ..errors import PassError
+from .context import RewriteContext
+from .depgraph import DependencyGraph
+
+
+def _get(mod: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str, torch.Tensor]:
+    *path, leaf = target.split(".")
+    owner = mod
+    for p in path:
+        owner = getattr(owner, p)
+    return owner, leaf, getattr(owner, leaf)
+
+
+def _set(owner: torch.nn.Module, leaf: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    if isinstance(old, torch.nn.Parameter):
+        owner._parameters[leaf] = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = new
+    else:
+        setattr(owner, leaf, new)
+
+
+class _TranslatingRewriteContext(RewriteContext):
+    """Rewrite context for a copy of the analysed graph: looks labels up on the original nodes."""
+
+    def __init__(self, base: RewriteContext, orig: dict[fx.Node, fx.Node]) -> None:
+        super().__init__(base.ctx, base.removed)
+        self._orig = orig
+
+    def _o(self, n):
+        return self._orig.get(n, n) if isinstance(n, fx.Node) else n
+
+    def out(self, node):
+        return super().out(self._o(node))
+
+    def lab(self, arg):
+        return super().lab(self._o(arg))
+
+    def note(self, node, key):
+        return super().note(self._o(node), key)
+
+
+def _copy_with_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    new = _deepcopy(gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    return new, {n: by_name[n.name] for n in new.graph.nodes}
+
+
+def prune(dg: DependencyGraph, removed: Iterable[int], pass_name: str = "StructuredPruning",
+          recapture: bool = True) -> Captured:
+    """A new captured model in which the given units are physically removed.
+
+    With ``recapture`` (the default) the edited graph is re-exported, which refreshes shape metadata and
+    checks that every op agrees on the new shapes; without it the edited module is returned in a
+    ``Captured`` whose ``exported`` is the original program (for quick checks only).
+    """
+    removed = set(removed)
+    captured = dg.captured
+    gm, orig = _copy_with_map(captured.module)
+    if removed:
+        rw = _TranslatingRewriteContext(dg.rewrite_context(removed), orig)
+        for target, idx in dg.param_keep_indices(removed).items():
+            owner, leaf, old = _get(gm, target)
+            new = old.detach()
+            for d, keep in enumerate(idx):
+                if keep is not None:
+                    if len(keep) == 0:
+                        raise PassError(pass_name, f"all of dim {d} of {target} would be removed")
+                    new = new.index_select(d, torch.as_tensor(keep, dtype=torch.long))
+            _set(owner, leaf, old, new.contiguous())
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            rule = dg.rules.get(node.target)
+            if rule is not None and rule.rewrite is not None:
+                rule.rewrite(node, rw)
+        gm.recompile()
+    if not recapture:
+        return Captured(gm, captured.exported, captured.example_args, captured.example_kwargs,
+                        captured.dynamic_shapes)
+    try:
+        return captured.recapture(gm)
+    except Exception as exc:
+        raise PassError(pass_name, f"the pruned graph does not re-export: {str(exc).splitlines()[0]}") from exc
+
+
+def zeroed(dg: DependencyGraph, removed: Iterable[int]) -> fx.GraphModule:
+    """A copy of the captured model with every parameter index owned by ``removed`` units set to zero."""
+    removed = set(removed)
+    gm, _ = _copy_with_map(dg.captured.module)
+    rw = dg.rewrite_context(removed)
+    for target, dims in dg.ctx.param_labels.items():
+        owner, leaf, old = _get(gm, target)
+        new = old.detach().clone()
+        changed = False
+        for d, arr in enumerate(dims):
+            if arr is None:
+                continue
+            drop = np.nonzero(~rw.keep_mask(arr))[0]
+            if len(drop):
+                new.index_fill_(d, torch.as_tensor(drop, dtype=torch.long), 0)
+                changed = True
+        if changed:
+            _set(owner, leaf, old, new)
+    return gm
+
+
+def _deepcopy(obj):
+    """``copy.deepcopy`` without torch's pytree deprecation noise (emitted while copying GraphModules)."""
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(obj)

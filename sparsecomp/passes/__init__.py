@@ -1,0 +1,6 @@
+"""Graph passes. Each pass has a frozen config and a function registered for that config type."""
+
+from .base import PassResult, register_pass, run_pass
+from .structured import StructuredPruning
+
+__all__ = ["PassResult", "StructuredPruning", "register_pass", "run_pass"]
