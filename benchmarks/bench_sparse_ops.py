@@ -3,15 +3,17 @@
 For each weight shape ``[out, in]`` (default ``3072x768`` and ``768x3072``, the
 BERT-base FFN pair), batch size and sparsity, the script times::
 
-    dense        F.linear(x, W, b)                       (W dense, zeros included)
-    ours csr     sparsecomp::sparse_linear_csr           (unstructured mask)
-    torch csr    F.linear(x, W.to_sparse_csr(), b)       (torch's own CSR path)
-    scipy csr    (scipy.sparse.csr_matrix(W) @ x.T).T + b (if scipy is importable)
-    ours bsr RxC sparsecomp::sparse_linear_bsr           (block mask, one per --blocks)
-    torch bsr RxC F.linear(x, W.to_sparse_bsr((R, C)), b) (square blocks only: MKL
-                                                          rejects non-square blocks)
-    ours nm N:M  sparsecomp::sparse_linear_nm            (sparsity fixed at 1 - N/M;
-                                                          shown in the nearest column)
+    dense                  F.linear(x, W, b)              (W dense, zeros included)
+    ours csr               sparsecomp::sparse_linear_csr  (unstructured mask)
+    torch csr F.linear     F.linear(x, Wc, b),  Wc = W.to_sparse_csr()  (torch's own CSR)
+    torch csr W@x.T        (Wc @ x.T).T + b
+    scipy csr              (scipy.sparse.csr_matrix(W) @ x.T).T + b  (if scipy imports)
+    ours bsr RxC           sparsecomp::sparse_linear_bsr  (block mask, one per --blocks)
+    torch bsr RxC F.linear F.linear(x, Wb, b),  Wb = W.to_sparse_bsr((R, C)); square
+                           blocks only (torch's MKL path rejects non-square blocks)
+    torch bsr RxC W@x.T    (Wb @ x.T).T + b
+    ours nm N:M            sparsecomp::sparse_linear_nm   (sparsity is fixed at 1 - N/M;
+                           shown in the nearest sparsity column)
 
 Every sparse result is checked against the dense one.  Each cell shows the
 median latency in microseconds and, in parentheses, ``latency / dense latency``
@@ -41,7 +43,7 @@ try:
     import sparsecomp.ops  # noqa: F401
 except ImportError:  # running from a checkout without installing the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sparsecomp.ops import pack_bsr, pack_csr, pack_nm, sparse_linear  # noqa: E402
+from sparsecomp.ops import pack_bsr, pack_csr, pack_nm, packed_linear  # noqa: E402
 
 import numpy as np
 
@@ -177,9 +179,10 @@ def main(argv=None) -> None:
                 storage.setdefault("dense", {})[s] = w.numel() * w.element_size()
 
                 csr = pack_csr(w)
-                record("ours csr", s, lambda: sparse_linear(x, csr, bias), ref, dense_us, csr.nbytes)
+                record("ours csr", s, lambda: packed_linear(x, csr, bias), ref, dense_us, csr.nbytes)
                 w_csr = w.to_sparse_csr()
-                record("torch csr", s, lambda: F.linear(x, w_csr, bias), ref, dense_us)
+                record("torch csr F.linear", s, lambda: F.linear(x, w_csr, bias), ref, dense_us)
+                record("torch csr W@x.T", s, lambda: (w_csr @ x.t()).t() + bias, ref, dense_us)
                 if scipy_sparse is not None:
                     sp = scipy_sparse.csr_matrix(w.numpy())
                     record("scipy csr", s, lambda: (sp @ x_np.T).T + bias_np, ref, dense_us)
@@ -194,7 +197,7 @@ def main(argv=None) -> None:
                     record(
                         f"ours bsr {r}x{c}",
                         s,
-                        lambda: sparse_linear(x, bsr, bias),
+                        lambda: packed_linear(x, bsr, bias),
                         ref_b,
                         dense_us,
                         bsr.nbytes,
@@ -202,9 +205,16 @@ def main(argv=None) -> None:
                     if r == c:
                         w_bsr = wb.to_sparse_bsr(blk)
                         record(
-                            f"torch bsr {r}x{c}",
+                            f"torch bsr {r}x{c} F.linear",
                             s,
                             lambda: F.linear(x, w_bsr, bias),
+                            ref_b,
+                            dense_us,
+                        )
+                        record(
+                            f"torch bsr {r}x{c} W@x.T",
+                            s,
+                            lambda: (w_bsr @ x.t()).t() + bias,
                             ref_b,
                             dense_us,
                         )
@@ -220,7 +230,7 @@ def main(argv=None) -> None:
                 record(
                     f"ours nm {n}:{m}",
                     s,
-                    lambda: sparse_linear(x, nm, bias),
+                    lambda: packed_linear(x, nm, bias),
                     F.linear(x, wn, bias),
                     dense_us,
                     nm.nbytes,

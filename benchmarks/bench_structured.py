@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -178,7 +179,7 @@ def format_markdown(rows: Sequence[BenchRow]) -> str:
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
 
     sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":")
                          for i, w in enumerate(widths)) + "|"
@@ -224,9 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(argv)
     rows: list[BenchRow] = []
     for name in ns.models:
-        rows.extend(
-            bench_model(name, lambda: BUILDERS[name](ns), ns.ratios, ns.threads, ns.rounds, ns.min_time)
-        )
+        build = functools.partial(BUILDERS[name], ns)
+        rows.extend(bench_model(name, build, ns.ratios, ns.threads, ns.rounds, ns.min_time))
     table = format_markdown(rows)
     print(table)
     if ns.out:

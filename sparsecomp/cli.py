@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 __all__ = ["CLIError", "load_factory", "main"]
 
@@ -220,6 +221,41 @@ def _fmt_count(n: int) -> str:
     return f"{n:,}"
 
 
+def _export_for_saving(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.export.ExportedProgram, bool]:
+    """Re-export ``module`` with ``torch.export.export`` for ``torch.export.save``.
+
+    Dim 0 of every tensor input is marked as one shared dynamic batch dimension
+    when the example batch is larger than 1 (``torch.export`` specialises a
+    batch of 1); if the graph refuses that, it is exported with static shapes.
+
+    Returns
+    -------
+    program : torch.export.ExportedProgram
+    dynamic : bool
+        Whether the batch dimension is dynamic.
+    """
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    batchable = (
+        bool(leaves)
+        and all(t.dim() > 0 for t in leaves)
+        and len({t.shape[0] for t in leaves}) == 1
+        and leaves[0].shape[0] > 1
+    )
+    with torch.no_grad():
+        if batchable:
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            shapes = torch.export.ShapesCollection()
+            for t in leaves:
+                shapes[t] = {0: batch}
+            try:
+                return torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False), True
+            except Exception:  # noqa: BLE001 - torch.export raises many types; static export below
+                pass
+        return torch.export.export(module, args, kwargs, strict=False), False
+
+
 def _cmd_compress(ns: argparse.Namespace) -> int:
     import sparsecomp
 
@@ -249,12 +285,12 @@ def _cmd_compress(ns: argparse.Namespace) -> int:
         f"  ({macs_before / max(macs_after, 1):.2f}x fewer)"
     )
     if ns.output is not None:
-        with torch.no_grad():
-            program = torch.export.export(compressed, args, kwargs, strict=False)
+        program, dynamic = _export_for_saving(compressed, args, kwargs)
         out_dir = os.path.dirname(os.path.abspath(ns.output))
         os.makedirs(out_dir, exist_ok=True)
         torch.export.save(program, ns.output)
-        print(f"saved: {ns.output} (load with torch.export.load(path).module())")
+        shapes = "dynamic batch" if dynamic else "static shapes: example input shapes only"
+        print(f"saved: {ns.output} ({shapes}; load with torch.export.load(path).module())")
     return EXIT_OK
 
 

@@ -4,7 +4,7 @@
 ``torch.export``, compresses it with :class:`sparsecomp.StructuredPruning` at
 several ratios and prints, per ratio, the physical size, MACs, single-thread
 latency and the fidelity of the sentence embeddings (mean cosine similarity
-to the dense model's embeddings).
+to the dense model's embeddings over held-out sentences).
 
 Run it with ``sparsecomp demo`` or ``python -m sparsecomp.demo``.
 """
@@ -21,6 +21,7 @@ from torch import nn
 from .metrics import count_macs, count_params, measure_latencies
 from .models import (
     BUILTIN_SENTENCES,
+    HELDOUT_SENTENCES,
     SentenceEncoder,
     encode_batch,
     load_minilm,
@@ -51,7 +52,7 @@ class DemoRow:
         Dense MACs divided by this row's MACs.
     cosine : float
         Mean cosine similarity between this row's and the dense eager model's
-        sentence embeddings over the fidelity sentences.
+        sentence embeddings over the evaluation sentences.
     min_cosine : float
         Smallest cosine similarity over those sentences.
     """
@@ -91,19 +92,32 @@ def _iterate(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
     return tqdm(items, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
-def _embed_each(
+def _embed(
     module: Callable[..., torch.Tensor],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     desc: str,
     progress: bool,
+    chunk: int = 16,
 ) -> torch.Tensor:
-    """Sentence embeddings, one batch-1 call per sentence (matches the captured shapes)."""
+    """Sentence embeddings of every row, computed in chunks of ``chunk`` sentences.
+
+    Captured graphs have a dynamic batch dimension, so chunks run as batches. A
+    graph that was captured with static shapes (batch 1) refuses a larger batch;
+    it is then run one sentence at a time, which gives the same embeddings.
+    """
+    starts = list(range(0, input_ids.shape[0], chunk))
     rows = []
     with torch.inference_mode():
-        for i in _iterate(range(input_ids.shape[0]), desc, progress):
-            ids, mask = input_ids[i : i + 1], attention_mask[i : i + 1]
-            rows.append(sentence_embeddings(module(ids, mask), mask))
+        for i in _iterate(starts, desc, progress):
+            ids, mask = input_ids[i : i + chunk], attention_mask[i : i + chunk]
+            try:
+                hidden = module(ids, mask)
+            except Exception:
+                if ids.shape[0] == 1:
+                    raise
+                hidden = torch.cat([module(ids[j : j + 1], mask[j : j + 1]) for j in range(ids.shape[0])])
+            rows.append(sentence_embeddings(hidden, mask))
     return torch.cat(rows)
 
 
@@ -149,7 +163,7 @@ def format_table(rows: Sequence[DemoRow], threads: int = 1, seq_len: int = 128) 
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(b) for b in body)])
@@ -162,7 +176,8 @@ def run_demo(
     out: Callable[[str], Any] | None = print,
     *,
     importance: str = "l1",
-    sentences: Sequence[str] | None = None,
+    eval_sentences: Sequence[str] | None = None,
+    calibration_sentences: Sequence[str] | None = None,
     rounds: int = 3,
     min_time: float = 0.5,
     progress: bool = True,
@@ -180,7 +195,9 @@ def run_demo(
     :func:`sparsecomp.metrics.measure_latencies`) with ``threads`` intra-op
     threads. Fidelity is the cosine similarity between each model's sentence
     embeddings (mean pooling + L2 normalisation) and the dense eager model's,
-    over ``sentences``.
+    over ``eval_sentences`` (by default the held-out sentences, which are never
+    used for calibration). Data-aware importances (``"activation"``,
+    ``"taylor"``) are calibrated on ``calibration_sentences``.
 
     Parameters
     ----------
@@ -195,8 +212,11 @@ def run_demo(
         Called with each line of the final table; ``None`` prints nothing.
     importance : str, default "l1"
         Importance criterion passed to ``StructuredPruning``.
-    sentences : sequence of str, optional
-        Fidelity sentences; defaults to :data:`sparsecomp.models.BUILTIN_SENTENCES`.
+    eval_sentences : sequence of str, optional
+        Fidelity sentences; defaults to :data:`sparsecomp.models.HELDOUT_SENTENCES`.
+    calibration_sentences : sequence of str, optional
+        Calibration sentences for data-aware importances; defaults to
+        :data:`sparsecomp.models.BUILTIN_SENTENCES`. Unused for ``"l1"``/``"l2"``.
     rounds : int, default 3
         Interleaved latency rounds.
     min_time : float, default 0.5
@@ -222,12 +242,18 @@ def run_demo(
             raise ValueError(f"pruning ratios must be in [0, 1), got {r}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    sentences = list(BUILTIN_SENTENCES if sentences is None else sentences)
-    if not sentences:
-        raise ValueError("run_demo needs at least one fidelity sentence")
+    eval_sentences = list(HELDOUT_SENTENCES if eval_sentences is None else eval_sentences)
+    calibration_sentences = list(
+        BUILTIN_SENTENCES if calibration_sentences is None else calibration_sentences
+    )
+    if not eval_sentences:
+        raise ValueError("run_demo needs at least one evaluation sentence")
+    if not calibration_sentences:
+        raise ValueError("run_demo needs at least one calibration sentence")
+    configs = {r: sparsecomp.StructuredPruning(ratio=r, importance=importance) for r in ratios if r > 0}
 
     say = _progress(progress)
-    pruned_ratios = [r for r in ratios if r > 0.0]
+    pruned_ratios = list(configs)
     steps = 3 + len(pruned_ratios)
     step = 0
 
@@ -239,17 +265,21 @@ def run_demo(
     stage("loading all-MiniLM-L6-v2 (offline)" if loader is None else "loading model")
     hf_model, tokenizer = (loader or load_minilm)()
     encoder = SentenceEncoder(hf_model).eval()
-    example = encode_batch(tokenizer, sentences[0], seq_len=seq_len)
-    fid_ids, fid_mask = encode_batch(tokenizer, sentences, seq_len=seq_len)
-    reference = _embed_each(encoder, fid_ids, fid_mask, "dense eager embeddings", progress)
+    example = encode_batch(tokenizer, calibration_sentences[0], seq_len=seq_len)
+    calibration = encode_batch(tokenizer, calibration_sentences, seq_len=seq_len)  # one batch
+    fid_ids, fid_mask = encode_batch(tokenizer, eval_sentences, seq_len=seq_len)
+    reference = _embed(encoder, fid_ids, fid_mask, "dense eager embeddings", progress)
 
     stage("capturing the dense model with torch.export")
     models: dict[float, nn.Module] = {0.0: sparsecomp.capture(encoder, example).module}
 
     for r in pruned_ratios:
+        config = configs[r]
         stage(f"compressing with StructuredPruning(ratio={r:g}, importance={importance!r})")
-        config = sparsecomp.StructuredPruning(ratio=r, importance=importance)
-        models[r] = sparsecomp.compress(encoder, example, config)
+        needs_data = bool(getattr(config, "needs_calibration", False))
+        models[r] = sparsecomp.compress(
+            encoder, example, config, calibration=calibration if needs_data else None
+        )
 
     stage(f"measuring latency ({threads} thread(s), batch 1, seq {seq_len}) and fidelity")
     latencies = measure_latencies(
@@ -265,7 +295,7 @@ def run_demo(
     rows = []
     for r in ratios:
         module = models[r]
-        embeddings = _embed_each(module, fid_ids, fid_mask, f"ratio {r:g} embeddings", progress)
+        embeddings = _embed(module, fid_ids, fid_mask, f"ratio {r:g} embeddings", progress)
         cos = (embeddings * reference).sum(dim=1)
         macs = count_macs(module, example)
         lat = latencies[str(r)]

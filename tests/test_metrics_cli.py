@@ -230,10 +230,9 @@ def test_cli_compress_saves_loadable_program(tiny_file: Path, tmp_path: Path, ca
     assert out_path.is_file()
 
     loaded = torch.export.load(str(out_path)).module()
-    x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
-        y = loaded(x)
-    assert y.shape == (2, 4)
+        assert loaded(torch.randn(2, 3, 12, 12)).shape == (2, 4)
+        assert loaded(torch.randn(5, 3, 12, 12)).shape == (5, 4)  # batch stays dynamic
     dense_params = 3 * 16 * 9 + 16 + 4 * 16 + 16 * 16 * 9 + 16 + 4 * 16 + 16 * 4 + 4
     assert count_params(loaded) < dense_params
 
@@ -332,7 +331,8 @@ def test_demo_smoke_tiny_bert():
         ratios=(0.0, 0.5),
         seq_len=16,
         out=lines.append,
-        sentences=["a first short sentence.", "the second one is a little longer than that."],
+        eval_sentences=["a first short sentence.", "the second one is a little longer than that."],
+        calibration_sentences=["calibrate on this.", "and on this one too."],
         rounds=1,
         min_time=0.0,
         progress=False,
@@ -352,8 +352,16 @@ def test_demo_smoke_tiny_bert():
 def test_demo_real_minilm():
     pytest.importorskip("transformers")
     from sparsecomp.demo import run_demo
+    from sparsecomp.models import HELDOUT_SENTENCES
 
-    rows = run_demo(ratios=(0.0, 0.5), out=None, rounds=1, min_time=0.2, progress=False)
+    rows = run_demo(
+        ratios=(0.0, 0.5),
+        out=None,
+        eval_sentences=HELDOUT_SENTENCES[:16],
+        rounds=1,
+        min_time=0.2,
+        progress=False,
+    )
     dense, pruned = rows
     assert dense.params > 20e6 and dense.cosine > 0.9999
     assert pruned.params < 0.8 * dense.params

@@ -36,7 +36,7 @@ class PropagationContext:
         self.notes: dict[fx.Node, dict[str, Any]] = {}
         self.consumers: list[tuple[fx.Node, fx.Node, int, str, int]] = []
         self.unknown_ops: dict[str, list[str]] = {}
-        self.fixed_reasons: list[str] = []
+        self.kind_hints: list[tuple[np.ndarray, str]] = []
 
     # ----- shapes
     def shape(self, arg: fx.Node) -> tuple[int, ...]:
@@ -136,6 +136,10 @@ class PropagationContext:
         return np.fromiter(
             (self.atoms.compound(tuple(int(p[i]) for p in parts)) for i in range(n)), dtype=np.int64, count=n
         )
+
+    def hint_kind(self, arr: np.ndarray, kind: str) -> None:
+        """Declare the group kind of these atoms (overrides the structural guess; see ``Group``)."""
+        self.kind_hints.append((arr, kind))
 
     def note(self, node: fx.Node, key: str, value: Any) -> None:
         self.notes.setdefault(node, {})[key] = value

@@ -160,6 +160,11 @@ class DependencyGraph:
                     first = live[0]
                     head_units.add(first)
                     inner_units.update(live[1:])
+        hinted: dict[int, str] = {}
+        for arr, kind in self.ctx.kind_hints:
+            for a in arr.tolist():
+                for leaf in atoms.leaves(a):
+                    hinted[leaf] = kind
         spaces: dict[int, list[int]] = defaultdict(list)
         for u in parent:
             spaces[find(u)].append(u)
@@ -177,7 +182,10 @@ class DependencyGraph:
         for sp, units in sorted(spaces.items(), key=lambda kv: min(kv[1])):
             units.sort()
             mem = members.get(sp, [])
-            if any(u in inner_units for u in units):
+            hints = {hinted[u] for u in units if u in hinted}
+            if len(hints) == 1:
+                kind = hints.pop()
+            elif any(u in inner_units for u in units):
                 kind = "inner"
             elif any(u in head_units for u in units):
                 kind = "head"
@@ -195,18 +203,13 @@ class DependencyGraph:
         return dict(self.ctx.unknown_ops)
 
     def prunable_groups(self) -> list[Group]:
-        """Groups with more than one unit that live in at least one floating-point parameter."""
-        return [g for g in self.groups if g.kind != "inner" and g.size > 1 and self._has_float_param(g)]
+        """Groups with more than one unit that live in at least one ``nn.Parameter``.
 
-    def _has_float_param(self, group: Group) -> bool:
-        gm = self.captured.module
-        for m in group.param_members():
-            obj: Any = gm
-            for part in m.name.split("."):
-                obj = getattr(obj, part)
-            if obj.is_floating_point():
-                return True
-        return False
+        Groups found only in buffers (unused rows of a position table, say) save nothing and would only
+        narrow what the model accepts, so they are left alone.
+        """
+        params = {name for name, _ in self.captured.module.named_parameters(remove_duplicate=False)}
+        return [g for g in self.groups if g.kind != "inner" and g.size > 1 and any(p in params for p in g.params)]
 
     def summary(self, max_members: int = 6) -> str:
         lines = [

@@ -3,7 +3,7 @@
 Every index of every prunable tensor dimension carries an atom. Two atoms are unified when the two
 indices must be removed together. An atom may instead stand for a *compound* (a tuple of atoms): that
 is how a channel dimension split into ``(heads, head_dim)`` is described: flat channel ``c`` is removed
-exactly when its head atom or its head-dim atom is removed. Atom ``FIXED`` (0) is never removed:
+exactly when its head atom or its head-dim atom is removed. Atom ``FIXED`` (0) is never removed (and is dropped from compounds):
 whatever is unified with it is kept.
 
 Unifying two compounds of the same arity unifies their components position by position, which is
@@ -51,13 +51,14 @@ class AtomTable:
         for p in parts:
             r = self.find(int(p))
             flat.extend(self._decomp.get(r, (r,)))
+        # a fixed part is never removed, so it does not decide anything: drop it
         live = [p for p in flat if self.find(p) != FIXED]
         if not live:
             return FIXED
-        if len(flat) == 1:
-            return flat[0]
+        if len(live) == 1:
+            return live[0]
         atom = int(self.fresh(1)[0])
-        self._decomp[atom] = tuple(flat)
+        self._decomp[atom] = tuple(live)
         return atom
 
     def union(self, a: int, b: int) -> None:

@@ -428,6 +428,11 @@ def _conv_common(ctx: PropagationContext, node: fx.Node, x: fx.Node, w: fx.Node,
             ctx.unify(ctx.claim(w, 0), out_lab)
             ctx.unify(ctx.claim(w, 1), inner_in)
         ctx.note(node, "groups", g)
+        # the inside of a conv group is ordinary channels: removing inner index j removes it in every group
+        # and the group count is kept, unless a group is a single channel (depthwise conv)
+        ctx.hint_kind(inner_in, "channel")
+        ctx.hint_kind(inner_out, "channel")
+        ctx.hint_kind(g, "channel" if in_per == 1 else "inner")
     if isinstance(b, fx.Node):
         out_lab = ctx.unify(out_lab, ctx.lab(b)[0])
     out: Dims = [None] * _ndim(node)
@@ -541,7 +546,7 @@ def _group_norm(node: fx.Node, ctx: PropagationContext) -> Dims:
     c = ctx.shape(x)[1]
     g = ctx.fresh(groups)
     # within a group the statistics mix channels: only whole groups are removable
-    chan = ctx.compound(np.repeat(g, c // groups), ctx.fixed(c))
+    chan = np.repeat(g, c // groups)
     xl[1] = ctx.unify(xl[1], chan)
     xl[1] = _channel_params(ctx, xl[1] if xl[1] is not None else None, [_arg(node, 2, "weight"), _arg(node, 3, "bias")])
     for d in range(2, len(xl)):

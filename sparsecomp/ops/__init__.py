@@ -18,7 +18,7 @@ from .formats import (
 )
 from .sparse_linear import (
     SparseLinear,
-    sparse_linear,
+    packed_linear,
     sparse_linear_bsr,
     sparse_linear_csr,
     sparse_linear_nm,
@@ -34,7 +34,7 @@ __all__ = [
     "pack_csr",
     "pack_nm",
     "SparseLinear",
-    "sparse_linear",
+    "packed_linear",
     "sparse_linear_bsr",
     "sparse_linear_csr",
     "sparse_linear_nm",

@@ -57,11 +57,12 @@ __all__ = [
     "sparse_linear_csr",
     "sparse_linear_bsr",
     "sparse_linear_nm",
-    "sparse_linear",
+    "packed_linear",
     "SparseLinear",
 ]
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
+_INDEX_DTYPES = (torch.int32, torch.int64)
 _INT32_MAX = 2**31 - 1
 
 # torch warns once per process that sparse compressed tensors are "beta" the
@@ -81,11 +82,12 @@ with warnings.catch_warnings():
 # --------------------------------------------------------------------------- #
 # argument checks shared by the real and fake kernels
 # --------------------------------------------------------------------------- #
-def _check_size(size, expected, message: str) -> None:
+def _check_size(size, expected, message) -> None:
+    """Raise ``ValueError(message())`` unless ``size == expected`` (a guard for SymInts)."""
     if isinstance(size, torch.SymInt) or isinstance(expected, torch.SymInt):
-        torch._check(size == expected, lambda: message)
+        torch._check(size == expected, message)
     elif size != expected:
-        raise ValueError(message)
+        raise ValueError(message())
 
 
 def _check_linear_args(
@@ -107,7 +109,8 @@ def _check_linear_args(
     _check_size(
         x.shape[-1],
         in_features,
-        f"{op}: x has {x.shape[-1]} input features, the weight expects in_features={in_features}",
+        lambda: f"{op}: x has {x.shape[-1]} input features, the weight expects "
+        f"in_features={in_features}",
     )
     if bias is not None:
         if bias.dim() != 1:
@@ -115,7 +118,7 @@ def _check_linear_args(
         _check_size(
             bias.shape[0],
             out_features,
-            f"{op}: bias has {bias.shape[0]} entries, expected out_features={out_features}",
+            lambda: f"{op}: bias has {bias.shape[0]} entries, expected out_features={out_features}",
         )
         if bias.dtype != x.dtype:
             raise ValueError(f"{op}: bias dtype {bias.dtype} does not match x dtype {x.dtype}")
@@ -126,19 +129,19 @@ def _check_compressed_args(
 ) -> None:
     if crow.dim() != 1 or col.dim() != 1:
         raise ValueError(f"{op}: crow_indices and col_indices must be 1-D")
-    if crow.dtype not in (torch.int32, torch.int64) or col.dtype not in (torch.int32, torch.int64):
+    if crow.dtype not in _INDEX_DTYPES or col.dtype not in _INDEX_DTYPES:
         raise ValueError(f"{op}: crow_indices/col_indices must be int32 or int64")
     if values.dim() != value_dims:
         raise ValueError(f"{op}: values must be {value_dims}-D, got {values.dim()}-D")
     _check_size(
         crow.shape[0],
         nrows + 1,
-        f"{op}: crow_indices has {crow.shape[0]} entries, expected {nrows + 1}",
+        lambda: f"{op}: crow_indices has {crow.shape[0]} entries, expected {nrows + 1}",
     )
     _check_size(
         col.shape[0],
         values.shape[0],
-        f"{op}: col_indices has {col.shape[0]} entries but values has {values.shape[0]}",
+        lambda: f"{op}: col_indices has {col.shape[0]} entries but values has {values.shape[0]}",
     )
 
 
@@ -168,7 +171,7 @@ def _check_nm_args(op: str, values: Tensor, indices: Tensor, n: int, m: int, in_
     _check_size(
         values.shape[1],
         in_features // m * n,
-        f"{op}: values has {values.shape[1]} columns, expected in_features*n/m = "
+        lambda: f"{op}: values has {values.shape[1]} columns, expected in_features*n/m = "
         f"{in_features // m * n}",
     )
 
@@ -201,54 +204,111 @@ def _spmm(
 
 
 def _run_linear(x: Tensor, bias: Optional[Tensor], out_features: int, in_features: int, body) -> Tensor:
-    """Flatten leading dims, pick a compute dtype, call ``body(x2, dtype)``, add bias."""
-    lead = x.shape[:-1]
+    """Flatten leading dims, call ``body(x2)`` -> ``[B, out]``, write ``y (+ bias)`` contiguously.
+
+    ``x2`` is handed to ``body`` in float32 when ``x``'s dtype has no MKL kernel.
+    """
+    dtype = x.dtype
     x2 = x.reshape(-1, in_features)
-    compute = x.dtype if x.dtype in _NATIVE_DTYPES else torch.float32
+    if dtype not in _NATIVE_DTYPES:
+        x2 = x2.float()
     if x2.shape[0] == 0 or out_features == 0 or in_features == 0:
-        y2 = x.new_zeros(x2.shape[0], out_features, dtype=compute)
+        y2 = x2.new_zeros(x2.shape[0], out_features)
     else:
-        y2 = body(x2.to(compute), compute)
-    y = y2.to(x.dtype).reshape(*lead, out_features).contiguous()
-    if bias is not None:
-        y.add_(bias)
+        y2 = body(x2)
+    y = torch.empty((*x.shape[:-1], out_features), dtype=dtype, device=x.device)
+    flat = y.view(-1, out_features)
+    if bias is None:
+        flat.copy_(y2)
+    else:
+        torch.add(y2, bias, out=flat)
     return y
 
 
-def _csr_forward(x2, crow, col, values, out_features, in_features, dtype):
-    return _spmm("csr", crow, col, values.to(dtype), (out_features, in_features), x2)
+def _cast(values: Tensor, dtype: torch.dtype) -> Tensor:
+    return values if values.dtype == dtype else values.to(dtype)
 
 
-def _bsr_forward(x2, crow, col, values, out_features, in_features, r, c, dtype):
-    values = values.to(dtype)
-    g = math.gcd(r, c)
-    kr, kc = r // g, c // g
-    if kr == 1 and kc == 1:
-        return _spmm("bsr", crow, col, values, (out_features, in_features), x2)
+def _csr_forward(x2, crow, col, values, out_features, in_features):
+    return _spmm("csr", crow, col, _cast(values, x2.dtype), (out_features, in_features), x2)
+
+
+def _bsr_forward(x2, crow, col, values, out_features, in_features, r, c):
+    values = _cast(values, x2.dtype)
+    size = (out_features, in_features)
+    if r == 1 and c == 1:
+        return _spmm("csr", crow, col, values.reshape(-1), size, x2)
+    if r == c:
+        return _spmm("bsr", crow, col, values, size, x2)
     crow, col = _index_pair(crow, col)
+    if c == 1:
+        return _column_block_forward(x2, crow, col, values, out_features, r)
+    if r == 1:
+        # 1 x c blocks are CSR rows made of runs of c consecutive columns.
+        sub_col = torch.add(
+            torch.arange(c, dtype=col.dtype, device=col.device), col.view(-1, 1), alpha=c
+        )
+        return _spmm("csr", crow * c, sub_col.view(-1), values.reshape(-1), size, x2)
+    return _split_block_forward(x2, crow, col, values, out_features, in_features, r, c)
+
+
+def _column_block_forward(x2, crow, col, values, out_features, r):
+    """``r x 1`` blocks: ``Y = P_x @ V`` with ``P_x`` sparse in the gathered inputs.
+
+    Block row ``i`` gives ``y[i*r:(i+1)*r] = sum_blk x[col[blk]] * V[blk, :]``, i.e.
+    a CSR matrix ``P_x[(b, i), blk] = x[b, col[blk]]`` (``B * nnzb`` entries, one
+    gather of ``x``) times the stored ``[nnzb, r]`` values as a dense right-hand
+    side. No copy of the weights, and the sparse kernel runs r-wide rows.
+    """
+    batch = x2.shape[0]
     nnzb = values.shape[0]
     nbr = out_features // r
-    # Split every (r, c) block into kr x kc square (g, g) sub-blocks. New block
-    # row (t, i) holds sub-row t of old block row i, so the sub-block order is
-    # [kr, nnzb, kc] and the column indices stay sorted within each new row.
-    sub = values.reshape(nnzb, kr, g, kc, g).permute(1, 0, 3, 2, 4)
-    sub_col = col.view(1, nnzb, 1) * kc + torch.arange(kc, dtype=col.dtype, device=col.device)
-    sub_col = sub_col.expand(kr, nnzb, kc).reshape(-1)
+    xg = x2.index_select(1, col)  # [B, nnzb]
+    index_dtype = torch.int32 if batch * nnzb <= _INT32_MAX else torch.int64
+    crow = crow.to(index_dtype)
+    arange = torch.arange(nnzb, dtype=index_dtype, device=col.device)
+    if batch == 1:
+        p_crow, p_col = crow, arange
+    else:
+        starts = torch.arange(batch, dtype=index_dtype, device=col.device).view(batch, 1) * nnzb
+        p_crow = torch.cat([(starts + crow[:-1].view(1, nbr)).view(-1), crow.new_full((1,), batch * nnzb)])
+        p_col = arange.repeat(batch)
+    p_x = torch.sparse_csr_tensor(
+        p_crow, p_col, xg.reshape(-1), (batch * nbr, nnzb), check_invariants=False
+    )
+    return (p_x @ values.reshape(nnzb, r)).view(batch, out_features)
+
+
+def _split_block_forward(x2, crow, col, values, out_features, in_features, r, c):
+    """General ``r x c`` blocks: split into square ``g x g`` sub-blocks, ``g = gcd(r, c)``.
+
+    New block row ``(t, i)`` holds sub-row ``t`` of old block row ``i``, so the
+    sub-blocks are ordered ``[kr, nnzb, kc]`` (one copy of the values) and the
+    column indices stay sorted within each new row; output rows come out as
+    ``(t, i, a)`` and are permuted back.
+    """
+    g = math.gcd(r, c)
+    kr, kc = r // g, c // g
+    nnzb = values.shape[0]
+    nbr = out_features // r
+    sub = values.reshape(nnzb, kr, g, kc, g).permute(1, 0, 3, 2, 4).reshape(-1, g, g)
+    sub_col = torch.add(torch.arange(kc, dtype=col.dtype, device=col.device), col.view(-1, 1), alpha=kc)
+    sub_col = sub_col.view(1, -1).expand(kr, -1).reshape(-1)
     starts = torch.arange(kr, dtype=crow.dtype, device=crow.device).view(kr, 1) * nnzb
     sub_crow = torch.cat(
-        [((starts + crow[:-1].view(1, nbr)) * kc).reshape(-1), crow.new_full((1,), kr * nnzb * kc)]
+        [((starts + crow[:-1].view(1, nbr)) * kc).view(-1), crow.new_full((1,), kr * nnzb * kc)]
     )
     size = (out_features, in_features)
     if g == 1:
         y2 = _spmm("csr", sub_crow, sub_col, sub.reshape(-1), size, x2)
     else:
-        y2 = _spmm("bsr", sub_crow, sub_col, sub.reshape(-1, g, g), size, x2)
-    if kr > 1:  # rows come out ordered (t, i, a); put them back to (i, t, a)
+        y2 = _spmm("bsr", sub_crow, sub_col, sub, size, x2)
+    if kr > 1:  # rows (t, i, a) -> (i, t, a)
         y2 = y2.reshape(-1, kr, nbr, g).transpose(1, 2).reshape(-1, out_features)
     return y2
 
 
-def _nm_forward(x2, values, indices, n, m, in_features, dtype):
+def _nm_forward(x2, values, indices, n, m, in_features):
     out_features, k = values.shape
     index_dtype = torch.int32 if max(out_features * k, in_features) <= _INT32_MAX else torch.int64
     device = values.device
@@ -256,7 +316,7 @@ def _nm_forward(x2, values, indices, n, m, in_features, dtype):
     cols += torch.arange(k, dtype=index_dtype, device=device).div_(n, rounding_mode="floor").mul_(m)
     crow = torch.arange(out_features + 1, dtype=index_dtype, device=device) * k
     return _spmm(
-        "csr", crow, cols.view(-1), values.to(dtype).reshape(-1), (out_features, in_features), x2
+        "csr", crow, cols.view(-1), _cast(values, x2.dtype).reshape(-1), (out_features, in_features), x2
     )
 
 
@@ -299,9 +359,7 @@ def sparse_linear_csr(
         bias,
         out_features,
         in_features,
-        lambda x2, dt: _csr_forward(
-            x2, crow_indices, col_indices, values, out_features, in_features, dt
-        ),
+        lambda x2: _csr_forward(x2, crow_indices, col_indices, values, out_features, in_features),
     )
 
 
@@ -356,8 +414,8 @@ def sparse_linear_bsr(
         bias,
         out_features,
         in_features,
-        lambda x2, dt: _bsr_forward(
-            x2, crow_indices, col_indices, values, out_features, in_features, block_r, block_c, dt
+        lambda x2: _bsr_forward(
+            x2, crow_indices, col_indices, values, out_features, in_features, block_r, block_c
         ),
     )
 
@@ -412,7 +470,7 @@ def sparse_linear_nm(
         bias,
         out_features,
         in_features,
-        lambda x2, dt: _nm_forward(x2, values, indices, n, m, in_features, dt),
+        lambda x2: _nm_forward(x2, values, indices, n, m, in_features),
     )
 
 
@@ -428,7 +486,7 @@ def _(x, values, indices, bias, n, m, in_features):
 # --------------------------------------------------------------------------- #
 # functional + module front ends
 # --------------------------------------------------------------------------- #
-def sparse_linear(x: Tensor, weight: PackedWeight, bias: Optional[Tensor] = None) -> Tensor:
+def packed_linear(x: Tensor, weight: PackedWeight, bias: Optional[Tensor] = None) -> Tensor:
     """Apply the sparse operator matching ``weight``'s format.
 
     Parameters

@@ -697,7 +697,7 @@ class GPTBlock(nn.Module):
 class GPT(nn.Module):
     """nanoGPT-style decoder LM with tied token embedding / lm_head."""
 
-    def __init__(self, vocab: int = 512, block_size: int = 32, d: int = 64, n_head: int = 4, n_layer: int = 2):
+    def __init__(self, vocab: int = 512, block_size: int = 32, d: int = 64, n_head: int = 4, n_layer: int = 4):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(block_size, d)
@@ -812,7 +812,7 @@ class LlamaBlock(nn.Module):
 class Llama(nn.Module):
     """Llama-style decoder LM: RMSNorm, GQA, RoPE (cos/sin buffers), SwiGLU, untied lm_head."""
 
-    def __init__(self, vocab: int = 512, dim: int = 64, n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2,
+    def __init__(self, vocab: int = 512, dim: int = 64, n_layers: int = 4, n_heads: int = 4, n_kv_heads: int = 2,
                  hidden: int = 176, max_seq: int = 64, rope_theta: float = 10000.0):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, dim)
@@ -907,12 +907,12 @@ def _padded_mask(batch: int, seq: int, pad: int) -> torch.Tensor:
 
 
 def build_hf_bert() -> BuildResult:
-    """transformers BertModel (vocab 1000, hidden 64, 2 layers, 4 heads, ffn 256, sdpa) with attention_mask."""
+    """transformers BertModel (vocab 1000, hidden 64, 4 layers, 4 heads, ffn 256, sdpa) with attention_mask."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        vocab_size=1000, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
         max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
     )
     model = HFBert(_hf_model(BertModel, cfg))
@@ -922,12 +922,12 @@ def build_hf_bert() -> BuildResult:
 
 
 def build_hf_gpt2() -> BuildResult:
-    """transformers GPT2LMHeadModel (vocab 1000, 64 dim, 2 layers, 4 heads, tied lm_head, sdpa) with attention_mask."""
+    """transformers GPT2LMHeadModel (vocab 1000, 64 dim, 4 layers, 4 heads, tied lm_head, sdpa) with attention_mask."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     cfg = GPT2Config(
-        vocab_size=1000, n_positions=64, n_embd=64, n_layer=2, n_head=4, use_cache=False,
+        vocab_size=1000, n_positions=64, n_embd=64, n_layer=4, n_head=4, use_cache=False,
         bos_token_id=999, eos_token_id=999,
     )
     model = HFLogits(_hf_model(GPT2LMHeadModel, cfg), use_cache=False)
@@ -936,12 +936,12 @@ def build_hf_gpt2() -> BuildResult:
 
 
 def build_hf_llama() -> BuildResult:
-    """transformers LlamaModel (vocab 1000, hidden 64, 2 layers, GQA 4/2 heads, ffn 176, sdpa) with attention_mask."""
+    """transformers LlamaModel (vocab 1000, hidden 64, 4 layers, GQA 4/2 heads, ffn 176, sdpa) with attention_mask."""
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
     )
     model = HFLastHidden(_hf_model(LlamaModel, cfg))
