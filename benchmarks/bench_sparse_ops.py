@@ -1,4 +1,4 @@
-"""Latency of the ``sparsecomp::sparse_linear_*`` operators against dense and reference sparse kernels.
+"""Latency of the ``sparsecomp::sparse_linear_*`` operators vs dense and reference kernels.
 
 For each weight shape ``[out, in]`` (default ``3072x768`` and ``768x3072``, the
 BERT-base FFN pair), batch size and sparsity, the script times::
@@ -13,12 +13,16 @@ BERT-base FFN pair), batch size and sparsity, the script times::
                            blocks only (torch's MKL path rejects non-square blocks)
     torch bsr RxC W@x.T    (Wb @ x.T).T + b
     ours nm N:M            sparsecomp::sparse_linear_nm   (sparsity is fixed at 1 - N/M;
-                           shown in the nearest sparsity column)
+                           that column is added if --sparsity lacks it)
 
 Every sparse result is checked against the dense one.  Each cell shows the
 median latency in microseconds and, in parentheses, ``latency / dense latency``
 (below 1.00 means faster than dense).  Timings use ``torch.set_num_threads``,
-warm-up calls and the median over ``--repeats`` repeats.
+warm-up calls and the median over ``--repeats`` repeats of >= ~1 ms each; every
+kernel is timed interleaved with the dense baseline (one repeat of each in
+turn), and the ratio uses that paired dense median, so background load
+drifting during the run does not skew it.  The ``dense`` row shows the median
+of the paired dense medians of its column.
 
 Example::
 
@@ -92,21 +96,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def time_us(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn`` in microseconds (each repeat runs >= ~1 ms of calls)."""
+def _calibrate(fn: Callable[[], object], warmup: int) -> int:
     for _ in range(warmup):
         fn()
     t0 = time.perf_counter()
     fn()
     single = time.perf_counter() - t0
-    inner = max(1, min(100, math.ceil(1e-3 / max(single, 1e-9))))
-    samples = []
+    return max(1, min(100, math.ceil(1e-3 / max(single, 1e-9))))
+
+
+def _sample(fn: Callable[[], object], inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def time_pair(
+    fn: Callable[[], object], ref: Callable[[], object], warmup: int, repeats: int
+) -> tuple[float, float]:
+    """Median latencies (us) of ``fn`` and ``ref``, measured interleaved.
+
+    Each repeat times ``fn`` then ``ref`` (each for >= ~1 ms of back-to-back
+    calls), so both medians see the same machine state and their ratio is
+    robust to background load drifting during the run.
+    """
+    inner_fn, inner_ref = _calibrate(fn, warmup), _calibrate(ref, warmup)
+    a, b = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples) * 1e6
+        a.append(_sample(fn, inner_fn))
+        b.append(_sample(ref, inner_ref))
+    return statistics.median(a) * 1e6, statistics.median(b) * 1e6
 
 
 def unstructured(shape, sparsity, gen) -> torch.Tensor:
@@ -143,17 +163,20 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
     gen = torch.Generator().manual_seed(args.seed)
     sparsities = list(args.sparsity)
+    columns = sorted(set(sparsities) | {round(1.0 - n / m, 6) for n, m in args.nm})
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, "
         f"mkl={torch.backends.mkl.is_available()}, "
         f"scipy={'yes' if scipy_sparse is not None else 'no'}, "
         f"warmup={args.warmup}, repeats={args.repeats} (median)"
     )
-    print("cell = median latency us (latency / dense latency); '-' = not applicable\n")
+    print(
+        "cell = median latency us (latency / paired dense latency); '-' = not applicable\n"
+    )
 
     for shape in args.shapes:
         out_f, in_f = shape
-        storage: dict[str, dict[float, float]] = {}
+        storage: dict[str, dict[float, float]] = {"dense": {}}
         for batch in args.batch:
             x = torch.randn(batch, in_f, generator=gen)
             bias = torch.randn(out_f, generator=gen)
@@ -161,31 +184,39 @@ def main(argv=None) -> None:
             bias_np = bias.numpy()
             table: dict[str, dict[float, tuple[float, float]]] = {}
 
-            def record(label, s, fn, ref, dense_us, size=None):
+            dense_samples: dict[float, list[float]] = {}
+
+            def record(label, s, fn, ref, dense_fn, size=None):
                 got = fn()
                 if not isinstance(got, torch.Tensor):
                     got = torch.from_numpy(np.ascontiguousarray(got))
                 torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3, msg=label)
-                us = time_us(fn, args.warmup, args.repeats)
+                us, dense_us = time_pair(fn, dense_fn, args.warmup, args.repeats)
                 table.setdefault(label, {})[s] = (us, us / dense_us)
+                dense_samples.setdefault(s, []).append(dense_us)
                 if size is not None:
                     storage.setdefault(label, {})[s] = size
 
             for s in sparsities:
                 w = unstructured(shape, s, gen)
                 ref = F.linear(x, w, bias)
-                dense_us = time_us(lambda: F.linear(x, w, bias), args.warmup, args.repeats)
-                table.setdefault("dense", {})[s] = (dense_us, 1.0)
-                storage.setdefault("dense", {})[s] = w.numel() * w.element_size()
+                w_dense = w.clone()
+
+                def dense_fn():  # dense baseline, timed interleaved with every kernel
+                    return F.linear(x, w_dense, bias)
+
+                table.setdefault("dense", {})
 
                 csr = pack_csr(w)
-                record("ours csr", s, lambda: packed_linear(x, csr, bias), ref, dense_us, csr.nbytes)
+                record(
+                    "ours csr", s, lambda: packed_linear(x, csr, bias), ref, dense_fn, csr.nbytes
+                )
                 w_csr = w.to_sparse_csr()
-                record("torch csr F.linear", s, lambda: F.linear(x, w_csr, bias), ref, dense_us)
-                record("torch csr W@x.T", s, lambda: (w_csr @ x.t()).t() + bias, ref, dense_us)
+                record("torch csr F.linear", s, lambda: F.linear(x, w_csr, bias), ref, dense_fn)
+                record("torch csr W@x.T", s, lambda: (w_csr @ x.t()).t() + bias, ref, dense_fn)
                 if scipy_sparse is not None:
                     sp = scipy_sparse.csr_matrix(w.numpy())
-                    record("scipy csr", s, lambda: (sp @ x_np.T).T + bias_np, ref, dense_us)
+                    record("scipy csr", s, lambda: (sp @ x_np.T).T + bias_np, ref, dense_fn)
 
                 for blk in args.blocks:
                     r, c = blk
@@ -199,7 +230,7 @@ def main(argv=None) -> None:
                         s,
                         lambda: packed_linear(x, bsr, bias),
                         ref_b,
-                        dense_us,
+                        dense_fn,
                         bsr.nbytes,
                     )
                     if r == c:
@@ -209,39 +240,45 @@ def main(argv=None) -> None:
                             s,
                             lambda: F.linear(x, w_bsr, bias),
                             ref_b,
-                            dense_us,
+                            dense_fn,
                         )
                         record(
                             f"torch bsr {r}x{c} W@x.T",
                             s,
                             lambda: (w_bsr @ x.t()).t() + bias,
                             ref_b,
-                            dense_us,
+                            dense_fn,
                         )
 
             for n, m in args.nm:
                 if in_f % m:
                     continue
-                density = 1.0 - n / m
-                s = min(sparsities, key=lambda v: abs(v - density))
+                s = round(1.0 - n / m, 6)
                 wn = nm_sparse(shape, n, m, gen)
                 nm = pack_nm(wn, n, m)
-                dense_us = table["dense"][s][0]
+                w_dense = wn.clone()
+
+                def dense_fn():
+                    return F.linear(x, w_dense, bias)
+
                 record(
                     f"ours nm {n}:{m}",
                     s,
                     lambda: packed_linear(x, nm, bias),
                     F.linear(x, wn, bias),
-                    dense_us,
+                    dense_fn,
                     nm.nbytes,
                 )
 
+            for s, samples in dense_samples.items():
+                table["dense"][s] = (statistics.median(samples), 1.0)
+                storage["dense"][s] = out_f * in_f * 4
             print(f"== W {out_f}x{in_f}, batch {batch} ==")
-            _print_table(table, sparsities, lambda v: f"{v[0]:.0f} ({v[1]:.2f})")
+            _print_table(table, columns, lambda v: f"{v[0]:.0f} ({v[1]:.2f})")
             print()
 
         print(f"== storage of W {out_f}x{in_f} (MB, compressed buffers, fp32 values) ==")
-        _print_table(storage, sparsities, lambda v: f"{v / 2**20:.2f}")
+        _print_table(storage, columns, lambda v: f"{v / 2**20:.2f}")
         print()
 
 

@@ -206,8 +206,10 @@ def test_non_contiguous_input(fmt):
     w = nm_sparse((32, 16), 2, 4) if fmt == "nm" else unstructured((32, 16), 0.7)
     p = pack(w, fmt, block=(16, 1))
     x = torch.randn(16, 10)[:, ::2].t()  # [5, 16], non-contiguous
-    assert not x.is_contiguous()
-    torch.testing.assert_close(packed_linear(x, p), F.linear(x, w), rtol=RTOL, atol=ATOL)
+    x1 = torch.randn(16, 4)[:, 1:2].t()  # [1, 16] with a strided row
+    for x in (x, x1):
+        assert not x.is_contiguous()
+        torch.testing.assert_close(packed_linear(x, p), F.linear(x, w), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])
@@ -247,7 +249,8 @@ def test_opcheck(fmt):
 # --------------------------------------------------------------------------- #
 def test_bsr_block_not_dividing():
     w = torch.randn(30, 32)
-    with pytest.raises(ValueError, match=r"block shape \(4, 4\) does not divide weight shape \(30, 32\)"):
+    msg = r"block shape \(4, 4\) does not divide weight shape \(30, 32\)"
+    with pytest.raises(ValueError, match=msg):
         pack_bsr(w, (4, 4))
     with pytest.raises(ValueError, match="in_features=32 is not a multiple of block_c=5"):
         pack_bsr(torch.randn(32, 32), (4, 5))
@@ -260,7 +263,8 @@ def test_bsr_block_not_dividing():
 def test_nm_violated():
     w = nm_sparse((8, 16), 2, 4)
     w[3, 4:8] = torch.tensor([1.0, 2.0, 3.0, 0.0])
-    with pytest.raises(ValueError, match=r"does not satisfy 2:4 sparsity.*row 3, columns 4:8 has 3"):
+    msg = r"does not satisfy 2:4 sparsity.*row 3, columns 4:8 has 3"
+    with pytest.raises(ValueError, match=msg):
         pack_nm(w, 2, 4)
     with pytest.raises(ValueError, match="in_features=18 is not divisible by m=4"):
         pack_nm(torch.zeros(8, 18), 2, 4)
@@ -298,7 +302,8 @@ def test_format_constructors_validate_structure():
     q = pack_nm(nm_sparse((4, 8), 2, 4))
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 4\)"):
         NMWeight(q.values, torch.full_like(q.indices, 4), 2, 4, (4, 8))
-    with pytest.raises(ValueError, match=r"values blocks have shape \(2, 2\), expected blocksize \(4, 1\)"):
+    msg = r"values blocks have shape \(2, 2\), expected blocksize \(4, 1\)"
+    with pytest.raises(ValueError, match=msg):
         b = pack_bsr(torch.randn(8, 8), (2, 2))
         BSRWeight(b.crow_indices, b.col_indices, b.values, (8, 8), (4, 1))
 
@@ -306,7 +311,8 @@ def test_format_constructors_validate_structure():
 def test_op_argument_errors():
     w = unstructured((16, 8), 0.5)
     p = pack_csr(w)
-    with pytest.raises(ValueError, match="x has 9 input features, the weight expects in_features=8"):
+    msg = "x has 9 input features, the weight expects in_features=8"
+    with pytest.raises(ValueError, match=msg):
         packed_linear(torch.randn(2, 9), p)
     with pytest.raises(ValueError, match="bias has 15 entries, expected out_features=16"):
         packed_linear(torch.randn(2, 8), p, torch.randn(15))
@@ -393,7 +399,9 @@ class _OpModel(nn.Module):
                 x, self.crow, self.col, self.values, self.bias, 48, 32, 8, 4
             )
         else:
-            y = torch.ops.sparsecomp.sparse_linear_nm(x, self.values, self.indices, self.bias, 2, 4, 32)
+            y = torch.ops.sparsecomp.sparse_linear_nm(
+                x, self.values, self.indices, self.bias, 2, 4, 32
+            )
         return self.head(torch.relu(y))
 
     def reference(self, x):

@@ -95,7 +95,8 @@ class _BatchSpec:
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode for tracing and restore every submodule's flag afterwards."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    for m, _ in flags:  # not model.eval(): modules from ExportedProgram.module() refuse it
+        m.training = False
     try:
         yield
     finally:

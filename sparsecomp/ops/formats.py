@@ -68,7 +68,9 @@ def _pick_index_dtype(index_dtype: torch.dtype | None, *extents: int) -> torch.d
     if index_dtype not in _INDEX_DTYPES:
         raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
     if index_dtype == torch.int32 and max(extents, default=0) > _INT32_MAX:
-        raise ValueError("index_dtype=torch.int32 cannot address this many entries; use torch.int64")
+        raise ValueError(
+            "index_dtype=torch.int32 cannot address this many entries; use torch.int64"
+        )
     return index_dtype
 
 

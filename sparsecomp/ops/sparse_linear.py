@@ -19,23 +19,33 @@ fields of :class:`~sparsecomp.ops.formats.CSRWeight`,
 :class:`~sparsecomp.ops.formats.BSRWeight` and
 :class:`~sparsecomp.ops.formats.NMWeight`.
 
-CPU kernels (chosen by measurement, see ``benchmarks/bench_sparse_ops.py``):
+CPU kernels (chosen by measurement, see ``benchmarks/bench_sparse_ops.py``;
+everything runs on the stored nonzeros only, nothing is densified):
 
-* **CSR** -- a zero-copy ``torch.sparse_csr_tensor`` view of the buffers times
-  the input (MKL sparse BLAS on x86 builds).  A single row uses the
-  matrix-vector kernel (2-3x faster than a one-column matrix product); larger
-  batches use the matrix-matrix kernel on ``x.T``.
-* **BSR** -- square blocks go straight to ``torch.sparse_bsr_tensor @ x.T``
-  (MKL BSR).  MKL only handles square blocks, so an ``(r, c)`` block is split
-  into ``(r/g) x (c/g)`` square ``g x g`` sub-blocks, ``g = gcd(r, c)``; block
-  rows are reordered sub-row-major so that this needs one copy of the values
-  (none for ``1 x c``) and the output rows are permuted back.  ``g == 1``
-  (``16x1``, ``1x16``) becomes plain CSR and uses the CSR kernel.
+* **CSR** -- a zero-copy ``torch.sparse_csr_tensor`` over the buffers (int32
+  indices: MKL's LP64 interface; int64 ones are narrowed per call) times the
+  input.  A single row uses the sparse matrix-vector kernel (2-3x faster than
+  a one-column matrix product); larger batches use the matrix-matrix kernel
+  on ``x.T``.
+* **BSR** -- MKL's BSR kernel only takes square blocks, so:
+
+  - ``r == c``: ``torch.sparse_bsr_tensor @ x.T`` on the buffers as-is;
+  - ``r x 1`` (e.g. ``16x1``): ``Y = P_x @ V`` where ``P_x`` is a CSR matrix
+    holding the gathered inputs ``x[b, col[blk]]`` (``B * nnzb`` entries) and
+    the stored ``[nnzb, r]`` blocks are the dense right-hand side: no copy of
+    the weights, r-wide vectorised rows (1.5-2x faster than plain CSR at
+    batch 1);
+  - ``1 x c`` (e.g. ``1x16``): CSR with the column runs expanded
+    (``col*c + 0..c-1``, one int32 pass), values used in place;
+  - other shapes: split into ``g x g`` square sub-blocks, ``g = gcd(r, c)``,
+    block rows reordered sub-row-major (one copy of the values), output rows
+    permuted back.
 * **N:M** -- the packed layout *is* a CSR matrix with exactly ``K = in*n/m``
   entries per row: column indices are ``group*m + position`` (one int32 pass
   over the uint8 positions), row pointers are ``arange(out+1) * K``, values are
   used in place; then the CSR kernel.  Gather formulations (``x[..., cols]``
-  followed by a multiply-sum) were 1.5-50x slower on CPU.
+  then a multiply-sum, or ``index_add``/``segment_reduce`` segment sums) were
+  1.5-50x slower on CPU.
 
 MKL has no ``float16`` / ``bfloat16`` kernels, so those dtypes are computed in
 ``float32`` and cast back.  The operators check shapes and dtypes (O(1)); the
@@ -103,7 +113,9 @@ def _check_linear_args(
     if not x.is_floating_point():
         raise ValueError(f"{op}: x must be floating point, got {x.dtype}")
     if values.dtype != x.dtype:
-        raise ValueError(f"{op}: x dtype {x.dtype} does not match weight values dtype {values.dtype}")
+        raise ValueError(
+            f"{op}: x dtype {x.dtype} does not match weight values dtype {values.dtype}"
+        )
     if out_features < 0 or in_features < 0:
         raise ValueError(f"{op}: out_features/in_features must be >= 0")
     _check_size(
@@ -203,26 +215,29 @@ def _spmm(
     return (mat @ x2.t()).t()
 
 
-def _run_linear(x: Tensor, bias: Optional[Tensor], out_features: int, in_features: int, body) -> Tensor:
-    """Flatten leading dims, call ``body(x2)`` -> ``[B, out]``, write ``y (+ bias)`` contiguously.
+def _run_linear(
+    x: Tensor, bias: Optional[Tensor], out_features: int, in_features: int, body
+) -> Tensor:
+    """Flatten leading dims, call ``body(x2)`` -> ``[B, out]``, add bias, restore shape.
 
     ``x2`` is handed to ``body`` in float32 when ``x``'s dtype has no MKL kernel.
+    The result is a fresh contiguous tensor with ``x``'s dtype.
     """
     dtype = x.dtype
-    x2 = x.reshape(-1, in_features)
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
     if dtype not in _NATIVE_DTYPES:
         x2 = x2.float()
     if x2.shape[0] == 0 or out_features == 0 or in_features == 0:
-        y2 = x2.new_zeros(x2.shape[0], out_features)
+        y = x2.new_zeros(x2.shape[0], out_features)
     else:
-        y2 = body(x2)
-    y = torch.empty((*x.shape[:-1], out_features), dtype=dtype, device=x.device)
-    flat = y.view(-1, out_features)
-    if bias is None:
-        flat.copy_(y2)
-    else:
-        torch.add(y2, bias, out=flat)
-    return y
+        y = body(x2)
+    if bias is not None:
+        y = torch.add(y, bias)
+    if y.dtype != dtype:
+        y = y.to(dtype)
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], out_features)
+    return y.contiguous()
 
 
 def _cast(values: Tensor, dtype: torch.dtype) -> Tensor:
@@ -241,6 +256,8 @@ def _bsr_forward(x2, crow, col, values, out_features, in_features, r, c):
     if r == c:
         return _spmm("bsr", crow, col, values, size, x2)
     crow, col = _index_pair(crow, col)
+    if values.numel() > _INT32_MAX:  # expanded indices would overflow int32
+        crow, col = crow.long(), col.long()
     if c == 1:
         return _column_block_forward(x2, crow, col, values, out_features, r)
     if r == 1:
@@ -271,7 +288,9 @@ def _column_block_forward(x2, crow, col, values, out_features, r):
         p_crow, p_col = crow, arange
     else:
         starts = torch.arange(batch, dtype=index_dtype, device=col.device).view(batch, 1) * nnzb
-        p_crow = torch.cat([(starts + crow[:-1].view(1, nbr)).view(-1), crow.new_full((1,), batch * nnzb)])
+        p_crow = torch.cat(
+            [(starts + crow[:-1].view(1, nbr)).view(-1), crow.new_full((1,), batch * nnzb)]
+        )
         p_col = arange.repeat(batch)
     p_x = torch.sparse_csr_tensor(
         p_crow, p_col, xg.reshape(-1), (batch * nbr, nnzb), check_invariants=False
@@ -292,7 +311,9 @@ def _split_block_forward(x2, crow, col, values, out_features, in_features, r, c)
     nnzb = values.shape[0]
     nbr = out_features // r
     sub = values.reshape(nnzb, kr, g, kc, g).permute(1, 0, 3, 2, 4).reshape(-1, g, g)
-    sub_col = torch.add(torch.arange(kc, dtype=col.dtype, device=col.device), col.view(-1, 1), alpha=kc)
+    sub_col = torch.add(
+        torch.arange(kc, dtype=col.dtype, device=col.device), col.view(-1, 1), alpha=kc
+    )
     sub_col = sub_col.view(1, -1).expand(kr, -1).reshape(-1)
     starts = torch.arange(kr, dtype=crow.dtype, device=crow.device).view(kr, 1) * nnzb
     sub_crow = torch.cat(
@@ -315,9 +336,8 @@ def _nm_forward(x2, values, indices, n, m, in_features):
     cols = indices.to(index_dtype)  # fresh [out, K] tensor, position inside the group
     cols += torch.arange(k, dtype=index_dtype, device=device).div_(n, rounding_mode="floor").mul_(m)
     crow = torch.arange(out_features + 1, dtype=index_dtype, device=device) * k
-    return _spmm(
-        "csr", crow, cols.view(-1), _cast(values, x2.dtype).reshape(-1), (out_features, in_features), x2
-    )
+    values = _cast(values, x2.dtype).reshape(-1)
+    return _spmm("csr", crow, cols.view(-1), values, (out_features, in_features), x2)
 
 
 # --------------------------------------------------------------------------- #
@@ -609,7 +629,9 @@ class SparseLinear(nn.Module):
         if self.format == "nm":
             return NMWeight(self.values, self.indices, self.n, self.m, shape)
         if self.format == "bsr":
-            return BSRWeight(self.crow_indices, self.col_indices, self.values, shape, self.blocksize)
+            return BSRWeight(
+                self.crow_indices, self.col_indices, self.values, shape, self.blocksize
+            )
         return CSRWeight(self.crow_indices, self.col_indices, self.values, shape)
 
     @property

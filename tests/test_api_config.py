@@ -1,0 +1,155 @@
+"""Config validation and serialisation, capture behaviour and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsecomp
+from sparsecomp import CaptureError, ConfigError, StructuredPruning
+from sparsecomp.config import config_from_dict, load_recipe
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, math.nan, "0.5", True, 2])
+def test_invalid_ratio_is_refused(bad):
+    with pytest.raises(ConfigError, match="ratio"):
+        StructuredPruning(ratio=bad)
+
+
+def test_invalid_fields_are_refused():
+    with pytest.raises(ConfigError, match="importance"):
+        StructuredPruning(importance="magic")
+    with pytest.raises(ConfigError, match="granularity"):
+        StructuredPruning(granularity="block")
+    with pytest.raises(ConfigError, match="round_to"):
+        StructuredPruning(round_to=0)
+    with pytest.raises(ConfigError, match="per_layer"):
+        StructuredPruning(per_layer={"fc": 1.5})
+
+
+def test_config_is_frozen_and_round_trips(tmp_path):
+    cfg = StructuredPruning(ratio=0.3, importance="l2", ignore=["head*"], per_layer={"layer1": 0.1}, round_to=8)
+    with pytest.raises(Exception):
+        cfg.ratio = 0.9
+    d = json.loads(cfg.to_json())
+    assert config_from_dict(d) == cfg
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps([d]))
+    assert load_recipe(str(path)) == [cfg]
+    with pytest.raises(ConfigError, match="unknown config type"):
+        config_from_dict({"type": "Nope"})
+    with pytest.raises(ConfigError, match="no field"):
+        StructuredPruning.from_dict({"type": "StructuredPruning", "ratoi": 0.2})
+
+
+def test_yaml_recipe(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"passes": [StructuredPruning(ratio=0.25).to_dict()]}))
+    assert load_recipe(str(path)) == [StructuredPruning(ratio=0.25)]
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python control flow: torch.export refuses
+            return x * 2
+        return x
+
+
+def test_uncapturable_model_gets_clear_error():
+    with pytest.raises(CaptureError, match="_DataDependent"):
+        sparsecomp.capture(_DataDependent(), (torch.randn(2, 3),))
+
+
+class _FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(x.reshape(2, 6))  # hard-codes the batch size
+
+
+def test_static_fallback_warns():
+    with pytest.warns(UserWarning, match="static shapes"):
+        cap = sparsecomp.capture(_FixedBatch(), (torch.randn(2, 6),))
+    assert not cap.dynamic
+
+
+def test_batch_one_example_gives_dynamic_batch():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    small = sparsecomp.compress(m, (torch.randn(1, 4),), StructuredPruning(ratio=0.5))
+    assert small(torch.randn(7, 4)).shape == (7, 2)
+
+
+def test_compress_rejects_non_configs():
+    m = nn.Linear(3, 3)
+    with pytest.raises(ConfigError):
+        sparsecomp.compress(m, (torch.randn(2, 3),), [])
+    with pytest.raises(ConfigError):
+        sparsecomp.compress(m, (torch.randn(2, 3),), {"ratio": 0.5})
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_ignore_and_per_layer():
+    x = torch.randn(4, 8)
+    out = sparsecomp.compress(_mlp(), (x,), StructuredPruning(ratio=0.5, ignore=["2"]))
+    # both hidden groups touch module "2": neither is pruned (the rule did not fire)
+    params = dict(out.named_parameters())
+    assert params["0.weight"].shape == (32, 8) and params["2.weight"].shape == (32, 32)
+    out = sparsecomp.compress(_mlp(), (x,), StructuredPruning(ratio=0.5, per_layer={"0": 0.25}))
+    params = dict(out.named_parameters())
+    assert params["0.weight"].shape == (24, 8)  # the group touching module 0 uses the override
+    assert params["4.weight"].shape == (4, 16)  # the other group uses the default ratio
+    out = sparsecomp.compress(_mlp(), (x,), StructuredPruning(ratio=0.5, round_to=8, per_layer={"0": 0.3}))
+    assert dict(out.named_parameters())["0.weight"].shape[0] % 8 == 0
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "random", "taylor", "activation"])
+def test_importances_produce_valid_models(importance):
+    m = _mlp()
+    x = torch.randn(4, 8)
+    calib = [torch.randn(16, 8) for _ in range(3)]
+    out = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.5, importance=importance), calibration=calib)
+    assert out(x).shape == (4, 4)
+    assert dict(out.named_parameters())["2.weight"].shape == (16, 16)
+
+
+def test_activation_importance_prefers_used_channels():
+    """Channels whose inputs are always zero on calibration data are the ones removed."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        m[0].weight[:4] = 0.0  # neurons 0-3 are dead ...
+        m[0].bias[:4] = -1.0
+        m[2].weight[:, :4] = 10.0  # ... but have large outgoing weights (an l1 criterion keeps them)
+    x = torch.randn(16, 4)
+    act = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.5, importance="activation"), calibration=x)
+    l1 = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.5, importance="l1"))
+    torch.testing.assert_close(act(x), m(x), rtol=1e-5, atol=1e-5)  # only dead neurons removed: exact
+    assert (l1(x) - m(x)).abs().max() > 1e-3
+
+
+
+def test_exported_program_input_is_accepted():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    ep = torch.export.export(m, (torch.randn(3, 4),))
+    small = sparsecomp.compress(ep, (torch.randn(3, 4),), StructuredPruning(ratio=0.5))
+    assert small(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_compressed_model_can_be_compressed_again():
+    m = _mlp()
+    x = torch.randn(4, 8)
+    once = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.5))
+    twice = sparsecomp.compress(once, (x,), StructuredPruning(ratio=0.5))
+    assert dict(twice.named_parameters())["2.weight"].shape == (8, 8)
+    assert twice(x).shape == (4, 4)
