@@ -44,3 +44,6 @@ __all__ = [
     "dependency_graph",
     "load_recipe",
 ]
+
+from .passes.lowrank import LowRank  # noqa: E402
+__all__.append("LowRank")

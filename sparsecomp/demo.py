@@ -175,7 +175,7 @@ def run_demo(
     threads: int = 1,
     out: Callable[[str], Any] | None = print,
     *,
-    importance: str = "l1",
+    importance: str = "activation",
     eval_sentences: Sequence[str] | None = None,
     calibration_sentences: Sequence[str] | None = None,
     rounds: int = 3,

@@ -10,6 +10,7 @@ from sparsecomp.ops import (
     BSRWeight,
     CSRWeight,
     NMWeight,
+    SparseFormatError,
     SparseLinear,
     pack,
     pack_bsr,
@@ -187,6 +188,17 @@ def test_nm_op_matches_linear(n, m, with_bias):
         torch.testing.assert_close(y, F.linear(x, w, b), rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("block", [(1, 1), (4, 4), (16, 1), (1, 16), (8, 4)])
+def test_int64_indices(block):
+    w = block_sparse((32, 32), block, 0.5)
+    x = torch.randn(3, 32)
+    for p in (pack_csr(w, index_dtype=torch.int64), pack_bsr(w, block, index_dtype=torch.int64)):
+        assert p.col_indices.dtype == torch.int64
+        torch.testing.assert_close(packed_linear(x, p), F.linear(x, w), rtol=RTOL, atol=ATOL)
+        x1 = x[:1]
+        torch.testing.assert_close(packed_linear(x1, p), F.linear(x1, w), rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("fmt", ["csr", "bsr", "nm"])
 def test_dense_weight_and_zero_batch(fmt):
     w = torch.randn(32, 16) if fmt != "nm" else nm_sparse((32, 16), 2, 4)
@@ -231,7 +243,7 @@ def test_opcheck(fmt):
     w = nm_sparse((32, 16), 2, 4) if fmt == "nm" else unstructured((32, 16), 0.6)
     b = torch.randn(32)
     p = pack(w, fmt, block=(8, 4))
-    for x in (torch.randn(1, 16), torch.randn(2, 3, 16)):
+    for x in (torch.randn(2, 3, 16),):
         if fmt == "csr":
             op = torch.ops.sparsecomp.sparse_linear_csr.default
             args = (x, p.crow_indices, p.col_indices, p.values, b, 32, 16)
@@ -247,6 +259,15 @@ def test_opcheck(fmt):
 # --------------------------------------------------------------------------- #
 # bad inputs
 # --------------------------------------------------------------------------- #
+def test_errors_are_value_errors():
+    from sparsecomp.errors import SparsecompError
+
+    assert issubclass(SparseFormatError, ValueError)
+    assert issubclass(SparseFormatError, SparsecompError)
+    with pytest.raises(SparseFormatError):
+        pack_bsr(torch.randn(30, 32), (4, 4))
+
+
 def test_bsr_block_not_dividing():
     w = torch.randn(30, 32)
     msg = r"block shape \(4, 4\) does not divide weight shape \(30, 32\)"

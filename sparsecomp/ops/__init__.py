@@ -3,7 +3,9 @@
 Importing this package registers the ``torch.ops.sparsecomp.sparse_linear_*``
 custom operators (see :mod:`sparsecomp.ops.sparse_linear`) that the
 Sparsify pass rewrites ``aten.linear`` into, and exposes the packing
-functions of :mod:`sparsecomp.ops.formats`.
+functions of :mod:`sparsecomp.ops.formats`.  Invalid weights, block shapes,
+N:M patterns and operator arguments raise :class:`SparseFormatError` (a
+``ValueError`` and a ``sparsecomp.SparsecompError``).
 """
 
 from .formats import (
@@ -11,6 +13,7 @@ from .formats import (
     CSRWeight,
     NMWeight,
     PackedWeight,
+    SparseFormatError,
     pack,
     pack_bsr,
     pack_csr,
@@ -29,6 +32,7 @@ __all__ = [
     "CSRWeight",
     "NMWeight",
     "PackedWeight",
+    "SparseFormatError",
     "pack",
     "pack_bsr",
     "pack_csr",

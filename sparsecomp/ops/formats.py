@@ -26,7 +26,10 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from ..errors import SparsecompError
+
 __all__ = [
+    "SparseFormatError",
     "CSRWeight",
     "BSRWeight",
     "NMWeight",
@@ -36,6 +39,13 @@ __all__ = [
     "pack_nm",
     "pack",
 ]
+
+class SparseFormatError(SparsecompError, ValueError):
+    """A sparse weight, block shape, N:M pattern or sparse-op argument is invalid.
+
+    Subclasses ``ValueError``; the message names the offending shape or value.
+    """
+
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _NM_INDEX_DTYPES = (torch.uint8, torch.int8)
@@ -53,22 +63,26 @@ def _check_weight(weight: Tensor) -> None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
-        raise ValueError(
+        raise SparseFormatError(
             f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}"
         )
     if weight.layout != torch.strided:
-        raise ValueError(f"weight must be a dense (strided) tensor, got layout {weight.layout}")
+        raise SparseFormatError(
+            f"weight must be a dense (strided) tensor, got layout {weight.layout}"
+        )
     if not weight.is_floating_point():
-        raise ValueError(f"weight must be floating point, got dtype {weight.dtype}")
+        raise SparseFormatError(f"weight must be floating point, got dtype {weight.dtype}")
 
 
 def _pick_index_dtype(index_dtype: torch.dtype | None, *extents: int) -> torch.dtype:
     if index_dtype is None:
         return torch.int32 if max(extents, default=0) <= _INT32_MAX else torch.int64
     if index_dtype not in _INDEX_DTYPES:
-        raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
+        raise SparseFormatError(
+            f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}"
+        )
     if index_dtype == torch.int32 and max(extents, default=0) > _INT32_MAX:
-        raise ValueError(
+        raise SparseFormatError(
             "index_dtype=torch.int32 cannot address this many entries; use torch.int64"
         )
     return index_dtype
@@ -85,37 +99,39 @@ def _check_compressed(
     """Validate row pointers / column indices of a CSR or BSR structure."""
     for label, t in (("crow_indices", crow), ("col_indices", col)):
         if not isinstance(t, Tensor) or t.dim() != 1:
-            raise ValueError(f"{name}: {label} must be a 1-D tensor")
+            raise SparseFormatError(f"{name}: {label} must be a 1-D tensor")
         if t.dtype not in _INDEX_DTYPES:
-            raise ValueError(f"{name}: {label} must be int32 or int64, got {t.dtype}")
+            raise SparseFormatError(f"{name}: {label} must be int32 or int64, got {t.dtype}")
     if crow.dtype != col.dtype:
-        raise ValueError(
+        raise SparseFormatError(
             f"{name}: crow_indices ({crow.dtype}) and col_indices ({col.dtype}) must share a dtype"
         )
     if crow.numel() != nrows + 1:
-        raise ValueError(
+        raise SparseFormatError(
             f"{name}: crow_indices has {crow.numel()} entries, expected {nrows + 1} (rows + 1)"
         )
     if col.numel() != nnz:
-        raise ValueError(f"{name}: col_indices has {col.numel()} entries, expected {nnz}")
+        raise SparseFormatError(f"{name}: col_indices has {col.numel()} entries, expected {nnz}")
     if int(crow[0]) != 0 or int(crow[-1]) != nnz:
-        raise ValueError(
+        raise SparseFormatError(
             f"{name}: crow_indices must start at 0 and end at nnz={nnz}, "
             f"got {int(crow[0])}..{int(crow[-1])}"
         )
     if nrows > 0 and bool((crow[1:] < crow[:-1]).any()):
-        raise ValueError(f"{name}: crow_indices must be non-decreasing")
+        raise SparseFormatError(f"{name}: crow_indices must be non-decreasing")
     if nnz == 0:
         return
     if int(col.min()) < 0 or int(col.max()) >= ncols:
-        raise ValueError(f"{name}: col_indices must lie in [0, {ncols})")
+        raise SparseFormatError(f"{name}: col_indices must lie in [0, {ncols})")
     # Columns strictly increasing inside each row: every step that is not a
     # row start must increase.
     steps = col[1:] > col[:-1]
     row_start = torch.zeros(nnz, dtype=torch.bool, device=col.device)
     row_start[crow[:-1][crow[:-1] < nnz].long()] = True
     if not bool((steps | row_start[1:]).all()):
-        raise ValueError(f"{name}: col_indices must be strictly increasing within each row")
+        raise SparseFormatError(
+            f"{name}: col_indices must be strictly increasing within each row"
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -148,7 +164,7 @@ class CSRWeight:
         out_f, in_f = _check_shape(self.shape)
         object.__setattr__(self, "shape", (out_f, in_f))
         if not isinstance(self.values, Tensor) or self.values.dim() != 1:
-            raise ValueError("CSRWeight: values must be a 1-D tensor")
+            raise SparseFormatError("CSRWeight: values must be a 1-D tensor")
         _check_compressed(
             "CSRWeight", self.crow_indices, self.col_indices, out_f, in_f, self.values.numel()
         )
@@ -184,9 +200,11 @@ def _check_shape(shape) -> tuple[int, int]:
     try:
         out_f, in_f = (int(s) for s in shape)
     except (TypeError, ValueError):
-        raise ValueError(f"shape must be (out_features, in_features), got {shape!r}") from None
+        raise SparseFormatError(
+            f"shape must be (out_features, in_features), got {shape!r}"
+        ) from None
     if out_f < 0 or in_f < 0:
-        raise ValueError(f"shape must be non-negative, got {shape!r}")
+        raise SparseFormatError(f"shape must be non-negative, got {shape!r}")
     return out_f, in_f
 
 
@@ -257,9 +275,9 @@ class BSRWeight:
         r, c = _check_block(self.blocksize, (out_f, in_f))
         object.__setattr__(self, "blocksize", (r, c))
         if not isinstance(self.values, Tensor) or self.values.dim() != 3:
-            raise ValueError("BSRWeight: values must be a 3-D tensor [nnzb, r, c]")
+            raise SparseFormatError("BSRWeight: values must be a 3-D tensor [nnzb, r, c]")
         if tuple(self.values.shape[1:]) != (r, c):
-            raise ValueError(
+            raise SparseFormatError(
                 f"BSRWeight: values blocks have shape {tuple(self.values.shape[1:])}, "
                 f"expected blocksize {(r, c)}"
             )
@@ -310,9 +328,9 @@ def _check_block(block, shape: tuple[int, int]) -> tuple[int, int]:
     try:
         r, c = (int(b) for b in block)
     except (TypeError, ValueError):
-        raise ValueError(f"block must be a pair (r, c), got {block!r}") from None
+        raise SparseFormatError(f"block must be a pair (r, c), got {block!r}") from None
     if r < 1 or c < 1:
-        raise ValueError(f"block shape must be positive, got {(r, c)}")
+        raise SparseFormatError(f"block shape must be positive, got {(r, c)}")
     out_f, in_f = shape
     problems = []
     if out_f % r:
@@ -320,7 +338,7 @@ def _check_block(block, shape: tuple[int, int]) -> tuple[int, int]:
     if in_f % c:
         problems.append(f"in_features={in_f} is not a multiple of block_c={c}")
     if problems:
-        raise ValueError(
+        raise SparseFormatError(
             f"block shape {(r, c)} does not divide weight shape {(out_f, in_f)}: "
             + "; ".join(problems)
         )
@@ -353,7 +371,7 @@ def pack_bsr(
 
     Raises
     ------
-    ValueError
+    SparseFormatError
         If the block shape does not divide the weight shape.
     """
     _check_weight(weight)
@@ -418,15 +436,21 @@ class NMWeight:
         for label, t in (("values", self.values), ("indices", self.indices)):
             if not isinstance(t, Tensor) or tuple(t.shape) != (out_f, k):
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(f"NMWeight: {label} must have shape {(out_f, k)}, got {got}")
+                raise SparseFormatError(
+                    f"NMWeight: {label} must have shape {(out_f, k)}, got {got}"
+                )
         if self.indices.dtype not in _NM_INDEX_DTYPES:
-            raise ValueError(f"NMWeight: indices must be uint8 or int8, got {self.indices.dtype}")
+            raise SparseFormatError(
+                f"NMWeight: indices must be uint8 or int8, got {self.indices.dtype}"
+            )
         if self.indices.numel():
             pos = self.indices.long()
             if int(pos.min()) < 0 or int(pos.max()) >= m:
-                raise ValueError(f"NMWeight: indices must lie in [0, {m})")
+                raise SparseFormatError(f"NMWeight: indices must lie in [0, {m})")
             if n > 1 and not bool((pos.view(out_f, -1, n).diff(dim=-1) > 0).all()):
-                raise ValueError("NMWeight: indices must be strictly increasing within each group")
+                raise SparseFormatError(
+                    "NMWeight: indices must be strictly increasing within each group"
+                )
 
     @property
     def nnz(self) -> int:
@@ -459,14 +483,14 @@ class NMWeight:
 def _check_nm(n, m, in_features: int, index_dtype: torch.dtype | None) -> tuple[int, int]:
     n, m = int(n), int(m)
     if m < 1 or not 1 <= n <= m:
-        raise ValueError(f"N:M pattern needs 1 <= n <= m, got n={n}, m={m}")
+        raise SparseFormatError(f"N:M pattern needs 1 <= n <= m, got n={n}, m={m}")
     limit = 128 if index_dtype == torch.int8 else 256
     if m > limit:
-        raise ValueError(
+        raise SparseFormatError(
             f"m={m} does not fit {index_dtype or torch.uint8} position indices (need m <= {limit})"
         )
     if in_features % m:
-        raise ValueError(
+        raise SparseFormatError(
             f"in_features={in_features} is not divisible by m={m} "
             f"(N:M groups run along the input dimension)"
         )
@@ -497,13 +521,13 @@ def pack_nm(
 
     Raises
     ------
-    ValueError
+    SparseFormatError
         If ``in_features % m != 0`` or some group has more than ``n`` nonzeros.
     """
     _check_weight(weight)
     weight = weight.detach()
     if index_dtype not in _NM_INDEX_DTYPES:
-        raise ValueError(f"index_dtype must be torch.uint8 or torch.int8, got {index_dtype}")
+        raise SparseFormatError(f"index_dtype must be torch.uint8 or torch.int8, got {index_dtype}")
     out_f, in_f = weight.shape
     n, m = _check_nm(n, m, in_f, index_dtype)
     groups = in_f // m
@@ -513,7 +537,7 @@ def pack_nm(
     bad = counts > n
     if bool(bad.any()):
         row, grp = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(
+        raise SparseFormatError(
             f"weight does not satisfy {n}:{m} sparsity along the input dim: "
             f"{int(bad.sum())} of {bad.numel()} groups of {m} have more than {n} nonzeros "
             f"(first: row {row}, columns {grp * m}:{grp * m + m} has {int(counts[row, grp])})"
@@ -572,4 +596,4 @@ def pack(
         return pack_bsr(weight, block=block, index_dtype=index_dtype)
     if format == "nm":
         return pack_nm(weight, n=n, m=m, index_dtype=index_dtype or torch.uint8)
-    raise ValueError(f"unknown sparse format {format!r}; expected 'csr', 'bsr' or 'nm'")
+    raise SparseFormatError(f"unknown sparse format {format!r}; expected 'csr', 'bsr' or 'nm'")

@@ -61,7 +61,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .formats import BSRWeight, CSRWeight, NMWeight, PackedWeight, pack
+from .formats import BSRWeight, CSRWeight, NMWeight, PackedWeight, SparseFormatError, pack
 
 __all__ = [
     "sparse_linear_csr",
@@ -93,11 +93,11 @@ with warnings.catch_warnings():
 # argument checks shared by the real and fake kernels
 # --------------------------------------------------------------------------- #
 def _check_size(size, expected, message) -> None:
-    """Raise ``ValueError(message())`` unless ``size == expected`` (a guard for SymInts)."""
+    """Raise ``SparseFormatError(message())`` unless ``size == expected`` (guard for SymInts)."""
     if isinstance(size, torch.SymInt) or isinstance(expected, torch.SymInt):
         torch._check(size == expected, message)
     elif size != expected:
-        raise ValueError(message())
+        raise SparseFormatError(message())
 
 
 def _check_linear_args(
@@ -109,15 +109,17 @@ def _check_linear_args(
     in_features: int,
 ) -> None:
     if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least 1 dim [..., in_features], got a scalar")
+        raise SparseFormatError(
+            f"{op}: x must have at least 1 dim [..., in_features], got a scalar"
+        )
     if not x.is_floating_point():
-        raise ValueError(f"{op}: x must be floating point, got {x.dtype}")
+        raise SparseFormatError(f"{op}: x must be floating point, got {x.dtype}")
     if values.dtype != x.dtype:
-        raise ValueError(
+        raise SparseFormatError(
             f"{op}: x dtype {x.dtype} does not match weight values dtype {values.dtype}"
         )
     if out_features < 0 or in_features < 0:
-        raise ValueError(f"{op}: out_features/in_features must be >= 0")
+        raise SparseFormatError(f"{op}: out_features/in_features must be >= 0")
     _check_size(
         x.shape[-1],
         in_features,
@@ -126,25 +128,27 @@ def _check_linear_args(
     )
     if bias is not None:
         if bias.dim() != 1:
-            raise ValueError(f"{op}: bias must be 1-D [out_features], got {bias.dim()}-D")
+            raise SparseFormatError(f"{op}: bias must be 1-D [out_features], got {bias.dim()}-D")
         _check_size(
             bias.shape[0],
             out_features,
             lambda: f"{op}: bias has {bias.shape[0]} entries, expected out_features={out_features}",
         )
         if bias.dtype != x.dtype:
-            raise ValueError(f"{op}: bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+            raise SparseFormatError(
+                f"{op}: bias dtype {bias.dtype} does not match x dtype {x.dtype}"
+            )
 
 
 def _check_compressed_args(
     op: str, crow: Tensor, col: Tensor, values: Tensor, nrows: int, value_dims: int
 ) -> None:
     if crow.dim() != 1 or col.dim() != 1:
-        raise ValueError(f"{op}: crow_indices and col_indices must be 1-D")
+        raise SparseFormatError(f"{op}: crow_indices and col_indices must be 1-D")
     if crow.dtype not in _INDEX_DTYPES or col.dtype not in _INDEX_DTYPES:
-        raise ValueError(f"{op}: crow_indices/col_indices must be int32 or int64")
+        raise SparseFormatError(f"{op}: crow_indices/col_indices must be int32 or int64")
     if values.dim() != value_dims:
-        raise ValueError(f"{op}: values must be {value_dims}-D, got {values.dim()}-D")
+        raise SparseFormatError(f"{op}: values must be {value_dims}-D, got {values.dim()}-D")
     _check_size(
         crow.shape[0],
         nrows + 1,
@@ -159,27 +163,27 @@ def _check_compressed_args(
 
 def _check_block_args(op: str, values: Tensor, out_features: int, in_features: int, r: int, c: int):
     if r < 1 or c < 1 or out_features % r or in_features % c:
-        raise ValueError(
+        raise SparseFormatError(
             f"{op}: block shape {(r, c)} does not divide weight shape {(out_features, in_features)}"
         )
     if values.dim() == 3 and (values.shape[1] != r or values.shape[2] != c):
-        raise ValueError(
+        raise SparseFormatError(
             f"{op}: values blocks are {tuple(values.shape[1:])}, expected block shape {(r, c)}"
         )
 
 
 def _check_nm_args(op: str, values: Tensor, indices: Tensor, n: int, m: int, in_features: int):
     if m < 1 or not 1 <= n <= m:
-        raise ValueError(f"{op}: N:M pattern needs 1 <= n <= m, got n={n}, m={m}")
+        raise SparseFormatError(f"{op}: N:M pattern needs 1 <= n <= m, got n={n}, m={m}")
     if in_features % m:
-        raise ValueError(f"{op}: in_features={in_features} is not divisible by m={m}")
+        raise SparseFormatError(f"{op}: in_features={in_features} is not divisible by m={m}")
     if values.dim() != 2 or indices.shape != values.shape:
-        raise ValueError(
+        raise SparseFormatError(
             f"{op}: values and indices must both be [out_features, in_features*n/m], "
             f"got {tuple(values.shape)} and {tuple(indices.shape)}"
         )
     if indices.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
-        raise ValueError(f"{op}: indices must be an integer tensor, got {indices.dtype}")
+        raise SparseFormatError(f"{op}: indices must be an integer tensor, got {indices.dtype}")
     _check_size(
         values.shape[1],
         in_features // m * n,
@@ -566,9 +570,11 @@ class SparseLinear(nn.Module):
         if bias is not None:
             if not isinstance(bias, Tensor) or tuple(bias.shape) != (self.out_features,):
                 got = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
-                raise ValueError(f"bias must have shape ({self.out_features},), got {got}")
+                raise SparseFormatError(f"bias must have shape ({self.out_features},), got {got}")
             if bias.dtype != dtype:
-                raise ValueError(f"bias dtype {bias.dtype} does not match weight dtype {dtype}")
+                raise SparseFormatError(
+                    f"bias dtype {bias.dtype} does not match weight dtype {dtype}"
+                )
             bias = bias.detach().clone()
         if isinstance(weight, NMWeight):
             self.n, self.m = weight.n, weight.m

@@ -2,5 +2,6 @@
 
 from .base import PassResult, register_pass, run_pass
 from .structured import StructuredPruning
+from .lowrank import LowRank  # noqa: F401
 
 __all__ = ["PassResult", "StructuredPruning", "register_pass", "run_pass"]
