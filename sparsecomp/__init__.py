@@ -18,7 +18,7 @@ from .errors import (
 )
 from .graph.depgraph import DependencyGraph, Group, Member
 from .graph.registry import OpRegistry, OpRule
-from .passes import StructuredPruning
+from .passes import LowRank, StructuredPruning
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DependencyGraph",
     "Group",
+    "LowRank",
     "Member",
     "MissingDependencyError",
     "OpRegistry",
@@ -44,6 +45,3 @@ __all__ = [
     "dependency_graph",
     "load_recipe",
 ]
-
-from .passes.lowrank import LowRank  # noqa: E402
-__all__.append("LowRank")

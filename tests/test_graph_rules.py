@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import sparsecomp
 from sparsecomp.graph.registry import OpRegistry, OpRule

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..capture.export import concrete_shape, is_symbolic
-from .labels import FIXED, AtomTable
+from .labels import AtomTable
 
 Dims = list  # list[np.ndarray | None], one entry per tensor dim
 
@@ -54,7 +54,7 @@ class PropagationContext:
 
     def _ensure_param(self, target: str) -> list[np.ndarray | None]:
         if target not in self.param_labels:
-            tensor = _get_attr(self.gm, target)
+            tensor = get_attr(self.gm, target)
             self.param_shapes[target] = tuple(tensor.shape)
             self.param_labels[target] = [None] * tensor.dim()
         return self.param_labels[target]
@@ -150,7 +150,8 @@ class PropagationContext:
             self.consumers.append((node, x, x_dim, weight.target, w_dim))
 
 
-def _get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
+def get_attr(gm: torch.nn.Module, target: str) -> Any:
+    """The attribute at dotted path ``target`` of ``gm`` (a parameter, buffer or constant)."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)

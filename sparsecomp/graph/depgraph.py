@@ -15,7 +15,6 @@ from typing import Any, Iterable, Mapping
 
 import networkx as nx
 import numpy as np
-import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 

@@ -7,7 +7,6 @@ contract. Helpers at the top implement the shared patterns (elementwise broadcas
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import numpy as np

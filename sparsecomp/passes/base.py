@@ -7,6 +7,7 @@ captured graph, whether anything changed, and a per-layer report for ``sparsecom
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import Any, Callable
 
 from ..capture.export import Captured
@@ -45,3 +46,13 @@ def run_pass(captured: Captured, config: PassConfig, calibration: Any = None) ->
             f"no pass for config {type(config).__name__}; known: {sorted(t.__name__ for t in _PASSES)}"
         )
     return fn(captured, config, calibration)
+
+
+def matches_pattern(name: str, pattern: str) -> bool:
+    """``ignore``/``per_layer`` matching: fnmatch on the parameter name or its module, or a module prefix."""
+    module = name.rsplit(".", 1)[0] if "." in name else ""
+    return (
+        fnmatch.fnmatchcase(name, pattern)
+        or fnmatch.fnmatchcase(module, pattern)
+        or name.startswith(pattern + ".")
+    )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 import math
 import warnings
 from typing import Any, ClassVar
@@ -32,7 +31,8 @@ from ..calibration import iter_batches, observe
 from ..capture.export import Captured
 from ..config import PassConfig, register_config
 from ..errors import ConfigError
-from .base import PassResult, register_pass
+from ..graph.context import get_attr
+from .base import PassResult, matches_pattern, register_pass
 
 METHODS = ("svd", "activation")
 _LINEAR = torch.ops.aten.linear.default
@@ -209,22 +209,6 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, gram: torc
 
 
 # ------------------------------------------------------------------------------------------------ selection
-def _matches(name: str, pattern: str) -> bool:
-    module = name.rsplit(".", 1)[0] if "." in name else ""
-    return (
-        fnmatch.fnmatchcase(name, pattern)
-        or fnmatch.fnmatchcase(module, pattern)
-        or name.startswith(pattern + ".")
-    )
-
-
-def _get(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for p in target.split("."):
-        obj = getattr(obj, p)
-    return obj
-
-
 def _candidates(gm: fx.GraphModule, cfg: LowRank) -> tuple[list[fx.Node], list[dict]]:
     """Linear nodes to factor, and report rows for the ones left dense."""
     todo: list[fx.Node] = []
@@ -236,14 +220,14 @@ def _candidates(gm: fx.GraphModule, cfg: LowRank) -> tuple[list[fx.Node], list[d
         if not isinstance(w, fx.Node) or w.op != "get_attr":
             continue
         try:
-            param = _get(gm, w.target)
+            param = get_attr(gm, w.target)
         except AttributeError:
             continue
         if not isinstance(param, torch.Tensor) or param.dim() != 2 or not param.is_floating_point():
             continue
         m, n = param.shape
         row = {"layer": w.target, "node": node.name, "shape": [int(m), int(n)], "params_before": int(m * n)}
-        if any(_matches(w.target, p) for p in cfg.ignore):
+        if any(matches_pattern(w.target, p) for p in cfg.ignore):
             skipped.append({**row, "skipped": "ignored"})
         elif min(m, n) < cfg.min_features:
             skipped.append({**row, "skipped": f"fewer than min_features={cfg.min_features} features"})
@@ -294,7 +278,7 @@ def run_lowrank(captured: Captured, cfg: LowRank, calibration: Any = None) -> Pa
     modified = False
     for node in todo:
         w_node = node.args[1]
-        weight = _get(gm, w_node.target)
+        weight = get_attr(gm, w_node.target)
         m, n = weight.shape
         row: dict[str, Any] = {"layer": w_node.target, "node": node.name, "shape": [int(m), int(n)],
                                "params_before": int(m * n)}

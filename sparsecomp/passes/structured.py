@@ -8,7 +8,6 @@ parameters, fixes the shape arguments and re-exports (the postcondition check).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import math
 from typing import Any, ClassVar
 
@@ -23,7 +22,8 @@ from ..config import PassConfig, register_config
 from ..errors import ConfigError
 from ..graph.apply import prune
 from ..graph.depgraph import DependencyGraph, Group
-from .base import PassResult, register_pass
+from ..graph.context import get_attr
+from .base import PassResult, matches_pattern, register_pass
 
 IMPORTANCES = ("l1", "l2", "random", "taylor", "activation")
 GRANULARITIES = ("channel", "head", "auto")
@@ -98,15 +98,6 @@ def _check_ratio(name: str, r: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ selection
-def _matches(name: str, pattern: str) -> bool:
-    module = name.rsplit(".", 1)[0] if "." in name else ""
-    return (
-        fnmatch.fnmatchcase(name, pattern)
-        or fnmatch.fnmatchcase(module, pattern)
-        or name.startswith(pattern + ".")
-    )
-
-
 def group_ratio(group: Group, cfg: StructuredPruning) -> float | None:
     """The ratio for ``group`` under ``cfg``, or ``None`` when the group is not to be pruned."""
     if group.kind == "inner":
@@ -116,10 +107,10 @@ def group_ratio(group: Group, cfg: StructuredPruning) -> float | None:
     if group.kind == "channel" and cfg.granularity == "head":
         return None
     params = group.params
-    if any(_matches(p, pat) for p in params for pat in cfg.ignore):
+    if any(matches_pattern(p, pat) for p in params for pat in cfg.ignore):
         return None
     for pattern, r in cfg.per_layer:
-        if any(_matches(p, pattern) for p in params):
+        if any(matches_pattern(p, pattern) for p in params):
             return r
     return cfg.ratio
 
@@ -132,13 +123,6 @@ def n_keep(n: int, ratio: float, round_to: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ importance
-def _param(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj: Any = gm
-    for p in target.split("."):
-        obj = getattr(obj, p)
-    return obj
-
-
 def _per_index(t: torch.Tensor, dim: int, power: int) -> np.ndarray:
     t = t.detach().float().abs()
     if power == 2:
@@ -167,7 +151,7 @@ def unit_scores(dg: DependencyGraph, groups: list[Group], cfg: StructuredPruning
     if cfg.importance in ("l1", "l2"):
         power = 1 if cfg.importance == "l1" else 2
         for name, dim in needed:
-            member_scores[(name, dim)] = _per_index(_param(gm, name), dim, power)
+            member_scores[(name, dim)] = _per_index(get_attr(gm, name), dim, power)
     elif cfg.importance == "random":
         rng = np.random.default_rng(cfg.seed)
         return {g.id: rng.random(g.size) for g in groups}
@@ -181,7 +165,7 @@ def unit_scores(dg: DependencyGraph, groups: list[Group], cfg: StructuredPruning
 def _taylor_scores(dg: DependencyGraph, needed: set[tuple[str, int]], calibration: Any) -> dict[tuple[str, int], np.ndarray]:
     gm = dg.captured.module
     names = sorted({n for n, _ in needed})
-    params = {n: _param(gm, n) for n in names}
+    params = {n: get_attr(gm, n) for n in names}
     saved = {n: p.requires_grad for n, p in params.items()}
     grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     try:
@@ -226,7 +210,7 @@ def _activation_scores(dg: DependencyGraph, calibration: Any) -> dict[tuple[str,
     for node, _, _, wname, wdim in consumers:
         if node.name not in sq:
             continue
-        wnorm = np.sqrt(_per_index(_param(gm, wname), wdim, 2))
+        wnorm = np.sqrt(_per_index(get_attr(gm, wname), wdim, 2))
         score = wnorm * np.sqrt(sq[node.name])
         key = (wname, wdim)
         out[key] = out.get(key, 0) + score
