@@ -241,3 +241,34 @@ def test_to_networkx_components_are_groups():
     assert len(groups) == len(dg.groups)
     comp = nx.node_connected_component(g, ("group", dg.prunable_groups()[0].id))
     assert ("param", "a.weight", 0) in comp and ("param", "c.weight", 1) in comp
+
+
+class _EinsumBmmStack(nn.Module):
+    """einsum, bmm, chunk and stack on channel dims, with a per-channel scale parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 24) * 0.3)
+        self.scale = nn.Parameter(torch.rand(12) + 0.5)
+        self.out = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.einsum("bsi,io->bso", x, self.w1)            # [b, s, 24]
+        a, b = h.chunk(2, dim=-1)                               # two [b, s, 12]
+        mixed = torch.bmm(a.transpose(1, 2), b)                 # [b, 12, 12]: contraction over s only
+        pair = torch.stack([a, b], dim=0).sum(0) * self.scale   # [b, s, 12]
+        y = pair + torch.bmm(pair, mixed.transpose(1, 2) * 0.01)
+        return self.out(torch.relu(y))
+
+
+def test_einsum_bmm_chunk_stack_groups_are_exact():
+    m = _EinsumBmmStack()
+    x = torch.randn(2, 6, 8)
+    dg = sparsecomp.dependency_graph(m, (x,))
+    groups = dg.prunable_groups()
+    assert groups and not dg.unknown_ops
+    assert any("w1" in g.params and "scale" in g.params for g in groups)
+    for g in groups:
+        assert group_equivalence(dg, g).relative < 1e-5
+    small = sparsecomp.compress(m, (x,), sparsecomp.StructuredPruning(ratio=0.5))
+    assert small.w1.shape[1] < 24 and small(torch.randn(3, 6, 8)).shape == (3, 6, 5)
