@@ -215,13 +215,16 @@ class DependencyGraph:
             f"DependencyGraph: {len(self.groups)} groups "
             f"({len(self.prunable_groups())} prunable), {len(self.captured.module.graph.nodes)} graph nodes"
         ]
+        prunable = {g.id for g in self.prunable_groups()}
+        lines.append("  (* = prunable; others are head internals, single units or buffer-only)")
         for g in self.groups:
             params = g.param_members()
             if not params:
                 continue
             shown = ", ".join(f"{m.name}[dim {m.dim}]" for m in params[:max_members])
             more = f", ... (+{len(params) - max_members})" if len(params) > max_members else ""
-            lines.append(f"  group {g.id:3d} {g.kind:7s} units={g.size:5d}  {shown}{more}")
+            mark = "*" if g.id in prunable else " "
+            lines.append(f"{mark} group {g.id:3d} {g.kind:7s} units={g.size:5d}  {shown}{more}")
         if self.unknown_ops:
             lines.append("ops without a rule (their dims were kept fixed):")
             for op, nodes in sorted(self.unknown_ops.items()):
