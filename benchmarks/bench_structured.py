@@ -43,7 +43,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import sparsecomp
 
-from sparsecomp.metrics import count_macs, count_params, measure_latencies
+from sparsecomp.metrics import count_macs, count_params, markdown_table, measure_latencies
 
 BuildResult = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
 
@@ -175,15 +175,7 @@ def format_markdown(rows: Sequence[BenchRow]) -> str:
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
-
-    sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":")
-                         for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), sep, *(line(b) for b in body)])
+    return markdown_table(header, body, text_columns=1)
 
 
 def environment(ns: argparse.Namespace) -> dict[str, Any]:

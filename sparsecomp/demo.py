@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .metrics import count_macs, count_params, measure_latencies
+from .metrics import count_macs, count_params, markdown_table, measure_latencies
 from .models import (
     BUILTIN_SENTENCES,
     HELDOUT_SENTENCES,
@@ -160,13 +160,7 @@ def format_table(rows: Sequence[DemoRow], threads: int = 1, seq_len: int = 128) 
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
-    return "\n".join([line(header), sep, *(line(b) for b in body)])
+    return markdown_table(header, body)
 
 
 def run_demo(

@@ -451,3 +451,19 @@ def profile_module(
     return ModuleProfile(
         params=count_params(module), macs=count_macs(module, args, kwargs), latency=stats
     )
+
+
+def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]], text_columns: int = 0) -> str:
+    """Render a markdown table with padded columns.
+
+    The first ``text_columns`` columns are left-aligned; the others (numbers) are right-aligned.
+    """
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i < text_columns else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 2)) if i < text_columns else ("-" * (w + 1) + ":")
+                         for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), sep, *(line(row) for row in body)])
