@@ -137,8 +137,33 @@ def _check_compressed(
 # --------------------------------------------------------------------------- #
 # CSR
 # --------------------------------------------------------------------------- #
+class _PackedWeight:
+    """Shared accessors of the packed formats; subclasses name their tensors in ``_storage``."""
+
+    values: Tensor
+    shape: tuple[int, int]
+
+    def _storage(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored values (for N:M, explicit zero padding slots included)."""
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        """Fraction of stored entries, ``nnz / (out * in)``."""
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the compressed storage (indices + values)."""
+        return _tensor_nbytes(*self._storage())
+
+
 @dataclass(frozen=True, eq=False)
-class CSRWeight:
+class CSRWeight(_PackedWeight):
     """Weight in compressed-sparse-row format.
 
     Attributes
@@ -169,20 +194,8 @@ class CSRWeight:
             "CSRWeight", self.crow_indices, self.col_indices, out_f, in_f, self.values.numel()
         )
 
-    @property
-    def nnz(self) -> int:
-        """Number of stored values."""
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        """Fraction of stored entries, ``nnz / (out * in)``."""
-        return self.nnz / max(1, self.shape[0] * self.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the compressed storage (indices + values)."""
-        return _tensor_nbytes(self.crow_indices, self.col_indices, self.values)
+    def _storage(self) -> tuple[Tensor, ...]:
+        return self.crow_indices, self.col_indices, self.values
 
     def to_dense(self) -> Tensor:
         """Return the dense ``[out, in]`` weight (exact inverse of :func:`pack_csr`)."""
@@ -244,7 +257,7 @@ def pack_csr(weight: Tensor, index_dtype: torch.dtype | None = None) -> CSRWeigh
 # BSR
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True, eq=False)
-class BSRWeight:
+class BSRWeight(_PackedWeight):
     """Weight in block-compressed-sparse-row format with ``(r, c)`` blocks.
 
     Attributes
@@ -295,20 +308,8 @@ class BSRWeight:
         """Number of stored blocks."""
         return self.values.shape[0]
 
-    @property
-    def nnz(self) -> int:
-        """Number of stored values (``nnzb * r * c``)."""
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        """Fraction of stored entries, ``nnz / (out * in)``."""
-        return self.nnz / max(1, self.shape[0] * self.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the compressed storage (indices + values)."""
-        return _tensor_nbytes(self.crow_indices, self.col_indices, self.values)
+    def _storage(self) -> tuple[Tensor, ...]:
+        return self.crow_indices, self.col_indices, self.values
 
     def to_dense(self) -> Tensor:
         """Return the dense ``[out, in]`` weight (exact inverse of :func:`pack_bsr`)."""
@@ -398,7 +399,7 @@ def pack_bsr(
 # N:M
 # --------------------------------------------------------------------------- #
 @dataclass(frozen=True, eq=False)
-class NMWeight:
+class NMWeight(_PackedWeight):
     """Weight in packed ``N:M`` format along the input dimension.
 
     Every group of ``m`` consecutive inputs of every output row stores exactly
@@ -452,20 +453,8 @@ class NMWeight:
                     "NMWeight: indices must be strictly increasing within each group"
                 )
 
-    @property
-    def nnz(self) -> int:
-        """Number of stored slots (including explicit zero padding)."""
-        return self.values.numel()
-
-    @property
-    def density(self) -> float:
-        """Fraction of stored entries, ``n / m``."""
-        return self.nnz / max(1, self.shape[0] * self.shape[1])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the compressed storage (values + position indices)."""
-        return _tensor_nbytes(self.values, self.indices)
+    def _storage(self) -> tuple[Tensor, ...]:
+        return self.values, self.indices
 
     def to_dense(self) -> Tensor:
         """Return the dense ``[out, in]`` weight (exact inverse of :func:`pack_nm`)."""
