@@ -347,6 +347,30 @@ def _nm_forward(x2, values, indices, n, m, in_features):
 # --------------------------------------------------------------------------- #
 # custom operators
 # --------------------------------------------------------------------------- #
+def _validate_csr(x, crow_indices, col_indices, values, bias, out_features, in_features) -> None:
+    """Shape/dtype checks shared by the CSR kernel and its fake."""
+    op = "sparse_linear_csr"
+    _check_linear_args(op, x, values, bias, out_features, in_features)
+    _check_compressed_args(op, crow_indices, col_indices, values, out_features, 1)
+
+
+def _validate_bsr(x, crow_indices, col_indices, values, bias, out_features, in_features, block_r, block_c) -> None:
+    """Shape/dtype checks shared by the BSR kernel and its fake."""
+    op = "sparse_linear_bsr"
+    _check_linear_args(op, x, values, bias, out_features, in_features)
+    _check_block_args(op, values, out_features, in_features, block_r, block_c)
+    _check_compressed_args(op, crow_indices, col_indices, values, out_features // block_r, 3)
+
+
+def _validate_nm(x, values, indices, bias, n, m, in_features) -> int:
+    """Shape/dtype checks shared by the N:M kernel and its fake; returns ``out_features``."""
+    op = "sparse_linear_nm"
+    _check_nm_args(op, values, indices, n, m, in_features)
+    out_features = values.shape[0]
+    _check_linear_args(op, x, values, bias, out_features, in_features)
+    return out_features
+
+
 @torch.library.custom_op("sparsecomp::sparse_linear_csr", mutates_args=())
 def sparse_linear_csr(
     x: Tensor,
@@ -375,9 +399,7 @@ def sparse_linear_csr(
     Tensor
         ``[..., out_features]``.
     """
-    op = "sparse_linear_csr"
-    _check_linear_args(op, x, values, bias, out_features, in_features)
-    _check_compressed_args(op, crow_indices, col_indices, values, out_features, 1)
+    _validate_csr(x, crow_indices, col_indices, values, bias, out_features, in_features)
     return _run_linear(
         x,
         bias,
@@ -389,9 +411,7 @@ def sparse_linear_csr(
 
 @sparse_linear_csr.register_fake
 def _(x, crow_indices, col_indices, values, bias, out_features, in_features):
-    op = "sparse_linear_csr"
-    _check_linear_args(op, x, values, bias, out_features, in_features)
-    _check_compressed_args(op, crow_indices, col_indices, values, out_features, 1)
+    _validate_csr(x, crow_indices, col_indices, values, bias, out_features, in_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -429,10 +449,7 @@ def sparse_linear_bsr(
     Tensor
         ``[..., out_features]``.
     """
-    op = "sparse_linear_bsr"
-    _check_linear_args(op, x, values, bias, out_features, in_features)
-    _check_block_args(op, values, out_features, in_features, block_r, block_c)
-    _check_compressed_args(op, crow_indices, col_indices, values, out_features // block_r, 3)
+    _validate_bsr(x, crow_indices, col_indices, values, bias, out_features, in_features, block_r, block_c)
     return _run_linear(
         x,
         bias,
@@ -446,10 +463,7 @@ def sparse_linear_bsr(
 
 @sparse_linear_bsr.register_fake
 def _(x, crow_indices, col_indices, values, bias, out_features, in_features, block_r, block_c):
-    op = "sparse_linear_bsr"
-    _check_linear_args(op, x, values, bias, out_features, in_features)
-    _check_block_args(op, values, out_features, in_features, block_r, block_c)
-    _check_compressed_args(op, crow_indices, col_indices, values, out_features // block_r, 3)
+    _validate_bsr(x, crow_indices, col_indices, values, bias, out_features, in_features, block_r, block_c)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -485,10 +499,7 @@ def sparse_linear_nm(
     Tensor
         ``[..., out_features]``.
     """
-    op = "sparse_linear_nm"
-    _check_nm_args(op, values, indices, n, m, in_features)
-    out_features = values.shape[0]
-    _check_linear_args(op, x, values, bias, out_features, in_features)
+    out_features = _validate_nm(x, values, indices, bias, n, m, in_features)
     return _run_linear(
         x,
         bias,
@@ -500,10 +511,7 @@ def sparse_linear_nm(
 
 @sparse_linear_nm.register_fake
 def _(x, values, indices, bias, n, m, in_features):
-    op = "sparse_linear_nm"
-    _check_nm_args(op, values, indices, n, m, in_features)
-    out_features = values.shape[0]
-    _check_linear_args(op, x, values, bias, out_features, in_features)
+    out_features = _validate_nm(x, values, indices, bias, n, m, in_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
