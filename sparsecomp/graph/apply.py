@@ -16,15 +16,13 @@ import torch.fx as fx
 
 from ..capture.export import Captured
 from ..errors import PassError
-from .context import RewriteContext
+from .context import RewriteContext, get_attr
 from .depgraph import DependencyGraph
 
 
 def _get(mod: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str, torch.Tensor]:
-    *path, leaf = target.split(".")
-    owner = mod
-    for p in path:
-        owner = getattr(owner, p)
+    path, _, leaf = target.rpartition(".")
+    owner = get_attr(mod, path) if path else mod
     return owner, leaf, getattr(owner, leaf)
 
 
@@ -103,22 +101,15 @@ def prune(dg: DependencyGraph, removed: Iterable[int], pass_name: str = "Structu
 
 def zeroed(dg: DependencyGraph, removed: Iterable[int]) -> fx.GraphModule:
     """A copy of the captured model with every parameter index owned by ``removed`` units set to zero."""
-    removed = set(removed)
     gm, _ = _copy_with_map(dg.captured.module)
-    rw = dg.rewrite_context(removed)
-    for target, dims in dg.ctx.param_labels.items():
+    for target, idx in dg.param_keep_indices(removed).items():
         owner, leaf, old = _get(gm, target)
         new = old.detach().clone()
-        changed = False
-        for d, arr in enumerate(dims):
-            if arr is None:
-                continue
-            drop = np.nonzero(~rw.keep_mask(arr))[0]
-            if len(drop):
+        for d, keep in enumerate(idx):
+            if keep is not None:
+                drop = np.setdiff1d(np.arange(new.shape[d]), keep)
                 new.index_fill_(d, torch.as_tensor(drop, dtype=torch.long), 0)
-                changed = True
-        if changed:
-            _set(owner, leaf, old, new)
+        _set(owner, leaf, old, new)
     return gm
 
 

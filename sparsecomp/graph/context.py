@@ -172,7 +172,7 @@ class RewriteContext:
         self.removed = removed
         self._keep_cache: dict[int, np.ndarray] = {}
 
-    def keep_mask(self, arr: np.ndarray | None, size: int | None = None) -> np.ndarray | None:
+    def keep_mask(self, arr: np.ndarray | None) -> np.ndarray | None:
         if arr is None:
             return None
         key = id(arr)

@@ -279,7 +279,7 @@ class DependencyGraph:
 def _propagate(ctx: PropagationContext, registry: OpRegistry, node: fx.Node) -> Any:
     if node.target is operator.getitem:
         return getitem_labels(ctx, node)
-    inputs = [a for a in node.all_input_nodes]
+    inputs = node.all_input_nodes
     if not any(ctx.has_labels(a) for a in inputs):
         return ctx.unlabeled(node)  # nothing prunable flows in, whatever the op
     rule = registry.get(node.target)
@@ -288,5 +288,4 @@ def _propagate(ctx: PropagationContext, registry: OpRegistry, node: fx.Node) -> 
             ctx.fix_all(ctx.lab(a))
         ctx.unknown_ops.setdefault(str(node.target), []).append(node.name)
         return ctx.unlabeled(node)
-    out = rule.propagate(node, ctx)
-    return out
+    return rule.propagate(node, ctx)

@@ -346,18 +346,15 @@ def _matmul(node: fx.Node, ctx: PropagationContext) -> Dims:
 @register(aten.addmm.default, aten.baddbmm.default)
 def _addmm(node: fx.Node, ctx: PropagationContext) -> Dims:
     out = _matmul_like(ctx, node, node.args[1], node.args[2])
-    bias = node.args[0]
-    fake_out = [o for o in out]
     # couple the added term by broadcasting against the product
-    bl = ctx.lab(bias)
-    bsh = ctx.shape(bias)
-    osh = ctx.shape(node)
+    bias = node.args[0]
+    bl, bsh, osh = ctx.lab(bias), ctx.shape(bias), ctx.shape(node)
     for k in range(1, len(bl) + 1):
         if bsh[-k] == osh[-k]:
-            fake_out[-k] = ctx.unify(fake_out[-k], bl[-k])
+            out[-k] = ctx.unify(out[-k], bl[-k])
         else:
             ctx.fix(bl[-k])
-    return fake_out
+    return out
 
 
 @register(aten.einsum.default)
@@ -483,8 +480,6 @@ def _batch_norm(node: fx.Node, ctx: PropagationContext) -> Any:
     params = list(node.args[1:5])
     if node.target is aten._native_batch_norm_legit.default and not isinstance(node.args[3], fx.Node):
         params = params[:2]
-    if node.target is aten.instance_norm.default:
-        params = list(node.args[1:5])
     xl[1] = _channel_params(ctx, xl[1], params)
     if isinstance(node.meta["val"], (tuple, list)):
         return Multi([xl] + [[xl[1]] if isinstance(v, torch.Tensor) and v.dim() == 1 else ctx.unlabeled(node)[i + 1]
@@ -825,11 +820,7 @@ def _split_rewrite(node: fx.Node, rw: RewriteContext) -> None:
 def _split(node: fx.Node, ctx: PropagationContext) -> Any:
     x = node.args[0]
     lab = list(ctx.lab(x))
-    if node.target is aten.split_with_sizes.default:
-        dim = _arg(node, 2, "dim", 0)
-    else:
-        dim = _arg(node, 2, "dim", 0)
-    dim %= len(lab)
+    dim = _arg(node, 2, "dim", 0) % len(lab)
     outs = []
     chunks = []
     start = 0
@@ -865,15 +856,19 @@ def _slice_bounds(size: int, start: Any, end: Any) -> tuple[int, int]:
     return max(0, min(start, size)), max(0, min(end, size))
 
 
+def _indexed_dim(node: fx.Node, rw: RewriteContext, dim: int) -> tuple[int, np.ndarray] | None:
+    """``(dim, keep mask)`` of the input dim an indexing op addresses, or ``None`` if it is not pruned."""
+    lab = rw.lab(node.args[0])
+    dim %= len(lab)
+    return None if lab[dim] is None else (dim, rw.keep_mask(lab[dim]))
+
+
 def _slice_rewrite(node: fx.Node, rw: RewriteContext) -> None:
-    src = node.args[0]
-    lab = rw.lab(src)
-    dim = _arg(node, 1, "dim", 0) % len(lab)
-    if lab[dim] is None:
+    found = _indexed_dim(node, rw, _arg(node, 1, "dim", 0))
+    if found is None:
         return
-    size = len(lab[dim])
-    start, end = _slice_bounds(size, _arg(node, 2, "start"), _arg(node, 3, "end"))
-    keep = rw.keep_mask(lab[dim])
+    dim, keep = found
+    start, end = _slice_bounds(len(keep), _arg(node, 2, "start"), _arg(node, 3, "end"))
     new_start = int(keep[:start].sum())
     new_end = new_start + int(keep[start:end].sum())
     args = list(node.args) + [None] * (5 - len(node.args))
@@ -901,12 +896,11 @@ def _slice(node: fx.Node, ctx: PropagationContext) -> Dims:
 
 
 def _narrow_rewrite(node: fx.Node, rw: RewriteContext) -> None:
-    lab = rw.lab(node.args[0])
-    dim = node.args[1] % len(lab)
-    if lab[dim] is None:
+    found = _indexed_dim(node, rw, node.args[1])
+    if found is None:
         return
+    dim, keep = found
     start, length = node.args[2], node.args[3]
-    keep = rw.keep_mask(lab[dim])
     node.args = (node.args[0], dim, int(keep[:start].sum()), int(keep[start:start + length].sum()))
 
 
@@ -925,12 +919,11 @@ def _narrow(node: fx.Node, ctx: PropagationContext) -> Dims:
 
 
 def _select_rewrite(node: fx.Node, rw: RewriteContext) -> None:
-    lab = rw.lab(node.args[0])
-    dim = node.args[1] % len(lab)
-    if lab[dim] is None:
+    found = _indexed_dim(node, rw, node.args[1])
+    if found is None:
         return
-    idx = node.args[2] % len(lab[dim])
-    keep = rw.keep_mask(lab[dim])
+    dim, keep = found
+    idx = node.args[2] % len(keep)
     node.args = (node.args[0], dim, int(keep[:idx].sum()))
 
 

@@ -192,14 +192,13 @@ def _taylor_scores(dg: DependencyGraph, needed: set[tuple[str, int]], calibratio
 def _activation_scores(dg: DependencyGraph, calibration: Any) -> dict[tuple[str, int], np.ndarray]:
     gm = dg.captured.module
     consumers = dg.ctx.consumers
-    want = {node.name: (x.name, x_dim) for node, x, x_dim, _, _ in consumers}
+    want = {node: (x, x_dim) for node, x, x_dim, _, _ in consumers}
     sq: dict[str, np.ndarray] = {}
 
     def hook(node: fx.Node, value: Any, interp: Any) -> None:
-        if node.name in want:
-            xname, xdim = want[node.name]
-            x = interp.env[next(n for n in node.all_input_nodes if n.name == xname)]
-            x = x.detach().float()
+        if node in want:
+            x_node, xdim = want[node]
+            x = interp.env[x_node].detach().float()
             other = [d for d in range(x.dim()) if d != xdim]
             s = (x * x).sum(dim=other).numpy() if other else (x * x).numpy()
             sq[node.name] = sq.get(node.name, 0) + s
