@@ -18,6 +18,7 @@ from .errors import (
 )
 from .graph.depgraph import DependencyGraph, Group, Member
 from .graph.registry import OpRegistry, OpRule
+from .lower import load, lower
 from .passes import LowRank, StructuredPruning
 
 __version__ = "0.1.0"
@@ -43,5 +44,7 @@ __all__ = [
     "compress",
     "config_from_dict",
     "dependency_graph",
+    "load",
     "load_recipe",
+    "lower",
 ]
