@@ -284,6 +284,8 @@ def _cmd_compress(ns: argparse.Namespace) -> int:
         f"MACs:   {_fmt_count(macs_before)} -> {_fmt_count(macs_after)}"
         f"  ({macs_before / max(macs_after, 1):.2f}x fewer)"
     )
+    if ns.report:
+        sparsecomp.report(compressed)
     if ns.output is not None:
         program, dynamic = _export_for_saving(compressed, args, kwargs)
         out_dir = os.path.dirname(os.path.abspath(ns.output))
@@ -376,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON or YAML recipe (a config, a list of configs, or {passes: [...]})",
     )
     compress.add_argument("-o", "--output", default=None, metavar="OUT.pt2", help="where to save")
+    compress.add_argument("--report", action="store_true",
+                          help="print the per-pass, per-layer report (sparsecomp.report)")
     compress.set_defaults(func=_cmd_compress)
     return parser
 

@@ -60,6 +60,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
 
 from .formats import BSRWeight, CSRWeight, NMWeight, PackedWeight, SparseFormatError, pack
 
@@ -513,6 +514,29 @@ def sparse_linear_nm(
 def _(x, values, indices, bias, n, m, in_features):
     out_features = _validate_nm(x, values, indices, bias, n, m, in_features)
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+# --------------------------------------------------------------------------- #
+# FLOP formulas: FlopCounterMode (sparsecomp.metrics.count_macs) counts the
+# multiply-adds actually done, 2 * rows * stored values (N:M padding included).
+# --------------------------------------------------------------------------- #
+def _rows(x_shape) -> int:
+    return math.prod(x_shape[:-1])
+
+
+@register_flop_formula(torch.ops.sparsecomp.sparse_linear_csr)
+def _csr_flops(x_shape, crow_shape, col_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _rows(x_shape) * values_shape[0]
+
+
+@register_flop_formula(torch.ops.sparsecomp.sparse_linear_bsr)
+def _bsr_flops(x_shape, crow_shape, col_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _rows(x_shape) * math.prod(values_shape)
+
+
+@register_flop_formula(torch.ops.sparsecomp.sparse_linear_nm)
+def _nm_flops(x_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _rows(x_shape) * math.prod(values_shape)
 
 
 # --------------------------------------------------------------------------- #

@@ -2,6 +2,7 @@
 
 from .base import PassResult, register_pass, run_pass
 from .lowrank import LowRank
+from .sparsify import Sparsify
 from .structured import StructuredPruning
 
-__all__ = ["LowRank", "PassResult", "StructuredPruning", "register_pass", "run_pass"]
+__all__ = ["LowRank", "PassResult", "Sparsify", "StructuredPruning", "register_pass", "run_pass"]
