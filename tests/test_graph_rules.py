@@ -272,3 +272,39 @@ def test_einsum_bmm_chunk_stack_groups_are_exact():
         assert group_equivalence(dg, g).relative < 1e-5
     small = sparsecomp.compress(m, (x,), sparsecomp.StructuredPruning(ratio=0.5))
     assert small.w1.shape[1] < 24 and small(torch.randn(3, 6, 8)).shape == (3, 6, 5)
+
+
+def test_dynamic_sequence_length_prunes_and_runs_at_other_lengths():
+    """Slices bounded by a symbolic length (position ids in HF BERT) must not break the rewrite."""
+    import inspect
+
+    from torch.export import Dim
+
+    import sparsecomp
+    from sparsecomp.testing import zoo
+
+    model, args, kwargs = zoo.build("hf_bert")
+    b, s = Dim("b", min=1, max=64), Dim("s", min=2, max=64)
+    names = list(inspect.signature(model.forward).parameters)
+    shapes = {names[i]: {0: b, 1: s} for i in range(len(args))}
+    shapes.update({k: {0: b, 1: s} for k in kwargs})
+    cap = sparsecomp.capture(model, args, kwargs, dynamic_shapes=shapes)
+    small = sparsecomp.compress(cap, None, sparsecomp.StructuredPruning(ratio=0.5))
+    for length in (5, 16):
+        a = tuple(t[:, :length] for t in args)
+        k = {n: t[:, :length] for n, t in kwargs.items()}
+        out = small(*a, **k)
+        ref = model(*a, **k)
+        assert out[0].shape == ref[0].shape
+
+
+def test_user_dynamic_shapes_that_export_refuses_raise():
+    import pytest
+    from torch.export import Dim
+
+    import sparsecomp
+    from sparsecomp.errors import CaptureError
+
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(CaptureError, match="dynamic_shapes"):
+        sparsecomp.capture(model, (torch.randn(2, 4),), dynamic_shapes=({1: Dim("f")},))

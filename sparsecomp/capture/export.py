@@ -187,6 +187,10 @@ def capture(
                 ep = _export(model, args, kwargs, _rebind_shapes(spec, args, kwargs))
             except Exception as exc:  # torch.export raises many types; we report its reason
                 errors.append(_first_line(exc))
+                if spec is not None and spec is dynamic_shapes:
+                    raise CaptureError(
+                        f"torch.export refused the dynamic_shapes given for {name}: {errors[-1]}"
+                    ) from exc
                 if spec is None:
                     raise CaptureError(
                         f"torch.export could not capture {name}: {errors[-1]}. "

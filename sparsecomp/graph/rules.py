@@ -868,7 +868,10 @@ def _slice_rewrite(node: fx.Node, rw: RewriteContext) -> None:
     if found is None:
         return
     dim, keep = found
-    start, end = _slice_bounds(len(keep), _arg(node, 2, "start"), _arg(node, 3, "end"))
+    start, end = _arg(node, 2, "start"), _arg(node, 3, "end")
+    if keep.all() or not all(isinstance(v, (int, type(None))) for v in (start, end)):
+        return  # nothing removed here (propagation fixes dims sliced by symbolic bounds)
+    start, end = _slice_bounds(len(keep), start, end)
     new_start = int(keep[:start].sum())
     new_end = new_start + int(keep[start:end].sum())
     args = list(node.args) + [None] * (5 - len(node.args))
@@ -901,6 +904,8 @@ def _narrow_rewrite(node: fx.Node, rw: RewriteContext) -> None:
         return
     dim, keep = found
     start, length = node.args[2], node.args[3]
+    if keep.all() or not (isinstance(start, int) and isinstance(length, int)):
+        return  # nothing removed here (propagation fixes dims narrowed by symbolic bounds)
     node.args = (node.args[0], dim, int(keep[:start].sum()), int(keep[start:start + length].sum()))
 
 
@@ -923,6 +928,8 @@ def _select_rewrite(node: fx.Node, rw: RewriteContext) -> None:
     if found is None:
         return
     dim, keep = found
+    if keep.all() or not isinstance(node.args[2], int):
+        return
     idx = node.args[2] % len(keep)
     node.args = (node.args[0], dim, int(keep[:idx].sum()))
 
