@@ -68,3 +68,63 @@ def observe(gm: fx.GraphModule, args: tuple, kwargs: dict,
     """Run ``gm`` node by node, calling ``hook(node, value, interpreter)`` after each node."""
     with torch.no_grad():
         return _Observer(gm, hook).run(*flat_inputs(gm, args, kwargs))
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def flat_batches(calibration: Any, captured: Captured) -> list[list[Any]]:
+    """Every calibration batch as the flat placeholder values of ``captured.module`` (deterministic order)."""
+    return [list(flat_inputs(captured.module, a, k)) for a, k in iter_batches(calibration, captured)]
+
+
+def token_masks(gm: fx.GraphModule, batches: list[list[Any]], mask_input: str | None) -> list[Any]:
+    """Per batch, the value of the placeholder named ``mask_input`` (e.g. ``"attention_mask"``) or ``None``.
+
+    Statistics keep only activation rows where this mask is non-zero (padding is ignored) for activations
+    whose leading dims match the mask; see :func:`sparsecomp.reconstruct.token_rows`.
+    """
+    if mask_input is None:
+        return [None] * len(batches)
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if mask_input not in names:
+        return [None] * len(batches)
+    i = names.index(mask_input)
+    return [b[i] if isinstance(b[i], torch.Tensor) else None for b in batches]
+
+
+def collect_moments(gm: fx.GraphModule, batches: list[list[Any]], nodes: Iterable[fx.Node],
+                    masks: list[Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Input statistics of the given ``linear``/``conv2d`` nodes over the calibration batches.
+
+    Returns ``{node name: Moments}`` with ``X^T X``, the input sum and row count (``Moments.xx/x/n``) and
+    the output energy ``sum ||y||^2`` in ``Moments.yy``. Memory is one ``d_in x d_in`` matrix per node
+    (float64); activations are dropped as soon as the graph no longer needs them. Padding rows are skipped
+    (``masks``, one per batch, from :func:`token_masks`).
+    """
+    from .reconstruct import Moments, input_rows, output_rows
+
+    wanted = {n: n.args[0] for n in nodes}
+    masks = masks if masks is not None else [None] * len(batches)
+    stats: dict[str, Any] = {}
+    items: Iterable[int] = range(len(batches))
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            items = tqdm(list(items), desc="calibration", leave=False)
+        except ImportError:
+            pass
+    for i in items:
+        mask = masks[i]
+
+        def hook(node: fx.Node, value: Any, interp: Any) -> None:
+            if node in wanted:
+                xr = input_rows(node, interp.env[wanted[node]], mask)
+                yr = output_rows(node, value, mask)
+                mom = stats.get(node.name)
+                if mom is None:
+                    mom = stats[node.name] = Moments.zeros(xr.shape[1])
+                mom.add(xr)
+                mom.yy += float((yr.double() ** 2).sum())
+
+        with torch.no_grad():
+            _Observer(gm, hook).run(*batches[i])
+    return stats

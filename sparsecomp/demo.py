@@ -2,9 +2,12 @@
 
 ``run_demo`` loads the bundled sentence encoder (offline), captures it with
 ``torch.export``, compresses it with :class:`sparsecomp.StructuredPruning` at
-several ratios and prints, per ratio, the physical size, MACs, single-thread
-latency and the fidelity of the sentence embeddings (mean cosine similarity
-to the dense model's embeddings over held-out sentences).
+several ratios (the global fraction of MACs removed, calibration-driven
+allocation over heads and MLP neurons) and prints, per ratio, the physical
+size, MACs, single-thread latency and the fidelity of the sentence embeddings
+(mean cosine similarity to the dense model's embeddings over held-out
+sentences), with least-squares reconstruction and, side by side, the same
+pruning without it.
 
 Run it with ``sparsecomp demo`` or ``python -m sparsecomp.demo``.
 """
@@ -20,15 +23,18 @@ from torch import nn
 
 from .metrics import count_macs, count_params, markdown_table, measure_latencies
 from .models import (
-    BUILTIN_SENTENCES,
     HELDOUT_SENTENCES,
     SentenceEncoder,
+    calibration_corpus,
     encode_batch,
     load_minilm,
     sentence_embeddings,
 )
 
 __all__ = ["DemoRow", "format_table", "run_demo"]
+
+#: calibration sentences the demo uses by default (padded to ``seq_len``, so cost grows with this)
+DEMO_CALIBRATION = 128
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,10 @@ class DemoRow:
         sentence embeddings over the evaluation sentences.
     min_cosine : float
         Smallest cosine similarity over those sentences.
+    reconstruct : bool
+        Whether the row's model was reconstructed (least-squares refit).
+    baseline_speedup, baseline_cosine : float or None
+        The same selection without reconstruction (``None`` when not measured).
     """
 
     ratio: float
@@ -67,6 +77,9 @@ class DemoRow:
     mac_reduction: float
     cosine: float
     min_cosine: float
+    reconstruct: bool = False
+    baseline_speedup: float | None = None
+    baseline_cosine: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the row as a plain JSON-serialisable dict."""
@@ -147,6 +160,7 @@ def format_table(rows: Sequence[DemoRow], threads: int = 1, seq_len: int = 128) 
         "speedup vs dense",
         "MAC reduction",
         "cosine",
+        "without reconstruction: speedup / cosine",
     ]
     body = [
         [
@@ -157,6 +171,7 @@ def format_table(rows: Sequence[DemoRow], threads: int = 1, seq_len: int = 128) 
             f"{r.speedup:.2f}x",
             f"{r.mac_reduction:.2f}x",
             f"{r.cosine:.4f}",
+            "-" if r.baseline_cosine is None else f"{r.baseline_speedup:.2f}x / {r.baseline_cosine:.4f}",
         ]
         for r in rows
     ]
@@ -169,20 +184,27 @@ def run_demo(
     threads: int = 1,
     out: Callable[[str], Any] | None = print,
     *,
-    importance: str = "activation",
+    importance: str = "fluctuation",
     eval_sentences: Sequence[str] | None = None,
     calibration_sentences: Sequence[str] | None = None,
     rounds: int = 3,
     min_time: float = 0.5,
     progress: bool = True,
     loader: Callable[[], tuple[nn.Module, Any]] | None = None,
+    reconstruct: bool = True,
+    compare: bool = True,
 ) -> list[DemoRow]:
     """Compress all-MiniLM-L6-v2 at several pruning ratios and report the trade-off.
 
     For each ratio the encoder is captured and compressed with
     ``sparsecomp.compress(encoder, (input_ids, attention_mask),
-    StructuredPruning(ratio=r, importance=importance))`` using a batch-1,
-    ``seq_len``-token example. The dense baseline (ratio ``0.0``) is the
+    StructuredPruning(ratio=r, criterion=importance, allocation="sensitivity",
+    reconstruct="all", residual=True, round_to=16))`` using a batch-1,
+    ``seq_len``-token example: ``r`` is the fraction of the model's MACs
+    removed, allocated across heads and MLP neurons by calibrated sensitivity,
+    and every linear is then refit by least squares on the calibration data.
+    With ``compare`` the same selection without reconstruction is measured too
+    (``baseline_*`` fields, last table column). The dense baseline (ratio ``0.0``) is the
     *captured* dense graph, so dense and pruned models run through the same
     execution path and the speedup reflects only the smaller weights.
     Latencies are measured interleaved (see
@@ -196,7 +218,7 @@ def run_demo(
     Parameters
     ----------
     ratios : sequence of float, default (0.0, 0.25, 0.5, 0.75)
-        Pruning ratios to report; ``0.0`` is the dense row. The dense model is
+        Global fractions of MACs to remove; ``0.0`` is the dense row. The dense model is
         always measured (as the reference) even if ``0.0`` is not listed.
     seq_len : int, default 128
         Tokens per input (padding to this length).
@@ -204,13 +226,16 @@ def run_demo(
         Intra-op threads for the latency measurement.
     out : callable or None, default print
         Called with each line of the final table; ``None`` prints nothing.
-    importance : str, default "l1"
-        Importance criterion passed to ``StructuredPruning``.
+    importance : str, default "fluctuation"
+        Criterion passed to ``StructuredPruning`` (one of ``"activation"``,
+        ``"fluctuation"``, ``"reconstruction"``; others fall back to a uniform
+        ratio per group without reconstruction).
     eval_sentences : sequence of str, optional
         Fidelity sentences; defaults to :data:`sparsecomp.models.HELDOUT_SENTENCES`.
     calibration_sentences : sequence of str, optional
-        Calibration sentences for data-aware importances; defaults to
-        :data:`sparsecomp.models.BUILTIN_SENTENCES`. Unused for ``"l1"``/``"l2"``.
+        Calibration sentences; defaults to the first ``DEMO_CALIBRATION`` (128)
+        sentences of :func:`sparsecomp.models.calibration_corpus` (the benchmark
+        ``benchmarks/fidelity_minilm.py`` uses all of them).
     rounds : int, default 3
         Interleaved latency rounds.
     min_time : float, default 0.5
@@ -220,6 +245,10 @@ def run_demo(
     loader : callable, optional
         Returns ``(hf_model, tokenizer)``; defaults to
         :func:`sparsecomp.models.load_minilm`. Tests pass a tiny model here.
+    reconstruct : bool, default True
+        Refit the pruned model by least squares (the reported rows).
+    compare : bool, default True
+        Also compress without reconstruction and report it alongside.
 
     Returns
     -------
@@ -238,13 +267,20 @@ def run_demo(
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     eval_sentences = list(HELDOUT_SENTENCES if eval_sentences is None else eval_sentences)
     calibration_sentences = list(
-        BUILTIN_SENTENCES if calibration_sentences is None else calibration_sentences
+        calibration_corpus()[:DEMO_CALIBRATION] if calibration_sentences is None else calibration_sentences
     )
     if not eval_sentences:
         raise ValueError("run_demo needs at least one evaluation sentence")
     if not calibration_sentences:
         raise ValueError("run_demo needs at least one calibration sentence")
-    configs = {r: sparsecomp.StructuredPruning(ratio=r, importance=importance) for r in ratios if r > 0}
+    def make_config(r: float, rec: bool) -> Any:
+        if importance not in ("activation", "fluctuation", "reconstruction"):
+            return sparsecomp.StructuredPruning(ratio=r, importance=importance)
+        return sparsecomp.StructuredPruning(ratio=r, criterion=importance, allocation="sensitivity",
+                                            reconstruct="all" if rec else False, residual=rec, round_to=16)
+
+    variants = [reconstruct] + ([not reconstruct] if compare and reconstruct else [])
+    configs = {(r, rec): make_config(r, rec) for r in ratios if r > 0 for rec in variants}
 
     say = _progress(progress)
     pruned_ratios = list(configs)
@@ -260,39 +296,51 @@ def run_demo(
     hf_model, tokenizer = (loader or load_minilm)()
     encoder = SentenceEncoder(hf_model).eval()
     example = encode_batch(tokenizer, calibration_sentences[0], seq_len=seq_len)
-    calibration = encode_batch(tokenizer, calibration_sentences, seq_len=seq_len)  # one batch
+    cal_ids, cal_mask = encode_batch(tokenizer, calibration_sentences, seq_len=seq_len)
+    calibration = [(cal_ids[i : i + 32], cal_mask[i : i + 32]) for i in range(0, len(cal_ids), 32)]
     fid_ids, fid_mask = encode_batch(tokenizer, eval_sentences, seq_len=seq_len)
     reference = _embed(encoder, fid_ids, fid_mask, "dense eager embeddings", progress)
 
     stage("capturing the dense model with torch.export")
-    models: dict[float, nn.Module] = {0.0: sparsecomp.capture(encoder, example).module}
+    captured = sparsecomp.capture(encoder, example)
+    models: dict[Any, nn.Module] = {(0.0, reconstruct): captured.module}
 
-    for r in pruned_ratios:
-        config = configs[r]
-        stage(f"compressing with StructuredPruning(ratio={r:g}, importance={importance!r})")
+    for key in pruned_ratios:
+        config = configs[key]
+        r, rec = key
+        stage(f"compressing {r:g} of the MACs away ({importance}, "
+              f"{'with' if rec else 'without'} reconstruction)")
         needs_data = bool(getattr(config, "needs_calibration", False))
-        models[r] = sparsecomp.compress(
-            encoder, example, config, calibration=calibration if needs_data else None
+        models[key] = sparsecomp.compress(
+            captured, example, config, calibration=calibration if needs_data else None
         )
 
     stage(f"measuring latency ({threads} thread(s), batch 1, seq {seq_len}) and fidelity")
     latencies = measure_latencies(
-        {str(r): m for r, m in models.items()},
+        {str(k): m for k, m in models.items()},
         example,
         threads=threads,
         rounds=rounds,
         min_time=min_time,
     )
-    dense_macs = count_macs(models[0.0], example)
-    dense_ms = latencies["0.0"].median_ms
+    dense_key = (0.0, reconstruct)
+    dense_macs = count_macs(models[dense_key], example)
+    dense_ms = latencies[str(dense_key)].median_ms
+
+    def fidelity(key: Any) -> torch.Tensor:
+        embeddings = _embed(models[key], fid_ids, fid_mask, f"ratio {key[0]:g} embeddings", progress)
+        return (embeddings * reference).sum(dim=1)
 
     rows = []
     for r in ratios:
-        module = models[r]
-        embeddings = _embed(module, fid_ids, fid_mask, f"ratio {r:g} embeddings", progress)
-        cos = (embeddings * reference).sum(dim=1)
+        key = (r, reconstruct) if r > 0 else dense_key
+        module = models[key]
+        cos = fidelity(key)
+        base = (r, not reconstruct)
+        base_cos = float(fidelity(base).mean()) if base in models else None
+        base_speedup = dense_ms / latencies[str(base)].median_ms if base in models else None
         macs = count_macs(module, example)
-        lat = latencies[str(r)]
+        lat = latencies[str(key)]
         rows.append(
             DemoRow(
                 ratio=r,
@@ -305,6 +353,9 @@ def run_demo(
                 mac_reduction=dense_macs / macs if macs else float("inf"),
                 cosine=float(cos.mean()),
                 min_cosine=float(cos.min()),
+                reconstruct=reconstruct and r > 0,
+                baseline_speedup=base_speedup,
+                baseline_cosine=base_cos,
             )
         )
 

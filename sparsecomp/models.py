@@ -22,6 +22,7 @@ __all__ = [
     "BUILTIN_SENTENCES",
     "HELDOUT_SENTENCES",
     "SentenceEncoder",
+    "calibration_corpus",
     "encode_batch",
     "load_minilm",
     "minilm_path",
@@ -137,6 +138,18 @@ HELDOUT_SENTENCES: tuple[str, ...] = (
     "Clear the browser cache if the page keeps showing the old version.",
     "The harvest was late this year because of the unusually cold spring.",
 )
+
+
+def calibration_corpus() -> tuple[str, ...]:
+    """A larger calibration corpus: the packaged ``data/calibration_sentences.txt`` plus
+    :data:`BUILTIN_SENTENCES` (about 300 sentences of varied topics, forms and lengths).
+
+    Disjoint from :data:`HELDOUT_SENTENCES`, so held-out fidelity is never measured on calibration text.
+    """
+    text = (Path(__file__).parent / "data" / "calibration_sentences.txt").read_text(encoding="utf-8")
+    lines = [ln.strip() for ln in text.splitlines()]
+    extra = tuple(ln for ln in lines if ln and not ln.startswith("#"))
+    return extra + tuple(s for s in BUILTIN_SENTENCES if s not in extra)
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,11 @@
 Runs after ``capture``: builds the dependency graph, scores every unit of every prunable group (importance
 aggregated over all the group's members), removes the lowest-scoring fraction of each group, slices the
 parameters, fixes the shape arguments and re-exports (the postcondition check).
+
+With calibration-driven settings the pass first collects input statistics of the ops that consume each
+group (``calibration.collect_moments``), turns them into per-group error profiles and allocates removals
+across all groups against a MAC budget (``importance``), and after pruning refits the remaining weights by
+least squares on the compressed model's own activations (``reconstruct.sequential_refit``).
 """
 
 from __future__ import annotations
@@ -16,17 +21,27 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ..calibration import iter_batches, observe
+from ..calibration import collect_moments, flat_batches, iter_batches, observe, token_masks
 from ..capture.export import Captured
 from ..config import PassConfig, register_config
 from ..errors import ConfigError
-from ..graph.apply import prune
+from ..graph.apply import _deepcopy, prune
 from ..graph.depgraph import DependencyGraph, Group
 from ..graph.context import get_attr
+from ..importance import (allocate, group_consumers, group_profile, mac_model, output_rows_error, removed_macs,
+                          unit_macs)
+from ..reconstruct import damping, get_tensor, solve_psd, refittable, sequential_refit, weight_target
 from .base import PassResult, matches_pattern, register_pass
 
-IMPORTANCES = ("l1", "l2", "random", "taylor", "activation")
+IMPORTANCES = ("l1", "l2", "random", "taylor", "activation", "fluctuation", "reconstruction")
 GRANULARITIES = ("channel", "head", "auto")
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+#: criteria whose errors are comparable across groups (needed by global / sensitivity allocation)
+OUTPUT_CRITERIA = ("activation", "fluctuation", "reconstruction")
+#: calibration samples (batch rows) that the sensitivity probes run on
+PROBE_SAMPLES = 128
+#: probe / re-allocate rounds of ``allocation="sensitivity"``
+SENSITIVITY_ROUNDS = 2
 
 
 @register_config
@@ -56,6 +71,32 @@ class StructuredPruning(PassConfig):
         the norm's statistics, so it is approximate; off by default.
     seed:
         Seed of ``"random"`` importance.
+    criterion:
+        Alias of ``importance`` (give one of the two). Besides the above: ``"fluctuation"`` (FLAP:
+        ``||W_col||^2 * Var(x_col)`` at the consuming ops) and ``"reconstruction"`` (greedy OBS: the output
+        error left at the consuming op after its remaining weights and bias are refit); see
+        :mod:`sparsecomp.importance`.
+    allocation:
+        ``"uniform"``: ``ratio`` of every group. ``"global"``: ``ratio`` is the fraction of the model's
+        MACs (linear, conv and attention ops at the example inputs) to remove; units of all groups compete
+        in one ranking by relative output error per MAC saved. ``"sensitivity"``: as global, with each
+        group's error scaled by how much it grows by the model output (measured by one probe per group).
+        Global allocations need ``criterion`` in ``("activation", "fluctuation", "reconstruction")``.
+    reconstruct:
+        After removal, refit every linear/conv whose inputs lost units (``True`` or ``"consumers"``), or
+        every linear/conv of the model (``"all"``), by ridge least squares on calibration data so that its
+        output matches the dense model's, sequentially on the compressed model's own activations
+        (:func:`sparsecomp.reconstruct.sequential_refit`). The bias absorbs the mean of what was removed.
+    damp:
+        Ridge regularisation of the refits and OBS profiles, relative to the mean diagonal of X^T X.
+    token_mask:
+        Name of the model input that marks real tokens (e.g. ``"attention_mask"``); calibration statistics
+        skip rows where it is zero. ``None``, or an input the model does not have: all rows count.
+    progress:
+        Show tqdm progress bars during calibration and reconstruction.
+    residual:
+        With ``reconstruct``: an op that feeds a residual add is fit to the dense model's *sum* minus the
+        compressed residual, so it also absorbs the error earlier layers left in the residual stream.
     """
 
     type_name: ClassVar[str] = "StructuredPruning"
@@ -68,8 +109,20 @@ class StructuredPruning(PassConfig):
     round_to: int = 1
     prune_norm_dims: bool = False
     seed: int = 0
+    criterion: str | None = None
+    allocation: str = "uniform"
+    reconstruct: bool | str = False
+    damp: float = 0.01
+    token_mask: str | None = "attention_mask"
+    progress: bool = False
+    residual: bool = False
 
     def __post_init__(self) -> None:
+        if self.criterion is not None:
+            if self.importance not in ("l1", self.criterion):
+                raise ConfigError(f"give importance or criterion, not both ({self.importance!r} vs {self.criterion!r})")
+            object.__setattr__(self, "importance", self.criterion)
+        object.__setattr__(self, "criterion", self.importance)
         if isinstance(self.ignore, str):
             object.__setattr__(self, "ignore", (self.ignore,))
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -86,10 +139,22 @@ class StructuredPruning(PassConfig):
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"round_to must be a positive integer, got {self.round_to!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation != "uniform" and self.importance not in OUTPUT_CRITERIA:
+            raise ConfigError(f"allocation={self.allocation!r} needs criterion in {OUTPUT_CRITERIA}, "
+                              f"got {self.importance!r}")
+        if self.reconstruct not in (True, False, "consumers", "all"):
+            raise ConfigError(f"reconstruct must be True, False, 'consumers' or 'all', got {self.reconstruct!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp > 0:
+            raise ConfigError(f"damp must be a positive number, got {self.damp!r}")
+        if self.token_mask is not None and not isinstance(self.token_mask, str):
+            raise ConfigError(f"token_mask must be an input name or None, got {self.token_mask!r}")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.importance in ("taylor", "activation")
+        return (self.importance in ("taylor", "activation", "fluctuation", "reconstruction")
+                or bool(self.reconstruct) or self.allocation != "uniform")
 
 
 def _check_ratio(name: str, r: Any) -> None:
@@ -217,7 +282,154 @@ def _activation_scores(dg: DependencyGraph, calibration: Any) -> dict[tuple[str,
 
 
 # ------------------------------------------------------------------------------------------------ the pass
-def select_removed(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any = None) -> tuple[set[int], list[dict]]:
+@dataclasses.dataclass
+class _Calib:
+    """Calibration batches (flat placeholder values), padding masks and dense input statistics."""
+
+    batches: list[list[Any]]
+    masks: list[Any]
+    moments: dict[str, Any]
+
+
+def _calibrate(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any, groups: list[Group]) -> _Calib:
+
+    gm = dg.captured.module
+    batches = flat_batches(calibration, dg.captured)
+    masks = token_masks(gm, batches, cfg.token_mask)
+    nodes = {n for g in groups for n, _ in group_consumers(dg, g)}
+    moments = collect_moments(gm, batches, sorted(nodes, key=lambda n: n.name), masks, cfg.progress) if nodes else {}
+    return _Calib(batches, masks, moments)
+
+
+def _uses_moments(cfg: StructuredPruning) -> bool:
+    return cfg.importance in ("fluctuation", "reconstruction") or cfg.allocation != "uniform"
+
+
+def _profiles(dg: DependencyGraph, groups: list[Group], cfg: StructuredPruning, cal: _Calib) -> tuple[list, float]:
+
+    per_elem, per_head, total = mac_model(dg)
+    return [group_profile(dg, g, cal.moments, cfg.importance, unit_macs(dg, g, per_elem, per_head), cfg.damp)
+            for g in groups], total
+
+
+def _sensitivity(dg: DependencyGraph, profiles: list, counts: dict[int, int], cal: _Calib, damp: float) -> None:
+    """Scale each profile by (model output error) / (predicted local error), measured with one probe per
+    group: the group's first units zeroed (equivalent to removing them) and its consumers refit."""
+
+    work = _deepcopy(dg.captured.module)
+    batches, masks, n = [], [], 0
+    for bt, m in zip(cal.batches, cal.masks):  # probes use the first PROBE_SAMPLES samples
+        if n >= PROBE_SAMPLES:
+            break
+        batches.append(bt)
+        masks.append(m)
+        first = next((t for t in bt if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        n += 1 if first is None else first.shape[0]
+
+    def outputs(gm: fx.GraphModule) -> list[torch.Tensor]:
+        outs = []
+        with torch.no_grad():
+            for b in batches:
+                leaves = [t for t in pytree.tree_leaves(_run_flat(gm, b))
+                          if isinstance(t, torch.Tensor) and t.is_floating_point()]
+                outs.append(leaves[0])
+        return outs
+
+    ref = outputs(work)
+    for prof in profiles:
+        g = prof.group
+        k = counts.get(g.id, 0) or max(1, g.size // 4)
+        k = min(k, len(prof.order) - 1)
+        predicted = float(prof.error[k - 1])
+        if k <= 0 or not np.isfinite(predicted) or predicted <= 0:
+            continue
+        removed = set(prof.order[:k])
+        saved: dict[str, torch.Tensor] = {}
+        for target, idx in dg.param_keep_indices(removed).items():
+            t = get_tensor(work, target)
+            saved[target] = t.detach().clone()
+            new = t.detach().clone()
+            for d, keep in enumerate(idx):
+                if keep is not None:
+                    drop = np.setdiff1d(np.arange(new.shape[d]), keep)
+                    new.index_fill_(d, torch.as_tensor(drop, dtype=torch.long), 0)
+            with torch.no_grad():
+                t.copy_(new)
+        for node, cols in group_consumers(dg, g):
+            mom = cal.moments.get(node.name)
+            if mom is None:
+                continue
+            w = get_tensor(work, node.args[1].target)
+            bn = node.args[2] if len(node.args) > 2 else None
+            if bn is None:
+                continue
+            b = get_tensor(work, bn.target)
+            saved.setdefault(bn.target, b.detach().clone())
+            w0 = saved.get(node.args[1].target, w.detach()).double().reshape(w.shape[0], -1)
+            drop = np.concatenate([cols[u] for u in removed if u in cols]) if removed & set(cols) else np.zeros(0, int)
+            keep = np.setdiff1d(np.arange(w0.shape[1]), drop)
+            w_new, b_new = _compensate(w0, saved[bn.target].double(), mom, keep, damp)
+            with torch.no_grad():
+                w.copy_(w_new.reshape(w.shape).to(w.dtype))
+                b.copy_(b_new.to(b.dtype))
+        got = outputs(work)
+        for target, t in saved.items():
+            with torch.no_grad():
+                get_tensor(work, target).copy_(t)
+        actual = output_rows_error(ref, got, masks)
+        prof.scale = max(actual, 1e-12) / predicted
+
+
+def _compensate(w: torch.Tensor, b: torch.Tensor, mom: Any, keep: np.ndarray, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares refit of ``W x + b`` using only columns ``keep`` (others zero), from dense statistics."""
+
+    cov = mom.covariance()
+    k = torch.as_tensor(keep, dtype=torch.long)
+    ckk = cov[k][:, k]
+    ckk = ckk + damping(torch.diagonal(ckk), damp) * torch.eye(len(k), dtype=ckk.dtype)
+    wk = solve_psd(ckk, cov[k] @ w.T).T
+    out = torch.zeros_like(w)
+    out[:, k] = wk
+    mu = mom.mean
+    return out, b + w @ mu - wk @ mu[k]
+
+
+def _meet_target(dg: DependencyGraph, cfg: StructuredPruning, profiles: list, free: list, fixed: dict[int, int],
+                 total_target: float) -> dict[int, int]:
+    """Allocate the free groups so that the *exact* removed MACs reach ``total_target`` (a unit's MAC
+    estimate double counts weights sliced on two dims, e.g. a conv between two pruned channel groups)."""
+
+    per_elem, per_head, _ = mac_model(dg)
+    groups = [p.group for p in profiles]
+    target = total_target - sum(_prefix_macs(p, fixed[p.group.id]) for p in profiles if p.group.id in fixed)
+    counts: dict[int, int] = {}
+    for _ in range(6):
+        alloc = allocate(free, target)
+        counts = {}
+        for p in free:
+            k = alloc[p.group.id]
+            if cfg.round_to > 1 and p.group.kind == "channel":
+                k = p.group.size - n_keep(p.group.size, k / p.group.size, cfg.round_to)
+            counts[p.group.id] = k
+        removed = {u for p in profiles for u in p.order[:{**fixed, **counts}[p.group.id]]}
+        actual = removed_macs(dg, removed, per_elem, per_head, groups)
+        if actual >= total_target * 0.999:
+            break
+        target += total_target - actual
+    return counts
+
+
+def _prefix_macs(profile: Any, k: int) -> float:
+    pos = {u: i for i, u in enumerate(profile.group.units)}
+    return float(sum(profile.macs[pos[u]] for u in profile.order[:k]))
+
+
+def _run_flat(gm: fx.GraphModule, flat: list[Any]) -> Any:
+    return fx.Interpreter(gm).run(*flat)
+
+
+def select_removed(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any = None,
+                   cal: "_Calib | None" = None) -> tuple[set[int], list[dict]]:
     """Choose the units to remove; returns them and a per-group report."""
     chosen: list[tuple[Group, float]] = []
     for g in dg.prunable_groups():
@@ -226,12 +438,35 @@ def select_removed(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any
             chosen.append((g, r))
     if not chosen:
         return set(), []
-    scores = unit_scores(dg, [g for g, _ in chosen], cfg, calibration)
+    if not _uses_moments(cfg):
+        scores = unit_scores(dg, [g for g, _ in chosen], cfg, calibration)
+        counts = {g.id: g.size - n_keep(g.size, r, cfg.round_to if g.kind == "channel" else 1) for g, r in chosen}
+    else:
+        if cal is None:
+            cal = _calibrate(dg, cfg, calibration, [g for g, _ in chosen])
+        profiles, total = _profiles(dg, [g for g, _ in chosen], cfg, cal)
+        scores = {}
+        for p in profiles:
+            rank = {u: i for i, u in enumerate(p.order)}
+            scores[p.group.id] = np.array([rank[u] for u in p.group.units], dtype=float)
+        fixed = {g.id: r for g, r in chosen if any(matches_pattern(q, pat) for q in g.params for pat, _ in cfg.per_layer)}
+        counts = {}
+        for g, r in chosen:
+            if cfg.allocation == "uniform" or g.id in fixed:
+                counts[g.id] = g.size - n_keep(g.size, r, cfg.round_to if g.kind == "channel" else 1)
+        free = [p for p in profiles if p.group.id not in counts]
+        if free:
+            target = cfg.ratio * total - sum(_prefix_macs(p, counts[p.group.id]) for p in profiles if p.group.id in counts)
+            alloc = allocate(free, target)
+            for _ in range(SENSITIVITY_ROUNDS if cfg.allocation == "sensitivity" else 0):
+                _sensitivity(dg, free, alloc, cal, cfg.damp)
+                alloc = allocate(free, target)
+            counts.update(_meet_target(dg, cfg, profiles, free, counts, target + sum(
+                _prefix_macs(p, counts[p.group.id]) for p in profiles if p.group.id in counts)))
     removed: set[int] = set()
     report: list[dict] = []
     for g, r in chosen:
-        keep = n_keep(g.size, r, cfg.round_to if g.kind == "channel" else 1)
-        drop = dg.choose(g, scores[g.id], g.size - keep)
+        drop = dg.choose(g, scores[g.id], counts[g.id])
         removed.update(drop)
         keep = g.size - len(drop)
         report.append({"group": g.id, "kind": g.kind, "units": g.size, "kept": keep,
@@ -239,10 +474,39 @@ def select_removed(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any
     return removed, report
 
 
+def _reconstruct(dg: DependencyGraph, pruned: Captured, removed: set[int], cfg: StructuredPruning,
+                 cal: _Calib) -> tuple[Captured, list]:
+
+    keep = dg.param_keep_indices(removed)
+    out_keep = {t: idx[0] for t, idx in keep.items()}
+    touched_in = {t for t, idx in keep.items() if len(idx) > 1 and any(i is not None for i in idx[1:])}
+    everything = cfg.reconstruct == "all"
+
+    def select(node: fx.Node) -> bool:
+        if refittable(node) is not None:
+            return False
+        return everything or weight_target(node) in touched_in
+
+    gm = _deepcopy(pruned.module)
+    records = sequential_refit(dg.captured.module, gm, cal.batches, out_keep, select, cal.masks,
+                               damp=cfg.damp, progress=cfg.progress, residual=cfg.residual)
+    if not any(r.refit for r in records):
+        return pruned, records
+    return pruned.recapture(gm), records
+
+
 @register_pass(StructuredPruning)
 def run_structured_pruning(captured: Captured, cfg: StructuredPruning, calibration: Any = None) -> PassResult:
     dg = DependencyGraph.build(captured, prune_norm_dims=cfg.prune_norm_dims)
-    removed, report = select_removed(dg, cfg, calibration)
+    cal = None
+    if _uses_moments(cfg) or cfg.reconstruct:
+        groups = [g for g in dg.prunable_groups() if group_ratio(g, cfg) is not None]
+        cal = _calibrate(dg, cfg, calibration, groups)
+    removed, report = select_removed(dg, cfg, calibration, cal)
     if not removed:
         return PassResult(captured, False, report, "StructuredPruning")
-    return PassResult(prune(dg, removed), True, report, "StructuredPruning")
+    pruned = prune(dg, removed)
+    if cfg.reconstruct:
+        pruned, records = _reconstruct(dg, pruned, removed, cfg, cal)
+        report.append({"reconstruction": [dataclasses.asdict(r) for r in records]})
+    return PassResult(pruned, True, report, "StructuredPruning")

@@ -1,0 +1,471 @@
+"""Reconstruction: refit the weights of a compressed op so that it reproduces the dense op's output.
+
+Three layers, usable by any pass (structured pruning, sparsification, low rank):
+
+* :class:`Moments` accumulates the calibration statistics of one op: the input's second moment
+  ``X^T X``, its sum, the input/target cross moment ``X^T Y`` and the target's energy, in float64;
+* :func:`refit` solves the regularised least-squares problem ``min ||X W^T + b - Y||^2 + damp ||W||^2``
+  from those moments (the bias is free, so it absorbs the mean of whatever was removed: FLAP-style
+  compensation), and :func:`obs_profile` gives the greedy Optimal-Brain-Surgeon removal order of blocks of
+  input columns with the error left after the optimal refit of the others (ZipLM-style);
+* :func:`sequential_refit` runs the dense and the compressed graph side by side over the calibration
+  batches, op by op in topological order, and refits every chosen ``aten.linear``/``aten.conv2d`` of the
+  compressed graph on the *compressed* model's own inputs against the *dense* model's outputs (as
+  SparseGPT does), so that errors of earlier layers are corrected instead of compounded.
+
+Padding: rows of an activation whose leading dims equal the shape of a ``token_mask`` (e.g. the
+``attention_mask`` input of a transformer) are kept only where the mask is non-zero; other activations use
+every row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .errors import PassError
+
+aten = torch.ops.aten
+REFITTABLE = (aten.linear.default, aten.conv2d.default)
+
+
+# ------------------------------------------------------------------------------------------------ moments
+@dataclasses.dataclass
+class Moments:
+    """Running sums over calibration rows: ``xx = X^T X``, ``x = sum X``, ``xy = X^T Y``, ``y``, ``yy``."""
+
+    xx: torch.Tensor
+    x: torch.Tensor
+    n: int = 0
+    xy: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    yy: float = 0.0
+
+    @classmethod
+    def zeros(cls, d_in: int, d_out: int | None = None) -> "Moments":
+        z = torch.zeros
+        return cls(z(d_in, d_in, dtype=torch.float64), z(d_in, dtype=torch.float64), 0,
+                   None if d_out is None else z(d_in, d_out, dtype=torch.float64),
+                   None if d_out is None else z(d_out, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Add rows ``x`` (n, d_in) and, when tracking a target, ``y`` (n, d_out)."""
+        x = x.detach().float()
+        self.xx += (x.T @ x).double()
+        self.x += x.sum(0).double()
+        self.n += x.shape[0]
+        if y is not None:
+            y = y.detach().float()
+            if self.xy is None:
+                self.xy = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
+                self.y = torch.zeros(y.shape[1], dtype=torch.float64)
+            self.xy += (x.T @ y).double()
+            self.y += y.sum(0).double()
+            self.yy += float((y.double() ** 2).sum())
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.x / max(self.n, 1)
+
+    def covariance(self) -> torch.Tensor:
+        """Centered second moment ``sum (x - mean)(x - mean)^T`` (what is left once a bias absorbs means)."""
+        m = self.mean
+        return self.xx - self.n * torch.outer(m, m)
+
+
+def damping(diag: torch.Tensor, damp: float) -> float:
+    """The ridge ``lambda``: ``damp`` times the mean diagonal of a second-moment matrix."""
+    return float(damp * diag.mean().clamp_min(1e-12))
+
+
+def refit(mom: Moments, damp: float = 1e-2, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares weights ``(W, b)`` mapping the inputs of ``mom`` to its targets.
+
+    Solves ``min_W,b sum ||W x + b - y||^2 + lambda ||W||^2`` with ``lambda = damp * mean(diag X^T X)``
+    (the bias is not regularised). Returns ``W`` of shape (d_out, d_in) and ``b`` (or ``None``), float64.
+    """
+    if mom.xy is None or mom.n == 0:
+        raise ValueError("refit needs moments with targets (Moments.add(x, y))")
+    if bias:
+        cov = mom.covariance()
+        mx, my = mom.mean, mom.y / mom.n
+        cxy = mom.xy - mom.n * torch.outer(mx, my)
+    else:
+        cov, cxy = mom.xx.clone(), mom.xy
+    lam = damping(torch.diagonal(cov), damp)
+    cov = cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype)
+    w_t = solve_psd(cov, cxy)
+    w = w_t.T.contiguous()
+    b = (my - w @ mx) if bias else None
+    return w, b
+
+
+def solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^-1 b`` for a symmetric positive (semi)definite ``a``: Cholesky, least squares if that fails."""
+    l, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return torch.cholesky_solve(b, l)
+    return torch.linalg.lstsq(a, b).solution
+
+
+def output_error(mom: Moments, w: torch.Tensor, b: torch.Tensor | None) -> float:
+    """``sum ||W x + b - y||^2`` over the rows of ``mom`` (needs targets), from the moments alone."""
+    w = w.double()
+    b = torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b.double()
+    quad = float(torch.sum((w @ mom.xx) * w)) + 2 * float(b @ (w @ mom.x)) + mom.n * float(b @ b)
+    cross = float(torch.sum(w.T * mom.xy)) + float(b @ mom.y)
+    return max(quad - 2 * cross + mom.yy, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------ OBS
+@dataclasses.dataclass
+class Profile:
+    """Greedy removal of input-column blocks of one op: ``order[k]`` is the k-th unit removed and
+    ``error[k]`` the output error (sum of squares over calibration rows) once units ``order[:k+1]`` are
+    gone and the remaining weights and the bias are optimally refit."""
+
+    order: list[int]
+    error: np.ndarray
+
+
+def obs_profile(weight: torch.Tensor, cov: torch.Tensor, blocks: Mapping[int, Sequence[int]],
+                damp: float = 1e-2, max_remove: int | None = None) -> Profile:
+    """Greedy Optimal-Brain-Surgeon profile over ``blocks`` (unit -> input-column indices of ``weight``).
+
+    ``cov`` is the centered input covariance (``Moments.covariance()``), so the error accounts for the bias
+    absorbing the removed columns' means. At each step the block ``B`` with the least
+    ``tr(W_B (H^-1_BB)^-1 W_B^T)`` is removed and ``W`` and ``H^-1`` are updated (one block at a time for up
+    to 64-column blocks, in small batches of single columns for wide groups).
+    """
+    units = list(blocks)
+    cols = [np.asarray(blocks[u], dtype=np.int64) for u in units]
+    w = weight.detach().double().reshape(weight.shape[0], -1).clone()
+    h = cov.double().clone()
+    lam = damping(torch.diagonal(h), damp)
+    h += lam * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    alive = np.ones(len(units), dtype=bool)
+    n_remove = len(units) if max_remove is None else min(max_remove, len(units))
+    order: list[int] = []
+    errs: list[float] = []
+    total = 0.0
+    single = all(len(c) == 1 for c in cols)
+    step = max(1, int(math.ceil(len(units) / 256))) if single else 1
+    while len(order) < n_remove:
+        idx = np.flatnonzero(alive)
+        if single:
+            c = torch.as_tensor(np.concatenate([cols[i] for i in idx]))
+            d = torch.diagonal(hinv)[c].clamp_min(1e-30)
+            score = (w[:, c] ** 2).sum(0) / d
+            take = min(step, n_remove - len(order))
+            best = idx[torch.argsort(score)[:take].numpy()]
+        else:
+            score = torch.empty(len(idx), dtype=torch.float64)
+            for j, i in enumerate(idx):
+                c = torch.as_tensor(cols[i])
+                wb = w[:, c]
+                score[j] = torch.sum(wb * torch.linalg.solve(hinv[c][:, c], wb.T).T)
+            best = idx[[int(torch.argmin(score))]]
+        c = torch.as_tensor(np.concatenate([cols[i] for i in best]))
+        hbb_inv = torch.linalg.inv(hinv[c][:, c])
+        wb = w[:, c]
+        delta = wb @ hbb_inv  # (out, |B|)
+        total += float(torch.sum(delta * wb))
+        w -= delta @ hinv[c, :]
+        hinv -= hinv[:, c] @ hbb_inv @ hinv[c, :]
+        w[:, c] = 0
+        for i in best:
+            alive[i] = False
+            order.append(units[i])
+            errs.append(total)
+    return Profile(order, np.asarray(errs))
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def token_rows(t: torch.Tensor, mask: torch.Tensor | None, feature_dim: int = -1) -> torch.Tensor:
+    """Rows ``(n, features)`` of activation ``t`` (features along ``feature_dim``), padding rows dropped.
+
+    When ``mask`` is given and the activation's other dims equal ``mask.shape`` (or flatten to the same
+    number of rows), only rows where the mask is non-zero are returned.
+    """
+    t = t.detach()
+    if feature_dim != -1 and feature_dim != t.dim() - 1:
+        t = t.movedim(feature_dim, -1)
+    lead = t.shape[:-1]
+    rows = t.reshape(-1, t.shape[-1])
+    if mask is not None and (tuple(lead) == tuple(mask.shape) or math.prod(lead) == mask.numel()):
+        rows = rows[mask.reshape(-1) != 0]
+    return rows
+
+
+def conv_rows(x: torch.Tensor, node: fx.Node) -> torch.Tensor:
+    """Unfolded input patches ``(n, C_in*kh*kw)`` of a ``conv2d`` node (channel-major, as its weight)."""
+    w_shape = node.args[1].meta["val"].shape
+    stride, padding, dilation = (_arg(node, i, d) for i, d in ((3, 1), (4, 0), (5, 1)))
+    cols = F.unfold(x.detach().float(), w_shape[2:], dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _arg(node: fx.Node, i: int, default: Any) -> Any:
+    names = {3: "stride", 4: "padding", 5: "dilation", 6: "groups"}
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(names[i], default)
+
+
+def refittable(node: fx.Node) -> str | None:
+    """Why ``node`` cannot be refit (``None`` when it can): a linear or ungrouped conv2d whose weight
+    is a ``get_attr`` (and bias, if any)."""
+    if node.op != "call_function" or node.target not in REFITTABLE:
+        return "not a linear/conv2d"
+    w = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return "weight is not a parameter"
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if b is not None and (not isinstance(b, fx.Node) or b.op != "get_attr"):
+        return "bias is not a parameter"
+    if node.target is aten.conv2d.default and _arg(node, 6, 1) != 1:
+        return "grouped convolution"
+    if node.target is aten.conv2d.default and isinstance(_arg(node, 4, 0), str):
+        return "string padding"
+    return None
+
+
+def weight_target(node: fx.Node) -> str:
+    return node.args[1].target
+
+
+def bias_node(node: fx.Node) -> fx.Node | None:
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return b if isinstance(b, fx.Node) else None
+
+
+def input_rows(node: fx.Node, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if node.target is aten.conv2d.default:
+        return conv_rows(x, node)
+    return token_rows(x, mask)
+
+
+def output_rows(node: fx.Node, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if node.target is aten.conv2d.default:
+        return token_rows(y, None, feature_dim=1)
+    return token_rows(y, mask)
+
+
+# ------------------------------------------------------------------------------------------------ stepping
+class _Stepper:
+    """Runs one graph over several batches node by node (all batches in lockstep), freeing dead values."""
+
+    def __init__(self, gm: fx.GraphModule, batches: list[list[Any]]) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.pos = 0
+        self.interps = []
+        for flat in batches:
+            it = fx.Interpreter(gm, garbage_collect_values=False)
+            it.args_iter = iter(flat)
+            self.interps.append(it)
+        last_use: dict[fx.Node, fx.Node] = {}
+        for n in reversed(self.nodes):
+            for a in n.all_input_nodes:
+                last_use.setdefault(a, n)
+        self.free_after: dict[fx.Node, list[fx.Node]] = {}
+        for a, n in last_use.items():
+            self.free_after.setdefault(n, []).append(a)
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.nodes) or self.nodes[self.pos].op == "output"
+
+    @property
+    def current(self) -> fx.Node:
+        return self.nodes[self.pos]
+
+    def values(self, node: fx.Node) -> list[Any]:
+        return [it.env[node] for it in self.interps]
+
+    def set_value(self, node: fx.Node, value: Any) -> None:
+        for it in self.interps:
+            if node in it.env:
+                it.env[node] = value
+
+    def step(self) -> list[Any]:
+        n = self.nodes[self.pos]
+        outs = []
+        with torch.no_grad():
+            for it in self.interps:
+                it.env[n] = out = it.run_node(n)
+                outs.append(out)
+                for a in self.free_after.get(n, ()):
+                    it.env.pop(a, None)
+        self.pos += 1
+        return outs
+
+
+def _progress(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+
+
+@dataclasses.dataclass
+class RefitRecord:
+    """What :func:`sequential_refit` did to one op (errors are sums of squares over calibration rows)."""
+
+    weight: str
+    rows: int
+    error_before: float
+    error_after: float
+    refit: bool
+    reason: str = ""
+
+
+_PASSTHROUGH = {aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default}
+
+
+def residual_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(add, other)`` when ``node``'s only use, through dropout/clone, is ``aten.add.Tensor(.., other)``."""
+    cur = node
+    while len(cur.users) == 1:
+        (user,) = cur.users
+        if user.op != "call_function":
+            return None
+        if user.target in _PASSTHROUGH and user.args[0] is cur:
+            cur = user
+            continue
+        if user.target is aten.add.Tensor and len(user.args) == 2 and user.kwargs.get("alpha", 1) == 1:
+            other = user.args[1] if user.args[0] is cur else user.args[0]
+            return (user, other) if isinstance(other, fx.Node) else None
+        return None
+    return None
+
+
+def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The parameter/buffer at dotted path ``target``."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_param(gm: torch.nn.Module, target: str, value: torch.Tensor) -> torch.Tensor:
+    path, _, leaf = target.rpartition(".")
+    owner = get_tensor(gm, path) if path else gm
+    old = getattr(owner, leaf)
+    value = value.to(old.dtype).reshape(old.shape).contiguous()
+    if isinstance(old, torch.nn.Parameter):
+        new = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+        owner._parameters[leaf] = new
+    else:
+        setattr(owner, leaf, value)
+        new = value
+    return new
+
+
+def sequential_refit(
+    dense: fx.GraphModule,
+    compressed: fx.GraphModule,
+    batches: Sequence[list[Any]],
+    out_keep: Mapping[str, np.ndarray | None],
+    select: Callable[[fx.Node], bool],
+    masks: Sequence[torch.Tensor | None] | None = None,
+    damp: float = 1e-2,
+    progress: bool = False,
+    residual: bool = False,
+) -> list[RefitRecord]:
+    """Refit, in place and in topological order, the selected ops of ``compressed`` against ``dense``.
+
+    ``batches`` are the flat placeholder values of each calibration batch (both graphs take the same
+    inputs). An op of ``compressed`` and its dense twin are matched by weight name; the target of the fit
+    is the dense op's output restricted to the kept output indices ``out_keep[weight]`` (``None``: all).
+    An op is refit only when the least-squares solution lowers its calibration output error (it never
+    makes an op worse). Returns one record per selected op.
+
+    With ``residual``, an op whose output only feeds a residual ``add(op(x), r)`` (and keeps all its
+    output indices) is fit to ``dense add output - compressed r`` instead: it then also absorbs the error
+    that earlier layers left in the residual stream.
+    """
+    masks = list(masks) if masks is not None else [None] * len(batches)
+    d_run, c_run = _Stepper(dense, list(batches)), _Stepper(compressed, list(batches))
+    dense_ops: dict[str, fx.Node] = {}
+    counts: dict[str, int] = {}
+    for n in dense.graph.nodes:
+        if refittable(n) is None:
+            counts[weight_target(n)] = counts.get(weight_target(n), 0) + 1
+            dense_ops[weight_target(n)] = n
+    todo = [n for n in compressed.graph.nodes if select(n)]
+    wanted = {weight_target(n) for n in todo if refittable(n) is None}
+    dense_out: dict[str, list[torch.Tensor]] = {}
+    dense_add: dict[str, Any] = {}
+    d_index = {n: i for i, n in enumerate(d_run.nodes)}
+    records: list[RefitRecord] = []
+    for node in _progress(todo, "reconstruction", progress):
+        why = refittable(node)
+        wt = weight_target(node) if why is None else str(node.args[1])
+        if why is None and (wt not in dense_ops or counts.get(wt, 0) != 1):
+            why = "weight is shared or has no dense twin"
+        while c_run.current is not node:
+            if c_run.done:
+                raise PassError("reconstruction", f"node {node.name} not reached in the compressed graph")
+            c_run.step()
+        if why is not None:
+            records.append(RefitRecord(wt, 0, 0.0, 0.0, False, why))
+            continue
+        while wt not in dense_out:
+            if d_run.done:
+                raise PassError("reconstruction", f"dense twin of {node.name} ({wt}) not reached")
+            dn = d_run.current
+            outs = d_run.step()
+            if dn.op == "call_function" and refittable(dn) is None and weight_target(dn) in wanted:
+                dense_out[weight_target(dn)] = outs
+                dense_add[weight_target(dn)] = residual_add(dn)
+        ys = dense_out.pop(wt)
+        keep = out_keep.get(wt)
+        c_add, d_add = residual_add(node), dense_add.pop(wt, None)
+        if (residual and keep is None and c_add is not None and d_add is not None
+                and c_add[1] in c_run.interps[0].env and d_index[d_add[0]] >= d_run.pos):
+            sums = None
+            while sums is None:
+                dn = d_run.current
+                outs = d_run.step()
+                if dn is d_add[0]:
+                    sums = outs
+            ys = [s - r for s, r in zip(sums, c_run.values(c_add[1]))]
+        keep_t = None if keep is None else torch.as_tensor(np.asarray(keep), dtype=torch.long)
+        w_param = get_tensor(compressed, wt)
+        b_node = bias_node(node)
+        b_param = None if b_node is None else get_tensor(compressed, b_node.target)
+        mom = None
+        for x, y, m in zip(c_run.values(node.args[0]), ys, masks):
+            xr = input_rows(node, x, m)
+            yr = output_rows(dense_ops[wt], y, m)
+            if keep_t is not None:
+                yr = yr.index_select(1, keep_t)
+            if mom is None:
+                mom = Moments.zeros(xr.shape[1], yr.shape[1])
+            mom.add(xr, yr)
+        w_old = w_param.detach().reshape(w_param.shape[0], -1)
+        b_old = None if b_param is None else b_param.detach()
+        before = output_error(mom, w_old, b_old)
+        w_new, b_new = refit(mom, damp=damp, bias=b_param is not None)
+        after = output_error(mom, w_new, b_new)
+        if after < before and all(torch.isfinite(t).all() for t in (w_new, b_new) if t is not None):
+            new_w = _set_param(compressed, wt, w_new)
+            c_run.set_value(node.args[1], new_w)
+            if b_param is not None:
+                c_run.set_value(b_node, _set_param(compressed, b_node.target, b_new))
+            records.append(RefitRecord(wt, mom.n, before, after, True))
+        else:
+            records.append(RefitRecord(wt, mom.n, before, before, False, "no improvement"))
+    return records

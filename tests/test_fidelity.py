@@ -1,0 +1,218 @@
+"""Calibration engine, calibration-driven selection and reconstruction (sparsecomp.reconstruct)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import sparsecomp
+from sparsecomp import StructuredPruning
+from sparsecomp.calibration import collect_moments, flat_batches, token_masks
+from sparsecomp.errors import ConfigError
+from sparsecomp.metrics import count_macs
+from sparsecomp.models import BUILTIN_SENTENCES, HELDOUT_SENTENCES, calibration_corpus
+from sparsecomp.reconstruct import Moments, obs_profile, output_error, refit, sequential_refit, token_rows
+
+aten = torch.ops.aten
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 48), nn.GELU(), nn.Linear(48, 8)).eval()
+
+
+def _rel_err(module, model, x) -> float:
+    with torch.no_grad():
+        ref = model(x)
+        return float(((module(x) - ref) ** 2).sum() / ((ref - ref.mean(0)) ** 2).sum())
+
+
+# ------------------------------------------------------------------------------------------------ least squares
+def test_refit_recovers_exact_weights_and_error_formula():
+    torch.manual_seed(0)
+    w, b = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    x = torch.randn(300, 7, dtype=torch.float64) + 2.0
+    y = x @ w.T + b
+    mom = Moments.zeros(7, 5)
+    for i in range(0, 300, 100):
+        mom.add(x[i:i + 100], y[i:i + 100])
+    w2, b2 = refit(mom, damp=1e-9)
+    assert torch.allclose(w2, w, atol=1e-5) and torch.allclose(b2, b, atol=1e-5)
+    w3 = w + 0.1
+    direct = float(((x.float() @ w3.T.float() + b.float() - y.float()) ** 2).sum())
+    assert output_error(mom, w3, b) == pytest.approx(direct, rel=1e-3)
+
+
+def test_obs_profile_error_equals_refit_residual():
+    torch.manual_seed(1)
+    x = torch.randn(400, 12) @ torch.randn(12, 12) + 0.5
+    w = torch.randn(6, 12)
+    mom = Moments.zeros(12)
+    mom.add(x)
+    blocks = {u: [2 * u, 2 * u + 1] for u in range(6)}
+    prof = obs_profile(w, mom.covariance(), blocks, damp=1e-8)
+    removed = prof.order[:2]
+    keep = [c for u in range(6) if u not in removed for c in blocks[u]]
+    xd = x.double()
+    xk = torch.cat([xd[:, keep], torch.ones(400, 1, dtype=torch.float64)], 1)
+    y = xd @ w.double().T
+    sol = torch.linalg.lstsq(xk, y).solution
+    residual = float(((xk @ sol - y) ** 2).sum())
+    assert prof.error[1] == pytest.approx(residual, rel=1e-3)
+    assert np.all(np.diff(prof.error) >= -1e-9)  # removing more never lowers the error
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def test_token_mask_drops_padding_rows():
+    x = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    rows = token_rows(x, mask)
+    assert rows.shape == (3, 4)
+    assert torch.equal(rows, torch.stack([x[0, 0], x[0, 1], x[1, 0]]))
+
+
+class _Tagger(nn.Module):
+    """Token-level model with an attention_mask input (padding must not change the statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 16)
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_calibration_statistics_ignore_padding():
+    model = _Tagger().eval()
+    ids = torch.randint(1, 50, (4, 10))
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[:, 6:] = 0
+    cap = sparsecomp.capture(model, (ids[:2], mask[:2]))
+    fc2 = [n for n in cap.module.graph.nodes if n.target is aten.linear.default][1]
+    batches = flat_batches([(ids, mask)], cap)
+    with_mask = collect_moments(cap.module, batches, [fc2], token_masks(cap.module, batches, "attention_mask"))
+    short = (ids[:, :6].contiguous(), mask[:, :6].contiguous())
+    cap6 = sparsecomp.capture(model, tuple(t[:2] for t in short))
+    fc2_6 = [n for n in cap6.module.graph.nodes if n.target is aten.linear.default][1]
+    unpadded = collect_moments(cap6.module, flat_batches([short], cap6), [fc2_6])[fc2_6.name]
+    assert with_mask[fc2.name].n == unpadded.n == 24
+    assert torch.allclose(with_mask[fc2.name].xx, unpadded.xx, rtol=1e-6)
+    no_mask = collect_moments(cap.module, batches, [fc2])
+    assert no_mask[fc2.name].n == 40
+
+
+def test_calibration_corpus_is_large_and_disjoint_from_heldout():
+    corpus = calibration_corpus()
+    assert len(corpus) >= 250 and len(set(corpus)) == len(corpus)
+    assert not set(corpus) & set(HELDOUT_SENTENCES)
+    assert set(BUILTIN_SENTENCES) <= set(corpus)
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_validation_and_round_trip():
+    with pytest.raises(ConfigError, match="allocation"):
+        StructuredPruning(allocation="best")
+    with pytest.raises(ConfigError, match="criterion"):
+        StructuredPruning(allocation="global", criterion="l2")
+    with pytest.raises(ConfigError, match="reconstruct"):
+        StructuredPruning(reconstruct="maybe")
+    with pytest.raises(ConfigError, match="damp"):
+        StructuredPruning(damp=0)
+    with pytest.raises(ConfigError, match="not both"):
+        StructuredPruning(importance="l2", criterion="fluctuation")
+    cfg = StructuredPruning(ratio=0.3, criterion="reconstruction", allocation="sensitivity", reconstruct="all",
+                            residual=True)
+    assert cfg.importance == "reconstruction" and cfg.needs_calibration
+    assert StructuredPruning.from_dict(cfg.to_dict()) == cfg
+    assert not StructuredPruning(ratio=0.5).needs_calibration
+
+
+# ------------------------------------------------------------------------------------------------ the pass
+@pytest.mark.parametrize("criterion", ["activation", "fluctuation", "reconstruction"])
+def test_reconstruction_lowers_calibration_error(criterion):
+    model = _mlp()
+    x = torch.randn(512, 16)
+    errs = {}
+    for rec in (False, True):
+        cfg = StructuredPruning(ratio=0.5, criterion=criterion, reconstruct=rec)
+        out = sparsecomp.compress(model, (x[:2],), cfg, calibration=x)
+        layers = out.sparsecomp_report[0]["layers"]
+        assert [lay["kept"] for lay in layers if "kept" in lay] == [32, 24]  # the rewrite fired
+        errs[rec] = _rel_err(out, model, x)
+        if rec:
+            records = layers[-1]["reconstruction"]
+            assert len(records) == 2 and all(r["refit"] for r in records)
+            assert all(r["error_after"] <= r["error_before"] for r in records)
+    assert errs[True] < errs[False]
+    assert errs[True] < 0.5
+
+
+def test_reconstruct_all_and_residual_never_worse_per_op():
+    model = _mlp()
+    x = torch.randn(512, 16)
+    cfg = StructuredPruning(ratio=0.5, criterion="fluctuation", reconstruct="all", residual=True)
+    out = sparsecomp.compress(model, (x[:2],), cfg, calibration=x)
+    records = out.sparsecomp_report[0]["layers"][-1]["reconstruction"]
+    assert len(records) == 3  # every linear, including the first (its outputs were pruned)
+    assert all(r["error_after"] <= r["error_before"] for r in records)
+    with torch.no_grad():
+        assert torch.isfinite(out(x)).all()
+
+
+def test_reconstruction_is_deterministic():
+    model = _mlp()
+    x = torch.randn(256, 16)
+    cfg = StructuredPruning(ratio=0.4, criterion="reconstruction", allocation="sensitivity", reconstruct=True)
+    a = sparsecomp.compress(model, (x[:2],), cfg, calibration=[x[:128], x[128:]])
+    b = sparsecomp.compress(model, (x[:2],), cfg, calibration=[x[:128], x[128:]])
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_nothing_pruned_returns_model_unchanged():
+    model = _mlp()
+    x = torch.randn(64, 16)
+    cap = sparsecomp.capture(model, (x[:2],))
+    # negative case: the rewrite must not fire when every group is ignored
+    cfg = StructuredPruning(ratio=0.5, criterion="fluctuation", reconstruct=True, ignore=("0", "2", "4"))
+    from sparsecomp.passes.base import run_pass
+
+    result = run_pass(cap, cfg, x)
+    assert not result.modified and result.captured is cap
+    # the refit engine itself leaves an uncompressed model alone (nothing to improve)
+    dense = cap.module
+    twin = sparsecomp.capture(model, (x[:2],)).module
+    records = sequential_refit(dense, twin, flat_batches(x, cap), {}, lambda n: n.target is aten.linear.default)
+    assert len(records) == 3 and not any(r.refit for r in records)
+    for k, v in dense.state_dict().items():
+        assert torch.equal(v, twin.state_dict()[k])
+
+
+def test_global_allocation_meets_mac_target_and_beats_uniform():
+    model = _mlp()
+    x = torch.randn(512, 16)
+    example = (x[:2],)
+    dense = count_macs(model, example)
+    out_g = sparsecomp.compress(model, example, StructuredPruning(ratio=0.4, criterion="fluctuation",
+                                                                  allocation="global", reconstruct=True), calibration=x)
+    assert 1 - count_macs(out_g, example) / dense >= 0.4
+    kept = [lay["kept"] for lay in out_g.sparsecomp_report[0]["layers"] if "kept" in lay]
+    assert kept != [38, 29]  # not simply uniform
+    with torch.no_grad():
+        assert out_g(x).shape == model(x).shape
+
+
+def test_user_model_not_mutated():
+    model = _mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(128, 16)
+    sparsecomp.compress(model, (x[:2],), StructuredPruning(ratio=0.5, criterion="reconstruction",
+                                                           allocation="sensitivity", reconstruct="all"),
+                        calibration=x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
