@@ -1,9 +1,26 @@
+import os
 import warnings
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the exhaustive @pytest.mark.slow matrices (or set SPARSECOMP_SLOW=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Exhaustive matrices are marked ``slow``; every one of them has a reduced always-run counterpart,
+    so the default run (and .ci/run) stays within minutes on 2 cores. ``--runslow`` runs everything."""
+    if config.getoption("--runslow") or os.environ.get("SPARSECOMP_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow matrix: run with --runslow or SPARSECOMP_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
