@@ -18,8 +18,10 @@ from .errors import (
 )
 from .graph.depgraph import DependencyGraph, Group, Member
 from .graph.registry import OpRegistry, OpRule
+from .backends.onnx import export_onnx
 from .lower import load, lower
-from .passes import LowRank, StructuredPruning
+from .passes import LowRank, Sparsify, StructuredPruning
+from .report import report
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "PassConfig",
     "PassError",
     "SparsecompError",
+    "Sparsify",
     "StructuredPruning",
     "UnsupportedError",
     "VerificationError",
@@ -44,7 +47,9 @@ __all__ = [
     "compress",
     "config_from_dict",
     "dependency_graph",
+    "export_onnx",
     "load",
     "load_recipe",
     "lower",
+    "report",
 ]
