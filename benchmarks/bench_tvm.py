@@ -1,0 +1,378 @@
+"""TVM backend benchmarks: sparse kernels vs the bandwidth bound and vs scipy/torch/ORT, dense models.
+
+Run (1 thread unless said; all candidates of a row are timed interleaved in one run, and ratios are
+reported, so a noisy shared machine shifts rows less than columns)::
+
+    .venv/bin/python benchmarks/bench_tvm.py                  # everything (several minutes)
+    .venv/bin/python benchmarks/bench_tvm.py --only sparse1   # batch-1 cold sparse linear
+    .venv/bin/python benchmarks/bench_tvm.py --only sparse1 --bandwidth 17.5  # bound at a known BW
+    .venv/bin/python benchmarks/bench_tvm.py --only sparse1 --sparsities 0.75,0.875  # + N:M 1:4, 1:8
+    .venv/bin/python benchmarks/bench_tvm.py --only batched   # batch 8 / 64 at 90 % block sparsity
+    .venv/bin/python benchmarks/bench_tvm.py --only models    # zoo + MiniLM dense: torch / ORT / TVM
+    .venv/bin/python benchmarks/bench_tvm.py --only demo      # MiniLM at each pruning ratio
+
+Tables are printed as markdown.
+
+*Cold weights*: every candidate cycles through enough copies of its weights (> 2x the L3 cache) that
+each call streams them from DRAM. The bandwidth bound is ``format bytes / DRAM read bandwidth``, with the
+bandwidth measured in the same run (a single-core streaming sum over 512 MiB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import sparsecomp
+from sparsecomp.backends.tvm import kernels
+from sparsecomp.backends.tvm.target import host_target, set_threads
+from sparsecomp.ops.formats import pack
+
+import tvm
+
+L3_BYTES = 32 << 20
+OUT, IN = 3072, 768
+
+
+# --------------------------------------------------------------------------- helpers
+def timeit_interleaved(fns: dict, rounds: int = 7, calls: int = 20) -> dict:
+    """Median seconds per call of each fn, timed in interleaved rounds."""
+    samples = {k: [] for k in fns}
+    for f in fns.values():
+        for _ in range(3):
+            f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            samples[k].append((time.perf_counter() - t0) / calls)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def dram_bandwidth() -> float:
+    """Single-core read bandwidth (bytes/s): numpy sum over a 512 MiB array, best of 5."""
+    a = np.ones(128 << 20, np.float32)
+    best = 1e9
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, -(-2 * L3_BYTES // max(nbytes, 1)))
+
+
+class Rotating:
+    """Call ``fn(i)`` with i cycling over ``n`` weight copies."""
+
+    def __init__(self, fn, n):
+        self.fn, self.n, self.i = fn, n, 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % self.n
+        return self.fn(self.i)
+
+
+def prune_blocks(w: torch.Tensor, sparsity: float, block, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r, c = block
+    keep = torch.rand(w.shape[0] // r, w.shape[1] // c, generator=g) >= sparsity
+    return w * keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
+
+
+def prune_nm(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    g = w.reshape(w.shape[0], -1, m)
+    idx = g.abs().argsort(-1)[..., m - n:]
+    return torch.zeros_like(g).scatter(-1, idx, g.gather(-1, idx)).reshape(w.shape)
+
+
+def _compile(func):
+    """Build one kernel (generated with ``parallel=False``, as ``lower(num_threads=1)`` does)."""
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                       target=host_target())["main"]
+
+
+def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1):
+    """(callable over copies, format bytes) for our kernel on ``w`` (already pruned)."""
+    dev = tvm.cpu()
+    T = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), dev)  # noqa: E731
+    bias = T(np.zeros(w.shape[0], np.float32))
+    if fmt == "bsr":
+        p = pack(w, "bsr", block=block)
+        r, c = block
+        nnzb = p.values.shape[0]
+        if r >= c:
+            f = _compile(kernels.bsr_row_vector_kernel(OUT, IN, r, c, nnzb, "int32", parallel=False))
+            vals = p.values.permute(0, 2, 1).numpy()
+        else:
+            f = _compile(kernels.bsr_col_vector_kernel(OUT, IN, r, c, nnzb, "int32", parallel=False))
+            vals = p.values.numpy()
+        n = copies_for(p.nbytes)
+        ws = [(T(p.crow_indices.numpy()), T(p.col_indices.numpy()), T(vals.copy())) for _ in range(n)]
+        transpose = False
+    elif fmt == "csr":
+        p = pack(w, "csr")
+        f = _compile(kernels.csr_kernel(OUT, IN, p.values.numel(), "int16", parallel=False))  # as the frontend
+        n = copies_for(p.nbytes)
+        ws = [(T(p.crow_indices.numpy()), T(p.col_indices.numpy().astype(np.int16)),
+               T(p.values.numpy().copy()))
+              for _ in range(n)]
+        transpose = True
+    else:
+        nn_, m = nm
+        p = pack(w, "nm", n=nn_, m=m)
+        f = _compile(kernels.nm_kernel(OUT, IN, nn_, m, "uint8", parallel=False))
+        n = copies_for(p.nbytes)
+        ws = [(T(p.values.numpy().copy()), T(p.indices.numpy().copy())) for _ in range(n)]
+        transpose = True
+    x = torch.randn(batch, IN)
+    xt = T((x.T if transpose else x).contiguous().numpy())
+    y = T(np.zeros((batch, OUT), np.float32))
+    f(xt, *ws[0], bias, y)
+    ref = x @ w.T
+    err = float((torch.from_numpy(y.numpy()) - ref).abs().max() / ref.abs().max())
+    assert err < 1e-4, f"{fmt} kernel wrong: rel err {err}"
+    return Rotating(lambda i: f(xt, *ws[i], bias, y), n), p.nbytes
+
+
+def scipy_candidate(w: torch.Tensor, batch=1):
+    import scipy.sparse as sp
+
+    m = sp.csr_matrix(w.numpy())
+    nbytes = m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+    n = copies_for(nbytes)
+    mats = [m.copy() for _ in range(n)]
+    x = np.random.randn(IN, batch).astype(np.float32)
+    return Rotating(lambda i: mats[i] @ x, n)
+
+
+def torch_sparse_candidates(w: torch.Tensor, batch=1, block=None):
+    from sparsecomp.ops import SparseLinear
+
+    out = {}
+    fmts = [("torch csr", dict(format="csr"))]
+    if block is not None:
+        fmts.append((f"torch bsr{block[0]}x{block[1]}", dict(format="bsr", block=block)))
+    x = torch.randn(batch, IN)
+    for name, kw in fmts:
+        layer = SparseLinear.from_dense(w, **kw)
+        n = copies_for(layer.nbytes)
+        layers = [SparseLinear.from_dense(w, **kw) for _ in range(n)]
+        out[name] = Rotating(lambda i, layers=layers: layers[i](x), n)
+    return out
+
+
+def dense_candidates(w: torch.Tensor, batch: int, with_ort=True):
+    n = copies_for(w.numel() * 4)
+    ws = [w.clone() for _ in range(n)]
+    x = torch.randn(batch, IN)
+    out = {"torch dense": Rotating(lambda i: torch.nn.functional.linear(x, ws[i]), n)}
+    dev = tvm.cpu()
+    f = _compile(kernels.dense_kernel(IN, OUT, parallel=False))
+    packs = [tvm.runtime.tensor(wi.reshape(OUT // 16, 16, IN).permute(0, 2, 1).contiguous().numpy(), dev)
+             for wi in ws]
+    xt = tvm.runtime.tensor(x.numpy(), dev)
+    b = tvm.runtime.tensor(np.zeros(OUT, np.float32), dev)
+    y = tvm.runtime.tensor(np.zeros((batch, OUT), np.float32), dev)
+    out["tvm dense"] = Rotating(lambda i: f(xt, packs[i], b, y), n)
+    if with_ort:
+        ort = ort_matmul(ws, batch)
+        if ort is not None:
+            out["ORT dense"] = ort
+    return out
+
+
+def ort_matmul(ws, batch):
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sessions = []
+    # ORT folds initializers; a separate session per weight copy keeps them cold like the others
+    for wi in ws[: max(2, min(len(ws), 12))]:
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "wt"], ["y"])], "mm",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, IN])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, OUT])],
+            [numpy_helper.from_array(wi.T.contiguous().numpy(), "wt")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        sessions.append(ort.InferenceSession(model.SerializeToString(), opts,
+                                             providers=["CPUExecutionProvider"]))
+    x = np.random.randn(batch, IN).astype(np.float32)
+    return Rotating(lambda i: sessions[i].run(None, {"x": x}), len(sessions))
+
+
+# --------------------------------------------------------------------------- sections
+def bench_sparse_batch1(bw: float, sparsities=(0.7, 0.8, 0.9, 0.95)) -> None:
+    print("\n### Sparse linear 3072x768, batch 1, weights cold, 1 thread\n")
+    print(f"DRAM read bandwidth used for the bound: {bw / 1e9:.1f} GB/s\n")
+    print("| sparsity | format | ours us | bound us | of bound | best scipy/torch us | vs best | "
+          "torch dense us | vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    torch.manual_seed(0)
+    w = torch.randn(OUT, IN)
+    dense = dense_candidates(w, 1, with_ort=False)["torch dense"]
+    for s in sparsities:
+        cases = [("bsr", (16, 1), None), ("bsr", (4, 4), None), ("bsr", (1, 16), None), ("csr", None, None)]
+        if s in (0.75, 0.875):
+            cases.append(("nm", None, (1, 4) if s == 0.75 else (1, 8)))
+        for fmt, block, nm in cases:
+            wp = (prune_blocks(w, s, block) if fmt == "bsr" else
+                  prune_nm(w, *nm) if fmt == "nm" else prune_blocks(w, s, (1, 1)))
+            ours, nbytes = tvm_sparse_candidate(fmt, wp, block=block, nm=nm)
+            fns = {"ours": ours, "scipy": scipy_candidate(wp), "dense": dense}
+            fns.update(torch_sparse_candidates(wp, 1, block if fmt == "bsr" else None))
+            t = timeit_interleaved(fns)
+            best_other = min(v for k, v in t.items() if k not in ("ours", "dense"))
+            bound = nbytes / bw
+            label = f"bsr{block[0]}x{block[1]}" if fmt == "bsr" else f"nm{nm[0]}:{nm[1]}" if nm else fmt
+            print(f"| {s:.0%} | {label} | {t['ours'] * 1e6:.1f} | {bound * 1e6:.1f} | "
+                  f"{bound / t['ours']:.2f} | {best_other * 1e6:.1f} | {best_other / t['ours']:.2f}x | "
+                  f"{t['dense'] * 1e6:.1f} | {t['dense'] / t['ours']:.2f}x |", flush=True)
+
+
+def bench_batched(batches=(8, 64), sparsity=0.9) -> None:
+    print(f"\n### Sparse linear 3072x768 at {sparsity:.0%} block sparsity, batch 8 / 64, cold, 1 thread\n")
+    print("| batch | format | ours us | torch dense us | ORT dense us | TVM dense us | best dense / ours |")
+    print("|---|---|---|---|---|---|---|")
+    torch.manual_seed(0)
+    w = torch.randn(OUT, IN)
+    for b in batches:
+        dense = dense_candidates(w, b)
+        for block in ((16, 1), (4, 4), (8, 8), (1, 16)):
+            wp = prune_blocks(w, sparsity, block)
+            ours, _ = tvm_sparse_candidate("bsr", wp, block=block, batch=b)
+            t = timeit_interleaved({"ours": ours, **dense})
+            best = min(v for k, v in t.items() if k != "ours")
+            print(f"| {b} | bsr{block[0]}x{block[1]} | {t['ours'] * 1e6:.1f} | "
+                  f"{t['torch dense'] * 1e6:.1f} | {t.get('ORT dense', float('nan')) * 1e6:.1f} | "
+                  f"{t['tvm dense'] * 1e6:.1f} | {best / t['ours']:.2f}x |", flush=True)
+        wp = prune_blocks(w, sparsity, (1, 1))
+        ours, _ = tvm_sparse_candidate("csr", wp, batch=b)
+        t = timeit_interleaved({"ours": ours, **dense})
+        best = min(v for k, v in t.items() if k != "ours")
+        print(f"| {b} | csr | {t['ours'] * 1e6:.1f} | {t['torch dense'] * 1e6:.1f} | "
+              f"{t.get('ORT dense', float('nan')) * 1e6:.1f} | {t['tvm dense'] * 1e6:.1f} | "
+              f"{best / t['ours']:.2f}x |", flush=True)
+
+
+def ort_session(module, args, kwargs):
+    """ONNX Runtime session (1 thread) for a module, or None if the export fails."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    path = os.path.join(tempfile.mkdtemp(), "m.onnx")
+    flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, tuple(args), path, kwargs=kwargs or None, dynamo=True,
+                              verbose=False)
+    except Exception as err:  # noqa: BLE001 - report and go on
+        print(f"<!-- ORT export failed for {type(module).__name__}: {str(err).splitlines()[0][:120]} -->")
+        return None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    feed = {n: t.numpy() for n, t in zip(names, flat)}
+    return lambda: sess.run(None, feed)
+
+
+def bench_models(names=None) -> None:
+    from sparsecomp.testing import zoo
+
+    print("\n### Dense models through TVM, batch 2 (zoo) / batch 1 seq 128 (MiniLM), 1 thread\n")
+    print("| model | torch ms | ORT ms | TVM ms | TVM vs best(torch, ORT) | TVM kernels |")
+    print("|---|---|---|---|---|---|")
+    torch.set_num_threads(1)
+    rows = []
+    for name in names or [n for n in zoo.names() if not zoo.get(n).heavy]:
+        rows.append((name, *zoo.build(name)))
+    rows.append(("minilm", *minilm_case()))
+    for name, model, args, kwargs in rows:
+        with torch.no_grad():
+            low = sparsecomp.lower(model, args, backend="tvm", example_kwargs=kwargs, num_threads=1)
+            fns = {"torch": lambda: model(*args, **kwargs), "tvm": lambda: low(*args, **kwargs)}
+            ort = ort_session(model, args, kwargs)
+            if ort is not None:
+                fns["ort"] = ort
+            t = timeit_interleaved(fns, rounds=5, calls=5)
+        best = min(t["torch"], t.get("ort", float("inf")))
+        print(f"| {name} | {t['torch'] * 1e3:.2f} | {t.get('ort', float('nan')) * 1e3:.2f} | "
+              f"{t['tvm'] * 1e3:.2f} | {best / t['tvm']:.2f}x | {low.kernels} |", flush=True)
+
+
+def minilm_case(seq_len=128):
+    from sparsecomp.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+
+    hf, tok = load_minilm()
+    enc = SentenceEncoder(hf).eval()
+    return enc, encode_batch(tok, BUILTIN_SENTENCES[0], seq_len=seq_len), {}
+
+
+def bench_demo(ratios=(0.0, 0.25, 0.5, 0.75)) -> None:
+    print("\n### Demo model (MiniLM, batch 1, seq 128) at each structured-pruning ratio, 1 thread\n")
+    print("| ratio | torch ms | ORT ms | sparsecomp-TVM ms | TVM vs torch | TVM vs ORT |")
+    print("|---|---|---|---|---|---|")
+    torch.set_num_threads(1)
+    enc, args, _ = minilm_case()
+    for r in ratios:
+        model = (sparsecomp.capture(enc, args).module if r == 0 else
+                 sparsecomp.compress(enc, args, sparsecomp.StructuredPruning(ratio=r)))
+        with torch.no_grad():
+            low = sparsecomp.lower(model, args, backend="tvm", num_threads=1)
+            fns = {"torch": lambda: model(*args), "tvm": lambda: low(*args)}
+            ort = ort_session(model, args, {})
+            if ort is not None:
+                fns["ort"] = ort
+            t = timeit_interleaved(fns, rounds=5, calls=5)
+        print(f"| {r:g} | {t['torch'] * 1e3:.2f} | {t.get('ort', float('nan')) * 1e3:.2f} | "
+              f"{t['tvm'] * 1e3:.2f} | {t['torch'] / t['tvm']:.2f}x | "
+              f"{t.get('ort', float('nan')) / t['tvm']:.2f}x |", flush=True)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", choices=["sparse1", "batched", "models", "demo"], action="append")
+    ap.add_argument("--models", nargs="*", help="zoo names for --only models (default: all light)")
+    ap.add_argument("--sparsities", default="0.7,0.8,0.9,0.95",
+                    help="batch-1 sparsities; 0.75 and 0.875 add N:M 1:4 / 1:8 rows")
+    ap.add_argument("--bandwidth", type=float, default=None,
+                    help="DRAM read bandwidth in GB/s for the bound (default: measured in this run; "
+                         "on a loaded machine the measurement is depressed)")
+    opts = ap.parse_args(argv)
+    sections = opts.only or ["sparse1", "batched", "models", "demo"]
+    torch.set_num_threads(1)
+    set_threads(1)
+    print(f"host target: {host_target()}  (torch {torch.__version__}, tvm {tvm.__version__})")
+    if "sparse1" in sections:
+        bench_sparse_batch1(opts.bandwidth * 1e9 if opts.bandwidth else dram_bandwidth(),
+                            tuple(float(v) for v in opts.sparsities.split(",")))
+    if "batched" in sections:
+        bench_batched()
+    if "models" in sections:
+        bench_models(opts.models)
+    if "demo" in sections:
+        bench_demo()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""TVM backend: a captured (compressed) model -> Relax VM executable with our own TIR kernels.
+
+Pipeline (:func:`compile_captured`)::
+
+    ExportedProgram --run_decompositions (linear kept)--> from_exported_program + our converters
+      (linear -> packed dense kernel, sparsecomp::* -> BSR/CSR/N:M kernels, all via call_tir)
+      --> LegalizeOps, FoldConstant, FuseOps, FuseTIR (the rest of the graph)
+      --> schedule.schedule_pass (dlight CPU rules + LoopNest) --> Relax VM build for the host CPU
+
+``lower(captured, target=None, num_threads=None)`` returns a :class:`TVMModel`: call it like the model
+(torch tensors in, torch tensors out, same output structure), ``save(path)`` writes a shared library
+plus ``sparsecomp.json``, and :func:`load` (or ``sparsecomp.load``) brings it back without the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from ...errors import MissingDependencyError
+
+try:
+    import tvm
+    from tvm import relax
+except ImportError as _err:  # pragma: no cover - exercised only without the extra
+    raise MissingDependencyError(
+        "apache-tvm", "tvm", "The TVM backend (sparsecomp.lower(..., backend='tvm'))"
+    ) from _err
+
+from ...capture.export import Captured, capture
+from ...errors import ConfigError
+from ...lower import MANIFEST
+from . import frontend, schedule
+from .target import default_threads, resolve_target, set_threads
+
+__all__ = ["TVMModel", "lower", "load", "latency", "compile_captured"]
+
+_LIBRARY = "model.so"
+
+
+def _pipeline(target: tvm.target.Target, parallel: bool = True) -> tvm.transform.Pass:
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + [relax.transform.FastMathTransform()]
+                + schedule.legalize_passes()
+                + [relax.transform.DeadCodeElimination(), schedule.schedule_pass(parallel)]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _run
+
+
+def compile_captured(captured: Captured, target: Any = None, parallel: bool = True):
+    """Import and build ``captured``; returns ``(executable, kernel_counts, target)``.
+
+    ``parallel=False`` compiles single-threaded code (no ``T.parallel`` loops at all).
+    """
+    tgt = resolve_target(target)
+    mod, fired = frontend.import_program(captured.exported, parallel)
+    exe = tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt, parallel))
+    return exe, fired, tgt
+
+
+class TVMModel:
+    """A compiled model: ``model(*args, **kwargs)`` runs the Relax VM on torch tensors.
+
+    Attributes
+    ----------
+    kernels : dict
+        How many linears went to each of our kernels (``{"dense": 6, "bsr16x1": 2}``).
+    num_threads : int
+        Threads of TVM's pool while this model runs.
+    """
+
+    def __init__(self, module, in_spec, out_spec, num_threads: int, kernels: dict, target: str):
+        self._module = module  # Executable or loaded runtime Module (kept alive for the VM)
+        self._vm = relax.VirtualMachine(module, tvm.cpu())
+        self._main = self._vm["main"]
+        self._in_spec = in_spec
+        self._out_spec = out_spec
+        self.num_threads = num_threads
+        self.kernels = dict(kernels)
+        self.target = target
+
+    def _inputs(self, args, kwargs) -> list:
+        leaves, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if self._in_spec is not None and spec != self._in_spec:
+            raise ConfigError(
+                f"inputs do not match the structure the model was lowered with: expected "
+                f"{self._in_spec}, got {spec}"
+            )
+        out = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                t = leaf.detach()
+                if t.device.type != "cpu":
+                    raise ConfigError(f"the TVM backend runs on CPU; got a tensor on {t.device}")
+                out.append(tvm.runtime.from_dlpack(t.contiguous()))
+        return out
+
+    def __call__(self, *args, **kwargs):
+        set_threads(self.num_threads)
+        result = self._main(*self._inputs(args, kwargs))
+        flat = _flatten_result(result)
+        outs = [torch.from_dlpack(t) for t in flat]
+        return torch.utils._pytree.tree_unflatten(outs, self._out_spec)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``model.so`` (the compiled VM) and ``sparsecomp.json`` into directory ``path``."""
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        self._module.export_library(os.path.join(path, _LIBRARY))
+        meta = {
+            "backend": "tvm",
+            "library": _LIBRARY,
+            "target": self.target,
+            "num_threads": self.num_threads,
+            "kernels": self.kernels,
+            "in_spec": torch.utils._pytree.treespec_dumps(self._in_spec),
+            "out_spec": torch.utils._pytree.treespec_dumps(self._out_spec),
+        }
+        with open(os.path.join(path, MANIFEST), "w") as f:
+            json.dump(meta, f, indent=1)
+
+
+def _flatten_result(result) -> list:
+    if isinstance(result, (list, tuple)) or type(result).__name__ in ("Array", "List", "Tuple"):
+        flat = []
+        for item in result:
+            flat.extend(_flatten_result(item))
+        return flat
+    return [result]
+
+
+def lower(captured: Captured, *, target: Any = None, num_threads: int | None = None) -> TVMModel:
+    """Compile a ``Captured`` for the host CPU (or ``target``) and return a :class:`TVMModel`.
+
+    ``num_threads`` (default: the cores this process may use) sizes TVM's thread pool; a model lowered
+    with ``num_threads=1`` is compiled without parallel loops, so running it later with more threads
+    does not make it faster (lower it again instead).
+    """
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ConfigError(f"num_threads must be a positive int, got {num_threads!r}")
+    threads = num_threads or default_threads()
+    # one thread: no parallel loops at all (a parallel body compiles to a slower closure; see kernels)
+    exe, fired, tgt = compile_captured(captured, target, parallel=threads > 1)
+    ep = captured.exported
+    return TVMModel(exe, ep.call_spec.in_spec, ep.call_spec.out_spec, threads, fired, str(tgt))
+
+
+def load(path: str | os.PathLike, *, num_threads: int | None = None) -> TVMModel:
+    """Load a model written by :meth:`TVMModel.save`."""
+    path = os.fspath(path)
+    with open(os.path.join(path, MANIFEST)) as f:
+        meta = json.load(f)
+    if meta.get("backend") != "tvm":
+        raise ConfigError(f"{path} holds a {meta.get('backend')!r} model, not a TVM one")
+    module = tvm.runtime.load_module(os.path.join(path, meta["library"]))
+    return TVMModel(
+        module,
+        torch.utils._pytree.treespec_loads(meta["in_spec"]),
+        torch.utils._pytree.treespec_loads(meta["out_spec"]),
+        num_threads or meta["num_threads"],
+        meta.get("kernels", {}),
+        meta["target"],
+    )
+
+
+def latency(module: Any, example_inputs: Any, *, num_threads: int = 1, target: Any = None,
+            warmup: int = 5, repeat: int = 30, example_kwargs: dict | None = None) -> float:
+    """Median latency in seconds of ``module`` compiled with this backend on ``example_inputs``.
+
+    ``module`` may be an ``nn.Module`` (captured here), a ``Captured`` or an already lowered
+    :class:`TVMModel`.
+    """
+    if isinstance(module, TVMModel):  # same compiled code, its own thread setting
+        model = copy.copy(module)
+        model.num_threads = num_threads
+    else:
+        if not isinstance(module, Captured):
+            module = capture(module, example_inputs, example_kwargs)
+        model = lower(module, target=target, num_threads=num_threads)
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = example_kwargs or {}
+    for _ in range(warmup):
+        model(*args, **kwargs)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        model(*args, **kwargs)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]

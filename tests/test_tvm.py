@@ -1,0 +1,330 @@
+"""TVM backend: numerics against eager torch, kernels that fired (and did not), save/load, errors.
+
+Compiling is the expensive part (capture + decomposition + build: 3-30 s a model on 2 cores), so every
+model is compiled once per session (``_compiled``) and checked at several batch sizes; the whole-zoo and
+MiniLM matrices are ``slow``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+tvm = pytest.importorskip("tvm")
+
+import sparsecomp  # noqa: E402
+from sparsecomp.backends import tvm as tvm_backend  # noqa: E402
+from sparsecomp.backends.tvm import kernels, target  # noqa: E402
+from sparsecomp.errors import ConfigError, MissingDependencyError, UnsupportedError  # noqa: E402
+from sparsecomp.ops import SparseLinear  # noqa: E402
+from sparsecomp.ops.formats import pack  # noqa: E402
+from sparsecomp.testing import zoo  # noqa: E402
+
+RTOL = 1e-4
+
+
+def _rel_err(out, ref) -> float:
+    outs = torch.utils._pytree.tree_leaves(out)
+    refs = torch.utils._pytree.tree_leaves(ref)
+    assert len(outs) == len(refs)
+    worst = 0.0
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape and o.dtype == r.dtype
+        scale = float(r.abs().max()) or 1.0
+        worst = max(worst, float((o - r).abs().max()) / scale)
+    return worst
+
+
+def _prune(w: torch.Tensor, density: float, block=(1, 1), seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    r, c = block
+    keep = torch.rand(w.shape[0] // r, w.shape[1] // c, generator=g) < density
+    keep[0] = True  # first block row dense, so every kernel sees full rows too
+    keep[1] = False  # and an empty block row
+    return w * keep.repeat_interleave(r, 0).repeat_interleave(c, 1)
+
+
+def _prune_nm(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    g = w.reshape(w.shape[0], -1, m)
+    idx = g.abs().argsort(-1)[..., m - n:]
+    return torch.zeros_like(g).scatter(-1, idx, g.gather(-1, idx)).reshape(w.shape)
+
+
+class AllFormats(nn.Module):
+    """Every sparse format and block shape in one chain (48 features divide every block shape)."""
+
+    BLOCKS = ((16, 1), (4, 4), (1, 16), (8, 8), (2, 3))
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        d = 48
+        s = d ** -0.5  # unit-variance activations: errors are rounding, not tanh saturation
+        self.inp = nn.Linear(20, d)
+        layers = [SparseLinear.from_dense(_prune(torch.randn(d, d) * s, 0.3), torch.randn(d), format="csr")]
+        for i, blk in enumerate(self.BLOCKS):
+            bias = torch.randn(d) if i % 2 == 0 else None
+            layers.append(SparseLinear.from_dense(_prune(torch.randn(d, d) * s, 0.4, blk, seed=i), bias,
+                                                  format="bsr", block=blk))
+        layers.append(SparseLinear.from_dense(_prune_nm(torch.randn(d, d) * s, 2, 4), torch.randn(d),
+                                              format="nm", n=2, m=4))
+        layers.append(SparseLinear.from_dense(_prune_nm(torch.randn(24, d) * s, 1, 4), None,
+                                              format="nm", n=1, m=4))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+        return h
+
+
+class FreeWeight(nn.Module):
+    """A linear whose weight is an input (not a constant): must not go to the packed dense kernel."""
+
+    def forward(self, x, w):
+        return F.linear(x, w) + 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    if name == "all_formats":
+        model, args, kwargs = AllFormats().eval(), (torch.randn(3, 5, 20),), {}
+    else:
+        model, args, kwargs = zoo.build(name)
+    return model, args, kwargs, sparsecomp.lower(model, args, backend="tvm", example_kwargs=kwargs)
+
+
+# --------------------------------------------------------------------------- target / options
+def test_host_target_is_detected_from_llvm():
+    tgt = target.host_target()
+    assert tgt.kind.name == "llvm"
+    assert tgt.attrs["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
+    assert tgt.attrs["mcpu"] not in ("generic", "")
+    assert tgt.attrs["mtriple"].endswith("linux-gnu")
+    assert target.resolve_target(None).attrs["mcpu"] == tgt.attrs["mcpu"]
+
+
+def test_bad_options_raise():
+    with pytest.raises(ConfigError, match="llvm"):
+        target.resolve_target({"kind": "cuda"})
+    with pytest.raises(ConfigError, match="num_threads"):
+        sparsecomp.lower(nn.Linear(4, 4), (torch.randn(2, 4),), backend="tvm", num_threads=0)
+
+
+def test_missing_tvm_raises_missing_dependency(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tvm", None)
+    for name in [m for m in sys.modules if m.startswith("sparsecomp.backends.tvm")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(MissingDependencyError, match="apache-tvm"):
+        importlib.import_module("sparsecomp.backends.tvm")
+
+
+# --------------------------------------------------------------------------- sparse formats
+def test_every_sparse_format_matches_eager_and_fires():
+    model, args, _, low = _compiled("all_formats")
+    blocks = {f"bsr{r}x{c}": 1 for r, c in AllFormats.BLOCKS}
+    assert low.kernels == {"dense": 1, "csr": 1, **blocks, "nm2:4": 1, "nm1:4": 1}
+    with torch.no_grad():
+        # batch 1 (gather paths), 3, 5 (register tile + remainder), 9 and 17 (8-wide batch vectors + tail)
+        for batch in (1, 3, 5, 9, 17):
+            x = torch.randn(batch, 5, 20)
+            assert _rel_err(low(x), model(x)) < RTOL, batch
+
+
+def test_sparse_op_with_other_dtype_is_refused():
+    layer = SparseLinear.from_dense(_prune(torch.randn(16, 16, dtype=torch.float64), 0.5),
+                                    format="csr")
+    with pytest.raises(UnsupportedError, match="sparse_linear_csr.*float64"):
+        sparsecomp.lower(layer, (torch.randn(2, 16, dtype=torch.float64),), backend="tvm")
+
+
+def test_kernel_variants_directly():
+    """The kernels alone, at shapes that exercise every remainder loop, against torch."""
+    tgt = target.host_target()
+    dev = tvm.cpu()
+    torch.manual_seed(1)
+    n_out, k = 40, 24  # 40 outputs: dense panel padding (48); 24 = 3 N:M groups of 8
+    w = torch.randn(n_out, k)
+    bias = torch.randn(48)
+
+    def run(func, *arrays, rows):
+        exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
+        out = tvm.runtime.tensor(torch.zeros(rows, arrays[-1]).numpy(), dev)
+        exe["main"](*[tvm.runtime.tensor(a.contiguous().numpy(), dev) for a in arrays[:-1]], out)
+        return torch.from_numpy(out.numpy())
+
+    for rows in (1, 6):
+        x = torch.randn(rows, k)
+        packed = torch.cat([w, torch.zeros(8, k)]).reshape(3, 16, k).permute(0, 2, 1)
+        y = run(kernels.dense_kernel(k, 48), x, packed, bias, 48, rows=rows)
+        torch.testing.assert_close(y[:, :n_out], x @ w.T + bias[:n_out], rtol=1e-5, atol=1e-4)
+    a, b = torch.randn(3, 7, 24), torch.randn(3, 24, 16)
+    exe = tvm.compile(tvm.IRModule({"main": kernels.bmm_kernel(7, 24, 16).with_attr("global_symbol", "main")}),
+                      target=tgt)
+    c = tvm.runtime.tensor(torch.zeros(3, 7, 16).numpy(), dev)
+    exe["main"](tvm.runtime.tensor(a.numpy(), dev), tvm.runtime.tensor(b.numpy(), dev), c)
+    torch.testing.assert_close(torch.from_numpy(c.numpy()), a @ b, rtol=1e-5, atol=1e-4)
+
+
+def test_parallel_and_serial_kernel_paths_agree():
+    """Work above MIN_PARALLEL_FLOPS takes the T.parallel path (unless parallel=False): same result."""
+    tgt = target.host_target()
+    dev = tvm.cpu()
+    torch.manual_seed(2)
+    n_out, k, rows = 256, 256, 24
+    w = _prune(torch.randn(n_out, k), 0.5, (16, 1))
+    x = torch.randn(rows, k)
+    bias = torch.randn(n_out)
+    ref = x @ w.T + bias
+    csr, bsr = pack(w, "csr"), pack(w, "bsr", block=(16, 1))
+    cases = {
+        "dense": (lambda par: kernels.dense_kernel(k, n_out, parallel=par),
+                  [x, w.reshape(16, 16, k).permute(0, 2, 1), bias]),
+        "csr": (lambda par: kernels.csr_kernel(n_out, k, csr.nnz, "int32", parallel=par),
+                [x.T, csr.crow_indices, csr.col_indices, csr.values, bias]),
+        "bsr": (lambda par: kernels.bsr_row_vector_kernel(n_out, k, 16, 1, bsr.values.shape[0], "int32",
+                                                           parallel=par),
+                [x, bsr.crow_indices, bsr.col_indices, bsr.values.permute(0, 2, 1), bias]),
+    }
+    for name, (make, arrays) in cases.items():
+        for par in (True, False):
+            func = make(par)
+            # the parallel branch is taken iff rows * work >= the threshold baked into the kernel
+            assert (str(kernels.MIN_PARALLEL_FLOPS) in func.script()) == par
+            exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
+            out = tvm.runtime.tensor(torch.zeros(rows, n_out).numpy(), dev)
+            exe["main"](*[tvm.runtime.tensor(a.contiguous().numpy(), dev) for a in arrays], out)
+            torch.testing.assert_close(torch.from_numpy(out.numpy()), ref, rtol=1e-4, atol=1e-4,
+                                       msg=f"{name} parallel={par}")
+
+
+# --------------------------------------------------------------------------- dense + negative cases
+def test_linear_with_free_weight_does_not_use_packed_kernel():
+    x, w = torch.randn(3, 8), torch.randn(6, 8)
+    with pytest.warns(UserWarning, match="static shapes"):  # w has no batch dim to share
+        low = sparsecomp.lower(FreeWeight(), (x, w), backend="tvm")
+    assert "dense" not in low.kernels and not any(k.startswith(("csr", "bsr", "nm")) for k in low.kernels)
+    torch.testing.assert_close(low(x, w), FreeWeight()(x, w), rtol=1e-5, atol=1e-5)
+
+
+class Conv1DStyle(nn.Module):
+    """HF ``Conv1D``: ``addmm(bias, x, W[K, N])`` and a bias-free ``mm``, constant weights."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.w = nn.Parameter(torch.randn(12, 20) / 4)
+        self.b = nn.Parameter(torch.randn(20))
+        self.w2 = nn.Parameter(torch.randn(20, 8) / 4)
+
+    def forward(self, x):
+        h = torch.addmm(self.b, x.reshape(-1, 12), self.w)
+        return torch.mm(torch.relu(h), self.w2).reshape(x.shape[0], -1, 8)
+
+
+def test_addmm_and_mm_with_constant_weights_use_dense_kernel():
+    x = torch.randn(3, 5, 12)
+    model = Conv1DStyle().eval()
+    low = sparsecomp.lower(model, (x,), backend="tvm")
+    assert low.kernels == {"dense": 2}
+    with torch.no_grad():
+        for batch in (1, 3, 6):
+            xb = torch.randn(batch, 5, 12)
+            assert _rel_err(low(xb), model(xb)) < RTOL
+
+
+def test_zoo_gpt_dense_matches_and_uses_dense_and_bmm_kernels():
+    model, args, kwargs, low = _compiled("gpt")
+    assert low.kernels.get("dense", 0) > 0 and low.kernels.get("bmm", 0) > 0
+    assert not any(k.startswith(("csr", "bsr", "nm")) for k in low.kernels)
+    with torch.no_grad():
+        assert _rel_err(low(*args, **kwargs), model(*args, **kwargs)) < RTOL
+        a1, k1 = zoo.with_batch(args, kwargs, 1)
+        assert _rel_err(low(*a1, **k1), model(*a1, **k1)) < RTOL
+
+
+def test_pruned_and_low_rank_gpt_match():
+    model, args, kwargs = zoo.build("gpt")
+    for config in (sparsecomp.StructuredPruning(ratio=0.5), sparsecomp.LowRank(rank_ratio=0.5)):
+        compressed = sparsecomp.compress(model, args, config)
+        low = sparsecomp.lower(compressed, args, backend="tvm", example_kwargs=kwargs)
+        assert low.kernels.get("dense", 0) > 0
+        with torch.no_grad():
+            assert _rel_err(low(*args, **kwargs), compressed(*args, **kwargs)) < RTOL, config
+
+
+def test_save_load_roundtrip(tmp_path):
+    model, _, _, low = _compiled("all_formats")
+    low.save(tmp_path / "m")
+    assert (tmp_path / "m" / "model.so").exists()
+    loaded = sparsecomp.load(tmp_path / "m", num_threads=1)
+    assert isinstance(loaded, tvm_backend.TVMModel) and loaded.num_threads == 1
+    assert loaded.kernels == low.kernels
+    x = torch.randn(2, 5, 20)
+    torch.testing.assert_close(loaded(x), low(x), rtol=0, atol=0)
+    with torch.no_grad():
+        assert _rel_err(loaded(x), model(x)) < RTOL
+
+
+def test_threads_give_same_result():
+    model, args, kwargs, low = _compiled("all_formats")
+    x = torch.randn(4, 5, 20)
+    low.num_threads = 1
+    one = low(x)
+    kept = one.clone()
+    low.num_threads = 2
+    torch.testing.assert_close(low(x), one, rtol=1e-6, atol=1e-6)
+    low(torch.randn(4, 5, 20))
+    assert torch.equal(one, kept)  # outputs own their memory: later calls do not overwrite them
+
+
+def test_latency_helper_returns_positive_seconds():
+    model, args, kwargs, low = _compiled("all_formats")
+    assert 0 < tvm_backend.latency(low, args, num_threads=1, warmup=1, repeat=3) < 1.0
+
+
+# --------------------------------------------------------------------------- slow matrices
+_ZOO = [n for n in zoo.names() if not zoo.get(n).heavy and n != "gpt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _ZOO)
+def test_zoo_dense_matches(name):
+    model, args, kwargs, low = _compiled(name)
+    with torch.no_grad():
+        assert _rel_err(low(*args, **kwargs), model(*args, **kwargs)) < RTOL
+
+
+@pytest.mark.slow
+def test_minilm_dense_matches():
+    from sparsecomp.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+
+    hf, tok = load_minilm()
+    enc = SentenceEncoder(hf).eval()
+    ids, mask = encode_batch(tok, list(BUILTIN_SENTENCES[:2]), seq_len=32)
+    low = sparsecomp.lower(enc, (ids, mask), backend="tvm")
+    assert low.kernels["dense"] == 36
+    with torch.no_grad():
+        assert _rel_err(low(ids, mask), enc(ids, mask)) < RTOL
+        assert _rel_err(low(ids[:1], mask[:1]), enc(ids[:1], mask[:1])) < RTOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", ["block", "unstructured", "n:m"])
+def test_sparsified_gpt_matches_and_uses_sparse_kernels(pattern):
+    model, args, kwargs = zoo.build("gpt")
+    cfg = (sparsecomp.Sparsify(pattern="n:m", n=2, m=4, cost_model="always") if pattern == "n:m" else
+           sparsecomp.Sparsify(sparsity=0.8, pattern=pattern, block=(16, 1), cost_model="always"))
+    compressed = sparsecomp.compress(model, args, cfg)
+    low = sparsecomp.lower(compressed, args, backend="tvm", example_kwargs=kwargs)
+    expected = {"block": "bsr16x1", "unstructured": "csr", "n:m": "nm2:4"}[pattern]
+    assert low.kernels.get(expected, 0) > 0
+    with torch.no_grad():
+        assert _rel_err(low(*args, **kwargs), compressed(*args, **kwargs)) < RTOL
