@@ -347,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads (default 1)")
     demo.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per input (default 128)")
-    demo.add_argument("--importance", default="activation",
-                      help="importance criterion (default activation, calibrated on built-in sentences)")
+    demo.add_argument("--importance", default="fluctuation",
+                      help="importance criterion (default fluctuation, calibrated on the packaged corpus)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=_cmd_demo)
 

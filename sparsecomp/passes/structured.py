@@ -345,7 +345,7 @@ def _sensitivity(dg: DependencyGraph, profiles: list, counts: dict[int, int], ca
             continue
         removed = set(prof.order[:k])
         saved: dict[str, torch.Tensor] = {}
-        for target, idx in dg.param_keep_indices(removed).items():
+        for target, idx in _group_keep_indices(dg, g, removed).items():
             t = get_tensor(work, target)
             saved[target] = t.detach().clone()
             new = t.detach().clone()
@@ -378,6 +378,22 @@ def _sensitivity(dg: DependencyGraph, profiles: list, counts: dict[int, int], ca
                 get_tensor(work, target).copy_(t)
         actual = output_rows_error(ref, got, masks)
         prof.scale = max(actual, 1e-12) / predicted
+
+
+def _group_keep_indices(dg: DependencyGraph, group: Group, removed: set[int]) -> dict[str, list]:
+    """``dg.param_keep_indices(removed)`` restricted to the parameters of ``group`` (``removed`` holds only
+    units of ``group``, so no other parameter changes); avoids walking every parameter of the model."""
+
+    rw = dg.rewrite_context(removed)
+    out: dict[str, list] = {}
+    for target in dict.fromkeys(group.params):
+        dims = dg.ctx.param_labels.get(target)
+        if dims is None:
+            continue
+        idx = [None if arr is None or rw.keep_mask(arr).all() else rw.kept_index(arr) for arr in dims]
+        if any(i is not None for i in idx):
+            out[target] = idx
+    return out
 
 
 def _compensate(w: torch.Tensor, b: torch.Tensor, mom: Any, keep: np.ndarray, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
