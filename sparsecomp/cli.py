@@ -166,6 +166,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
         threads=ns.threads,
         importance=ns.importance,
         progress=not ns.quiet,
+        backends=tuple(ns.backends),
     )
     return EXIT_OK
 
@@ -349,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per input (default 128)")
     demo.add_argument("--importance", default="fluctuation",
                       help="importance criterion (default fluctuation, calibrated on the packaged corpus)")
+    demo.add_argument("--backends", nargs="*", choices=["ort", "tvm"], default=["ort", "tvm"],
+                      help="also time each model lowered to these backends (default: ort tvm; none: torch only)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=_cmd_demo)
 

@@ -68,6 +68,9 @@ class DemoRow:
         Whether the row's model was reconstructed (least-squares refit).
     baseline_speedup, baseline_cosine : float or None
         The same selection without reconstruction (``None`` when not measured).
+    ort_ms, tvm_ms : float or None
+        Median latency of the same model lowered to ONNX Runtime / TVM (``sparsecomp.lower``), timed
+        interleaved with the torch models; ``None`` when that backend is not installed or not asked for.
     """
 
     ratio: float
@@ -83,6 +86,8 @@ class DemoRow:
     reconstruct: bool = False
     baseline_speedup: float | None = None
     baseline_cosine: float | None = None
+    ort_ms: float | None = None
+    tvm_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the row as a plain JSON-serialisable dict."""
@@ -191,6 +196,16 @@ def format_table(rows: Sequence[DemoRow], threads: int = 1, seq_len: int = 128) 
         "cosine",
         "without reconstruction: speedup / cosine",
     ]
+    backend_cols = [(name, attr) for name, attr in (("ORT", "ort_ms"), ("TVM", "tvm_ms"))
+                    if any(getattr(r, attr) is not None for r in rows)]
+    dense = next((r for r in rows if r.ratio == 0.0), None)
+    header[5:5] = [f"{name} ms (speedup)" for name, _ in backend_cols]
+
+    def backend_cell(r: DemoRow, attr: str) -> str:
+        ms, base = getattr(r, attr), getattr(dense, attr) if dense is not None else None
+        if ms is None:
+            return "-"
+        return f"{ms:.2f} ({base / ms:.2f}x)" if base else f"{ms:.2f}"
     body = [
         [
             f"{r.ratio:.2f}",
@@ -198,6 +213,7 @@ def format_table(rows: Sequence[DemoRow], threads: int = 1, seq_len: int = 128) 
             f"{r.macs / 1e9:.3f}",
             f"{r.latency_ms:.2f} (p10 {r.latency_p10_ms:.2f}, p90 {r.latency_p90_ms:.2f})",
             f"{r.speedup:.2f}x",
+            *[backend_cell(r, attr) for _, attr in backend_cols],
             f"{r.mac_reduction:.2f}x",
             f"{r.cosine:.4f}",
             "-" if r.baseline_cosine is None else f"{r.baseline_speedup:.2f}x / {r.baseline_cosine:.4f}",
@@ -222,6 +238,7 @@ def run_demo(
     loader: Callable[[], tuple[nn.Module, Any]] | None = None,
     reconstruct: bool = True,
     compare: bool = True,
+    backends: Sequence[str] = ("ort", "tvm"),
 ) -> list[DemoRow]:
     """Compress all-MiniLM-L6-v2 at several pruning ratios and report the trade-off.
 
@@ -279,6 +296,10 @@ def run_demo(
         Refit the pruned model by least squares (the reported rows).
     compare : bool, default True
         Also compress without reconstruction and report it alongside.
+    backends : sequence of str, default ("ort", "tvm")
+        Also lower every reported model with ``sparsecomp.lower(model, example, backend=b,
+        num_threads=threads)`` and time it interleaved with the torch models. A backend whose optional
+        dependency is missing is skipped with a note (install ``sparsecomp[onnx]`` / ``sparsecomp[tvm]``).
 
     Returns
     -------
@@ -314,7 +335,7 @@ def run_demo(
 
     say = _progress(progress)
     pruned_ratios = list(configs)
-    steps = 3 + len(pruned_ratios)
+    steps = 3 + len(pruned_ratios) + len(backends)
     step = 0
 
     def stage(message: str) -> None:
@@ -347,9 +368,23 @@ def run_demo(
             captured, example, config, calibration=calibration if needs_data else None
         )
 
+    timed: dict[str, Any] = {str(k): m for k, m in models.items()}
+    reported = [(r, (r, reconstruct) if r > 0 else (0.0, reconstruct)) for r in ratios]
+    for backend in backends:
+        stage(f"lowering the reported models to {backend}")
+        try:
+            for _, key in reported:
+                # lowered at the timed shape (batch 1, seq_len): the torch graphs keep their dynamic dims
+                fixed = sparsecomp.capture(models[key], example, dynamic_batch=False)
+                timed[f"{backend}:{key}"] = sparsecomp.lower(fixed, backend=backend, num_threads=threads)
+        except sparsecomp.MissingDependencyError as exc:
+            say(f"skipping the {backend} column: {exc}")
+            for k in [k for k in timed if k.startswith(f"{backend}:")]:
+                del timed[k]
+
     stage(f"measuring latency ({threads} thread(s), batch 1, seq {seq_len}) and fidelity")
     latencies = measure_latencies(
-        {str(k): m for k, m in models.items()},
+        timed,
         example,
         threads=threads,
         rounds=rounds,
@@ -388,6 +423,8 @@ def run_demo(
                 reconstruct=reconstruct and r > 0,
                 baseline_speedup=base_speedup,
                 baseline_cosine=base_cos,
+                ort_ms=latencies[f"ort:{key}"].median_ms if f"ort:{key}" in latencies else None,
+                tvm_ms=latencies[f"tvm:{key}"].median_ms if f"tvm:{key}" in latencies else None,
             )
         )
 

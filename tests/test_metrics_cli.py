@@ -346,6 +346,9 @@ def test_demo_smoke_tiny_bert():
     assert pruned.macs < dense.macs and pruned.params < dense.params
     assert -1.0 <= pruned.min_cosine <= pruned.cosine <= 1.0 + 1e-6
     assert len(lines) == 2 + len(rows) and "cosine" in lines[0]
+    # the ORT and TVM columns: each model lowered and timed (both extras are in `dev`)
+    assert "ORT ms" in lines[0] and "TVM ms" in lines[0]
+    assert all(r.ort_ms > 0 and r.tvm_ms > 0 for r in rows)
 
 
 @pytest.mark.slow
@@ -361,6 +364,7 @@ def test_demo_real_minilm():
         rounds=1,
         min_time=0.2,
         progress=False,
+        backends=(),
     )
     dense, pruned = rows
     assert dense.params > 20e6 and dense.cosine > 0.9999
