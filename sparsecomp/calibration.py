@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+import sys
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -41,6 +42,17 @@ def iter_batches(calibration: Any, captured: Captured) -> Iterator[tuple[tuple, 
             raise ConfigError(f"calibration batch {n} has unsupported type {type(item).__name__}")
     if n == 0:
         raise ConfigError("calibration is empty")
+
+
+def progress_bar(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
+    """``items`` wrapped in a tqdm bar on stderr when ``enabled`` and tqdm is installed, else ``items``."""
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
@@ -105,14 +117,7 @@ def collect_moments(gm: fx.GraphModule, batches: list[list[Any]], nodes: Iterabl
     wanted = {n: n.args[0] for n in nodes}
     masks = masks if masks is not None else [None] * len(batches)
     stats: dict[str, Any] = {}
-    items: Iterable[int] = range(len(batches))
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            items = tqdm(list(items), desc="calibration", leave=False)
-        except ImportError:
-            pass
-    for i in items:
+    for i in progress_bar(range(len(batches)), "calibration", progress):
         mask = masks[i]
 
         def hook(node: fx.Node, value: Any, interp: Any) -> None:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from .calibration import progress_bar
 from .metrics import count_macs, count_params, markdown_table, measure_latencies
 from .models import (
     HELDOUT_SENTENCES,
@@ -102,17 +103,6 @@ def _progress(enabled: bool) -> Callable[[str], None]:
     return say
 
 
-def _iterate(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
-    """Wrap ``items`` in a tqdm bar on stderr when tqdm is installed and progress is on."""
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-
-
 def _embed(
     module: Callable[..., torch.Tensor],
     input_ids: torch.Tensor,
@@ -130,7 +120,7 @@ def _embed(
     starts = list(range(0, input_ids.shape[0], chunk))
     rows = []
     with torch.inference_mode():
-        for i in _iterate(starts, desc, progress):
+        for i in progress_bar(starts, desc, progress):
             ids, mask = input_ids[i : i + chunk], attention_mask[i : i + chunk]
             try:
                 hidden = module(ids, mask)

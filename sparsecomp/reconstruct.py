@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .calibration import progress_bar
 from .errors import PassError
 
 aten = torch.ops.aten
@@ -309,16 +309,6 @@ class _Stepper:
         return outs
 
 
-def _progress(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
-
-
 @dataclasses.dataclass
 class RefitRecord:
     """What :func:`sequential_refit` did to one op (errors are sums of squares over calibration rows)."""
@@ -410,7 +400,7 @@ def sequential_refit(
     dense_add: dict[str, Any] = {}
     d_index = {n: i for i, n in enumerate(d_run.nodes)}
     records: list[RefitRecord] = []
-    for node in _progress(todo, "reconstruction", progress):
+    for node in progress_bar(todo, "reconstruction", progress):
         why = refittable(node)
         wt = weight_target(node) if why is None else str(node.args[1])
         if why is None and (wt not in dense_ops or counts.get(wt, 0) != 1):
