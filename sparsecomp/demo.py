@@ -36,8 +36,8 @@ from .models import (
 
 __all__ = ["DemoRow", "format_table", "run_demo"]
 
-#: calibration sentences the demo uses by default (``None``: the whole packaged corpus, ~300 sentences;
-#: batches are length-bucketed, so the cost follows the real token count, ~4.3k tokens)
+#: calibration sentences the demo uses by default (``None``: the whole packaged corpus, ~1200 sentences;
+#: batches are length-bucketed, so the cost follows the real token count, ~16k tokens)
 DEMO_CALIBRATION: int | None = None
 
 

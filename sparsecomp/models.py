@@ -143,14 +143,17 @@ HELDOUT_SENTENCES: tuple[str, ...] = (
 
 
 def calibration_corpus() -> tuple[str, ...]:
-    """A larger calibration corpus: the packaged ``data/calibration_sentences.txt`` plus
-    :data:`BUILTIN_SENTENCES` (about 300 sentences of varied topics, forms and lengths).
+    """The calibration corpus: every packaged ``data/calibration_sentences*.txt`` plus
+    :data:`BUILTIN_SENTENCES` (about 1200 sentences of varied topics, forms and lengths).
 
     Disjoint from :data:`HELDOUT_SENTENCES`, so held-out fidelity is never measured on calibration text.
+    Its size matters: reconstruction refits thousands of weights per layer, and with ~300 sentences the
+    refits fit the calibration text far better than held-out text (docs/BENCHMARKS.md).
     """
-    text = (Path(__file__).parent / "data" / "calibration_sentences.txt").read_text(encoding="utf-8")
-    lines = [ln.strip() for ln in text.splitlines()]
-    extra = tuple(ln for ln in lines if ln and not ln.startswith("#"))
+    lines: list[str] = []
+    for path in sorted((Path(__file__).parent / "data").glob("calibration_sentences*.txt")):
+        lines += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    extra = tuple(dict.fromkeys(ln for ln in lines if ln and not ln.startswith("#")))
     return extra + tuple(s for s in BUILTIN_SENTENCES if s not in extra)
 
 

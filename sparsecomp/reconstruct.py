@@ -80,16 +80,36 @@ class Moments:
         return self.xx - self.n * torch.outer(m, m)
 
 
+def merge(moms: Sequence[Moments]) -> Moments:
+    """The moments of the union of the rows of ``moms``."""
+    out = dataclasses.replace(moms[0], xx=moms[0].xx.clone(), x=moms[0].x.clone(),
+                              xy=None if moms[0].xy is None else moms[0].xy.clone(),
+                              y=None if moms[0].y is None else moms[0].y.clone())
+    for m in moms[1:]:
+        out.xx += m.xx
+        out.x += m.x
+        out.n += m.n
+        out.yy += m.yy
+        if out.xy is not None:
+            out.xy += m.xy
+            out.y += m.y
+    return out
+
+
 def damping(diag: torch.Tensor, damp: float) -> float:
     """The ridge ``lambda``: ``damp`` times the mean diagonal of a second-moment matrix."""
     return float(damp * diag.mean().clamp_min(1e-12))
 
 
-def refit(mom: Moments, damp: float = 1e-2, bias: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def refit(mom: Moments, damp: float = 1e-2, bias: bool = True,
+          prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Least-squares weights ``(W, b)`` mapping the inputs of ``mom`` to its targets.
 
-    Solves ``min_W,b sum ||W x + b - y||^2 + lambda ||W||^2`` with ``lambda = damp * mean(diag X^T X)``
-    (the bias is not regularised). Returns ``W`` of shape (d_out, d_in) and ``b`` (or ``None``), float64.
+    Solves ``min_W,b sum ||W x + b - y||^2 + lambda ||W - W0||^2`` with ``lambda = damp * mean(diag C)``
+    (``C``: the input covariance when there is a bias, else ``X^T X``; the bias is not regularised) and
+    ``W0 = prior`` (zero when ``None``). Shrinking toward the pruned weights rather than toward zero keeps
+    what the dense model learned where the calibration data says little, which is what makes the refit
+    generalise beyond the calibration sentences. Returns ``W`` (d_out, d_in) and ``b`` (or ``None``), float64.
     """
     if mom.xy is None or mom.n == 0:
         raise ValueError("refit needs moments with targets (Moments.add(x, y))")
@@ -101,10 +121,48 @@ def refit(mom: Moments, damp: float = 1e-2, bias: bool = True) -> tuple[torch.Te
         cov, cxy = mom.xx.clone(), mom.xy
     lam = damping(torch.diagonal(cov), damp)
     cov = cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype)
+    if prior is not None:
+        cxy = cxy + lam * prior.double().T
     w_t = solve_psd(cov, cxy)
     w = w_t.T.contiguous()
     b = (my - w @ mx) if bias else None
     return w, b
+
+
+#: Ridge strengths tried by :func:`cross_validated_damp` (relative to the mean diagonal of the covariance).
+CV_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+#: Folds of the calibration rows for the cross-validation.
+CV_FOLDS = 4
+#: A refit must lower its op's calibration error by this fraction to be applied (below is float noise).
+MIN_GAIN = 1e-4
+
+
+def add_to_folds(folds: list[Moments], x: torch.Tensor, y: torch.Tensor, n_folds: int) -> None:
+    """Add the rows of one calibration batch to ``n_folds`` moment folds, in contiguous chunks (rows are
+    sample-major, so a sample's tokens or positions mostly land in one fold and the folds stay independent)."""
+    if not folds:
+        folds.extend(Moments.zeros(x.shape[1], y.shape[1]) for _ in range(n_folds))
+    for fold, xs, ys in zip(folds, torch.tensor_split(x, n_folds), torch.tensor_split(y, n_folds)):
+        if xs.shape[0]:
+            fold.add(xs, ys)
+
+
+def cross_validated_damp(folds: Sequence[Moments], prior: torch.Tensor | None, bias: bool = True,
+                         grid: Sequence[float] = CV_GRID) -> float:
+    """The ``damp`` of :func:`refit` (from ``grid``) with the least held-out output error, summed over
+    leave-one-fold-out fits. Falls back to ``0.01`` when fewer than two folds have rows."""
+    live = [f for f in folds if f.n > 1]
+    if len(live) < 2:
+        return 1e-2
+    best, best_err = grid[0], math.inf
+    for d in grid:
+        err = 0.0
+        for j, held in enumerate(live):
+            w, b = refit(merge([f for i, f in enumerate(live) if i != j]), damp=d, bias=bias, prior=prior)
+            err += output_error(held, w, b)
+        if err < best_err:
+            best, best_err = d, err
+    return best
 
 
 def solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -319,6 +377,7 @@ class RefitRecord:
     error_after: float
     refit: bool
     reason: str = ""
+    damp: float | None = None
 
 
 _PASSTHROUGH = {aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default}
@@ -370,17 +429,20 @@ def sequential_refit(
     out_keep: Mapping[str, np.ndarray | None],
     select: Callable[[fx.Node], bool],
     masks: Sequence[torch.Tensor | None] | None = None,
-    damp: float = 1e-2,
+    damp: float | str = "cv",
     progress: bool = False,
     residual: bool = False,
+    n_folds: int = CV_FOLDS,
 ) -> list[RefitRecord]:
     """Refit, in place and in topological order, the selected ops of ``compressed`` against ``dense``.
 
     ``batches`` are the flat placeholder values of each calibration batch (both graphs take the same
     inputs). An op of ``compressed`` and its dense twin are matched by weight name; the target of the fit
     is the dense op's output restricted to the kept output indices ``out_keep[weight]`` (``None``: all).
-    An op is refit only when the least-squares solution lowers its calibration output error (it never
-    makes an op worse). Returns one record per selected op.
+    Each fit is a ridge regression toward the op's current (pruned) weights; ``damp`` is its strength, or
+    ``"cv"`` to choose it per op by ``n_folds``-fold cross-validation over the calibration rows
+    (:func:`cross_validated_damp`). An op is refit only when the solution lowers its calibration output
+    error (it never makes an op worse). Returns one record per selected op.
 
     With ``residual``, an op whose output only feeds a residual ``add(op(x), r)`` (and keeps all its
     output indices) is fit to ``dense add output - compressed r`` instead: it then also absorbs the error
@@ -436,26 +498,26 @@ def sequential_refit(
         w_param = get_tensor(compressed, wt)
         b_node = bias_node(node)
         b_param = None if b_node is None else get_tensor(compressed, b_node.target)
-        mom = None
+        folds: list[Moments] = []
         for x, y, m in zip(c_run.values(node.args[0]), ys, masks):
             xr = input_rows(node, x, m)
             yr = output_rows(dense_ops[wt], y, m)
             if keep_t is not None:
                 yr = yr.index_select(1, keep_t)
-            if mom is None:
-                mom = Moments.zeros(xr.shape[1], yr.shape[1])
-            mom.add(xr, yr)
+            add_to_folds(folds, xr, yr, n_folds)
+        mom = merge(folds)
         w_old = w_param.detach().reshape(w_param.shape[0], -1)
         b_old = None if b_param is None else b_param.detach()
         before = output_error(mom, w_old, b_old)
-        w_new, b_new = refit(mom, damp=damp, bias=b_param is not None)
+        d_use = damp if damp != "cv" else cross_validated_damp(folds, w_old, b_param is not None)
+        w_new, b_new = refit(mom, damp=d_use, bias=b_param is not None, prior=w_old)
         after = output_error(mom, w_new, b_new)
-        if after < before and all(torch.isfinite(t).all() for t in (w_new, b_new) if t is not None):
+        if after < before * (1 - MIN_GAIN) and all(torch.isfinite(t).all() for t in (w_new, b_new) if t is not None):
             new_w = _set_param(compressed, wt, w_new)
             c_run.set_value(node.args[1], new_w)
             if b_param is not None:
                 c_run.set_value(b_node, _set_param(compressed, b_node.target, b_new))
-            records.append(RefitRecord(wt, mom.n, before, after, True))
+            records.append(RefitRecord(wt, mom.n, before, after, True, damp=d_use))
         else:
-            records.append(RefitRecord(wt, mom.n, before, before, False, "no improvement"))
+            records.append(RefitRecord(wt, mom.n, before, before, False, "no improvement", d_use))
     return records

@@ -13,7 +13,8 @@ from sparsecomp.calibration import collect_moments, flat_batches, token_masks
 from sparsecomp.errors import ConfigError
 from sparsecomp.metrics import count_macs
 from sparsecomp.models import BUILTIN_SENTENCES, HELDOUT_SENTENCES, calibration_corpus
-from sparsecomp.reconstruct import Moments, obs_profile, output_error, refit, sequential_refit, token_rows
+from sparsecomp.reconstruct import (Moments, add_to_folds, cross_validated_damp, merge, obs_profile, output_error,
+                                   refit, sequential_refit, token_rows)
 
 aten = torch.ops.aten
 
@@ -43,6 +44,42 @@ def test_refit_recovers_exact_weights_and_error_formula():
     w3 = w + 0.1
     direct = float(((x.float() @ w3.T.float() + b.float() - y.float()) ** 2).sum())
     assert output_error(mom, w3, b) == pytest.approx(direct, rel=1e-3)
+
+
+def test_refit_shrinks_toward_the_prior_and_folds_merge_back():
+    torch.manual_seed(2)
+    x = torch.randn(64, 10, dtype=torch.float64)
+    y = torch.randn(64, 3, dtype=torch.float64)
+    folds: list[Moments] = []
+    add_to_folds(folds, x[:40], y[:40], 4)
+    add_to_folds(folds, x[40:], y[40:], 4)
+    assert len(folds) == 4 and sum(f.n for f in folds) == 64
+    whole = Moments.zeros(10, 3)
+    whole.add(x, y)
+    merged = merge(folds)
+    assert torch.allclose(merged.xx, whole.xx, atol=1e-4) and torch.allclose(merged.xy, whole.xy, atol=1e-4)
+    assert merged.n == 64
+    prior = torch.randn(3, 10, dtype=torch.float64)
+    w_far, _ = refit(whole, damp=1e9, prior=prior)
+    assert torch.allclose(w_far, prior, atol=1e-5)  # infinite ridge: the prior itself
+    w_zero, _ = refit(whole, damp=1e9)
+    assert w_zero.abs().max() < 1e-5  # classic ridge shrinks to zero
+
+
+def test_cross_validation_picks_weak_ridge_for_signal_and_strong_for_noise():
+    torch.manual_seed(3)
+    w = torch.randn(4, 20, dtype=torch.float64)
+    x = torch.randn(2000, 20, dtype=torch.float64)
+    clean: list[Moments] = []
+    add_to_folds(clean, x, x @ w.T + 0.01 * torch.randn(2000, 4, dtype=torch.float64), 4)
+    assert cross_validated_damp(clean, prior=torch.zeros(4, 20, dtype=torch.float64)) <= 1e-2
+    xs = torch.randn(40, 20, dtype=torch.float64)
+    noise: list[Moments] = []
+    add_to_folds(noise, xs, torch.randn(40, 4, dtype=torch.float64), 4)  # targets unrelated to inputs
+    assert cross_validated_damp(noise, prior=torch.zeros(4, 20, dtype=torch.float64)) >= 10.0
+    single: list[Moments] = []
+    add_to_folds(single, xs[:1], xs[:1, :4], 4)
+    assert cross_validated_damp(single, prior=None) == 1e-2  # nothing to validate on
 
 
 def test_obs_profile_error_equals_refit_residual():
@@ -123,6 +160,9 @@ def test_config_validation_and_round_trip():
         StructuredPruning(reconstruct="maybe")
     with pytest.raises(ConfigError, match="damp"):
         StructuredPruning(damp=0)
+    with pytest.raises(ConfigError, match="damp"):
+        StructuredPruning(damp="auto")
+    assert StructuredPruning().damp == "cv" and StructuredPruning(damp=0.1).profile_damp == 0.1
     with pytest.raises(ConfigError, match="not both"):
         StructuredPruning(importance="l2", criterion="fluctuation")
     cfg = StructuredPruning(ratio=0.3, criterion="reconstruction", allocation="sensitivity", reconstruct="all",

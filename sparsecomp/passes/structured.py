@@ -88,7 +88,10 @@ class StructuredPruning(PassConfig):
         output matches the dense model's, sequentially on the compressed model's own activations
         (:func:`sparsecomp.reconstruct.sequential_refit`). The bias absorbs the mean of what was removed.
     damp:
-        Ridge regularisation of the refits and OBS profiles, relative to the mean diagonal of X^T X.
+        Ridge strength of the reconstruction refits (toward the pruned weights, relative to the mean
+        diagonal of the input covariance), or ``"cv"`` (default): chosen per op by 4-fold
+        cross-validation over the calibration rows, so each refit is as strong as the data supports.
+        The OBS profiles and sensitivity probes use ``damp`` too (0.01 under ``"cv"``).
     token_mask:
         Name of the model input that marks real tokens (e.g. ``"attention_mask"``); calibration statistics
         skip rows where it is zero. ``None``, or an input the model does not have: all rows count.
@@ -112,10 +115,15 @@ class StructuredPruning(PassConfig):
     criterion: str | None = None
     allocation: str = "uniform"
     reconstruct: bool | str = False
-    damp: float = 0.01
+    damp: float | str = "cv"
     token_mask: str | None = "attention_mask"
     progress: bool = False
     residual: bool = False
+
+    @property
+    def profile_damp(self) -> float:
+        """The ridge of OBS profiles and sensitivity probes (a number even when ``damp="cv"``)."""
+        return 1e-2 if self.damp == "cv" else float(self.damp)
 
     def __post_init__(self) -> None:
         if self.criterion is not None:
@@ -146,8 +154,9 @@ class StructuredPruning(PassConfig):
                               f"got {self.importance!r}")
         if self.reconstruct not in (True, False, "consumers", "all"):
             raise ConfigError(f"reconstruct must be True, False, 'consumers' or 'all', got {self.reconstruct!r}")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp > 0:
-            raise ConfigError(f"damp must be a positive number, got {self.damp!r}")
+        if self.damp != "cv" and (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
+                                  or not self.damp > 0):
+            raise ConfigError(f"damp must be a positive number or 'cv', got {self.damp!r}")
         if self.token_mask is not None and not isinstance(self.token_mask, str):
             raise ConfigError(f"token_mask must be an input name or None, got {self.token_mask!r}")
 
@@ -308,7 +317,7 @@ def _uses_moments(cfg: StructuredPruning) -> bool:
 def _profiles(dg: DependencyGraph, groups: list[Group], cfg: StructuredPruning, cal: _Calib) -> tuple[list, float]:
 
     per_elem, per_head, total = mac_model(dg)
-    return [group_profile(dg, g, cal.moments, cfg.importance, unit_macs(dg, g, per_elem, per_head), cfg.damp)
+    return [group_profile(dg, g, cal.moments, cfg.importance, unit_macs(dg, g, per_elem, per_head), cfg.profile_damp)
             for g in groups], total
 
 
@@ -475,7 +484,7 @@ def select_removed(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any
             target = cfg.ratio * total - sum(_prefix_macs(p, counts[p.group.id]) for p in profiles if p.group.id in counts)
             alloc = allocate(free, target)
             for _ in range(SENSITIVITY_ROUNDS if cfg.allocation == "sensitivity" else 0):
-                _sensitivity(dg, free, alloc, cal, cfg.damp)
+                _sensitivity(dg, free, alloc, cal, cfg.profile_damp)
                 alloc = allocate(free, target)
             counts.update(_meet_target(dg, cfg, profiles, free, counts, target + sum(
                 _prefix_macs(p, counts[p.group.id]) for p in profiles if p.group.id in counts)))
