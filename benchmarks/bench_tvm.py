@@ -57,6 +57,29 @@ def timeit_interleaved(fns: dict, rounds: int = 7, calls: int = 20) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def timeit_adaptive(fns: dict, rounds: int = 9, sample_s: float = 0.02) -> dict:
+    """Median seconds per call of each fn over interleaved rounds, each sample ~``sample_s`` long.
+
+    Each fn gets its own call count per sample (from one timed call after warm-up), so a 0.1 ms model
+    is not timed over a 0.5 ms window, where one preemption on a shared machine moves the median.
+    """
+    calls = {}
+    for k, f in fns.items():
+        for _ in range(3):
+            f()
+        t0 = time.perf_counter()
+        f()
+        calls[k] = int(min(200, max(3, sample_s / max(time.perf_counter() - t0, 1e-6))))
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[k]):
+                f()
+            samples[k].append((time.perf_counter() - t0) / calls[k])
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def dram_bandwidth() -> float:
     """Single-core read bandwidth (bytes/s): numpy sum over a 512 MiB array, best of 5."""
     a = np.ones(128 << 20, np.float32)
@@ -314,7 +337,7 @@ def bench_models(names=None) -> None:
             ort = ort_session(model, args, kwargs)
             if ort is not None:
                 fns["ort"] = ort
-            t = timeit_interleaved(fns, rounds=5, calls=5)
+            t = timeit_adaptive(fns)
         best = min(t["torch"], t.get("ort", float("inf")))
         print(f"| {name} | {t['torch'] * 1e3:.2f} | {t.get('ort', float('nan')) * 1e3:.2f} | "
               f"{t['tvm'] * 1e3:.2f} | {best / t['tvm']:.2f}x | {low.kernels} |", flush=True)

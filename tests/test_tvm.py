@@ -165,12 +165,13 @@ def test_kernel_variants_directly():
         packed = torch.cat([w, torch.zeros(8, k)]).reshape(3, 16, k).permute(0, 2, 1)
         y = run(kernels.dense_kernel(k, 48), x, packed, bias, 48, rows=rows)
         torch.testing.assert_close(y[:, :n_out], x @ w.T + bias[:n_out], rtol=1e-5, atol=1e-4)
-    a, b = torch.randn(3, 7, 24), torch.randn(3, 24, 16)
-    exe = tvm.compile(tvm.IRModule({"main": kernels.bmm_kernel(7, 24, 16).with_attr("global_symbol", "main")}),
-                      target=tgt)
-    c = tvm.runtime.tensor(torch.zeros(3, 7, 16).numpy(), dev)
-    exe["main"](tvm.runtime.tensor(a.numpy(), dev), tvm.runtime.tensor(b.numpy(), dev), c)
-    torch.testing.assert_close(torch.from_numpy(c.numpy()), a @ b, rtol=1e-5, atol=1e-4)
+    for n in (16, 65, 7):  # 65 / 7: a narrower trailing panel (and no full panel at all)
+        a, b = torch.randn(3, 7, 24), torch.randn(3, 24, n)
+        exe = tvm.compile(tvm.IRModule({"main": kernels.bmm_kernel(7, 24, n).with_attr("global_symbol", "main")}),
+                          target=tgt)
+        c = tvm.runtime.tensor(torch.zeros(3, 7, n).numpy(), dev)
+        exe["main"](tvm.runtime.tensor(a.numpy(), dev), tvm.runtime.tensor(b.numpy(), dev), c)
+        torch.testing.assert_close(torch.from_numpy(c.numpy()), a @ b, rtol=1e-5, atol=1e-4)
 
 
 def test_parallel_and_serial_kernel_paths_agree():
@@ -193,14 +194,18 @@ def test_parallel_and_serial_kernel_paths_agree():
                                                            parallel=par),
                 [x, bsr.crow_indices, bsr.col_indices, bsr.values.permute(0, 2, 1), bias]),
     }
+    a, b = torch.randn(8, 65, 40), torch.randn(8, 40, 65)  # 65 columns: parallel remainder panel too
+    cases["bmm"] = (lambda par: kernels.bmm_kernel(65, 40, 65, parallel=par), [a, b])
     for name, (make, arrays) in cases.items():
+        if name == "bmm":
+            ref = a @ b
         for par in (True, False):
             func = make(par)
             # the parallel branch is taken iff rows * work >= the threshold baked into the kernel
             assert (str(kernels.MIN_PARALLEL_FLOPS) in func.script()) == par
             exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
-            out = tvm.runtime.tensor(torch.zeros(rows, n_out).numpy(), dev)
-            exe["main"](*[tvm.runtime.tensor(a.contiguous().numpy(), dev) for a in arrays], out)
+            out = tvm.runtime.tensor(torch.zeros(ref.shape).numpy(), dev)
+            exe["main"](*[tvm.runtime.tensor(t.contiguous().numpy(), dev) for t in arrays], out)
             torch.testing.assert_close(torch.from_numpy(out.numpy()), ref, rtol=1e-4, atol=1e-4,
                                        msg=f"{name} parallel={par}")
 
@@ -288,6 +293,187 @@ def test_threads_give_same_result():
 def test_latency_helper_returns_positive_seconds():
     model, args, kwargs, low = _compiled("all_formats")
     assert 0 < tvm_backend.latency(low, args, num_threads=1, warmup=1, repeat=3) < 1.0
+
+
+# --------------------------------------------------------------------------- convolutions
+def _bn(c: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.1)
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+    return bn
+
+
+class Conv2dCases(nn.Module):
+    """One chain through every 2-D conv path, at odd sizes (11x13) so every remainder tile runs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.stem = nn.Conv2d(4, 12, 3, padding=1, bias=False)  # OC 12: padded to a vector multiple
+        self.stem_bn = _bn(12)  # folded, and the ReLU after it fused (hardswish / hardsigmoid below)
+        self.dilated = nn.Conv2d(12, 16, 3, stride=2, padding=2, dilation=2)  # bias
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=2)  # 8 outputs per group
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)  # depthwise
+        self.dw_bn = _bn(16)
+        self.dw2 = nn.Conv2d(16, 32, 3, padding=1, groups=16)  # depthwise, multiplier 2
+        self.pw = nn.Conv2d(32, 20, 1)  # pointwise, 20 outputs (not a tile multiple)
+        self.gn = nn.GroupNorm(4, 20)
+        self.strided_pw = nn.Conv2d(20, 24, 1, stride=2, bias=False)  # 1x1 but strided: direct
+        self.g4 = nn.Conv2d(24, 12, 3, padding=1, groups=3)  # 4 outputs per group
+        self.res = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.res_bn = _bn(12)
+        self.twice = nn.Conv2d(12, 12, 3, padding=1)  # two consumers: no BN folding
+        self.twice_bn = _bn(12)
+        self.up = nn.ConvTranspose2d(12, 8, 2, stride=2)  # kernel == stride
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(x)))
+        x = self.grouped(self.dilated(x))
+        x = F.hardswish(self.dw_bn(self.dw(x)))  # fused into the depthwise kernel
+        x = F.relu(self.gn(self.pw(self.dw2(x))))
+        x = self.g4(F.hardsigmoid(self.strided_pw(x)))
+        x = F.relu(self.res_bn(self.res(x)) + x)  # skip connection fused into the kernel
+        t = self.twice(x)
+        x = F.relu(self.twice_bn(t)) + t
+        return self.up(x)
+
+
+class Conv1d3dCases(nn.Module):
+    """Conv1d (stride, dilation, groups, GroupNorm) and Conv3d (anisotropic stride / padding)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.c1 = nn.Conv1d(3, 16, 5, stride=2, padding=3, dilation=2)
+        self.g1 = nn.Conv1d(16, 16, 3, padding=1, groups=2, bias=False)
+        self.gn = nn.GroupNorm(2, 16)
+        self.c3 = nn.Conv3d(2, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.d3 = nn.Conv3d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x1, x3):
+        a = self.gn(self.g1(self.c1(x1)))
+        b = self.d3(F.relu(self.c3(x3)))
+        return a, b
+
+
+class ConvRefused(nn.Module):
+    """Convolutions our kernels must leave to the importer (still correct, just not ours)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.overlap_up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)
+        self.g2 = nn.Conv2d(8, 8, 3, padding=1, groups=4)  # 2 outputs per group, not depthwise
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3) / 6)
+
+    def forward(self, x):
+        y = F.conv2d(x, self.w * 2.0, padding=1)  # weight computed in the graph: not a constant
+        y = self.overlap_up(y)
+        return self.g2(torch.cat([y, y], 1))
+
+
+class NormsAndOddAttention(nn.Module):
+    """LayerNorm (affine and not, over one and two dims) and a ``bmm`` with 5 output columns."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(8)
+        self.ln = nn.LayerNorm(20)
+        with torch.no_grad():
+            self.ln.weight.uniform_(0.5, 1.5)
+            self.ln.bias.normal_(0, 0.1)
+        self.ln2 = nn.LayerNorm((5, 20), elementwise_affine=False)
+        self.proj = nn.Linear(20, 20)
+
+    def forward(self, x):
+        h = self.proj(self.ln(x))
+        scores = torch.softmax(torch.bmm(h, x.transpose(1, 2)), -1)  # [B, 5, 5]
+        return self.ln2(torch.bmm(scores, h) + x)
+
+
+def test_layer_norm_and_odd_width_bmm_use_our_kernels():
+    model = NormsAndOddAttention().eval()
+    make = lambda b: (torch.randn(b, 5, 20),)  # noqa: E731
+    low = sparsecomp.lower(model, make(2), backend="tvm", num_threads=1)
+    assert low.kernels == {"layer_norm": 2, "dense": 1, "bmm": 2}
+    _check_batches(low, model, make)
+
+
+def _check_batches(low, model, make, batches=(1, 2, 3)):
+    with torch.no_grad():
+        for b in batches:
+            args = make(b)
+            assert _rel_err(low(*args), model(*args)) < RTOL, b
+
+
+def test_conv2d_paths_match_torch_and_fire():
+    model = Conv2dCases().eval()
+    make = lambda b: (torch.randn(b, 4, 11, 13),)  # noqa: E731
+    low = sparsecomp.lower(model, make(2), backend="tvm", num_threads=1)
+    assert low.kernels == {"conv": 7, "dwconv": 2, "conv1x1": 1, "group_norm": 1, "conv_transpose": 1}
+    _check_batches(low, model, make)
+    # folded / fused away: every BatchNorm but the one whose conv has two consumers, hardswish and
+    # hardsigmoid (clip + divide), and the ReLUs but the one after that unfolded BatchNorm
+    main = tvm_backend.frontend.import_program(sparsecomp.capture(model, make(2)).exported)[0]["main"]
+    text = main.script()
+    assert text.count("R.nn.batch_norm") == 1 and text.count("R.nn.relu") == 1
+    assert "R.clip" not in text and "R.divide" not in text
+    assert text.count("R.add") == 1  # the skip connection is in the kernel; x + t after twice is not
+
+
+def test_conv1d_conv3d_paths_match_torch_and_fire():
+    model = Conv1d3dCases().eval()
+    make = lambda b: (torch.randn(b, 3, 37), torch.randn(b, 2, 3, 9, 10))  # noqa: E731
+    low = sparsecomp.lower(model, make(2), backend="tvm")  # default threads: parallel build
+    assert low.kernels == {"conv": 3, "dwconv": 1, "group_norm": 1}
+    _check_batches(low, model, make, batches=(2, 3))
+
+
+def test_unsupported_convolutions_fall_back_to_the_importer():
+    model = ConvRefused().eval()
+    make = lambda b: (torch.randn(b, 4, 6, 7),)  # noqa: E731
+    low = sparsecomp.lower(model, make(2), backend="tvm", num_threads=1)
+    assert low.kernels == {}
+    _check_batches(low, model, make, batches=(2, 3))
+
+
+def test_conv_kernels_directly():
+    """conv / pointwise / depthwise kernels alone against torch, with remainder tiles and padding."""
+    tgt = target.host_target()
+    dev = tvm.cpu()
+    torch.manual_seed(7)
+
+    def run(func, out_shape, *arrays):
+        exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
+        out = tvm.runtime.tensor(torch.zeros(out_shape).numpy(), dev)
+        exe["main"](*[tvm.runtime.tensor(a.contiguous().numpy(), dev) for a in arrays], out)
+        return torch.from_numpy(out.numpy())
+
+    x = torch.randn(2, 6, 7, 11)  # already "padded"
+    w = torch.randn(10, 6, 3, 2)
+    b = torch.randn(16)
+    acts = {"relu": F.relu, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
+    for (nb, tw), act in zip(((8, 8), (16, 4), (4, 3)), acts):
+        ocp = -(-10 // nb) * nb
+        wp = torch.cat([w, torch.zeros(ocp - 10, 6, 3, 2)]).reshape(ocp // nb, nb, 6, 1, 3, 2)
+        func = kernels.conv_kernel(6, (1, 7, 11), 10, (1, 3, 2), (1, 2, 1), (1, 1, 3), 1, nb, tw,
+                                   act=act, x_dims=(6, 7, 11), y_dims=(10, 3, 8))
+        y = run(func, (2, 10, 3, 8), x, wp.permute(0, 2, 3, 4, 5, 1), b[:ocp])
+        ref = acts[act](F.conv2d(x, w, b[:10], stride=(2, 1), dilation=(1, 3)))
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=f"conv {nb}x{tw} {act}")
+    wpw = torch.randn(9, 6)
+    wpp = torch.cat([wpw, torch.zeros(3, 6)]).reshape(2, 6, 6).permute(0, 2, 1)
+    y = run(kernels.pointwise_conv_kernel(6, 77, 9), (2, 9, 77), x.reshape(2, 6, 77), wpp, b[:12])
+    torch.testing.assert_close(y, torch.einsum("oc,ncp->nop", wpw, x.reshape(2, 6, 77)) + b[:9, None],
+                               rtol=1e-5, atol=1e-4)
+    wd = torch.randn(12, 1, 3, 3)
+    y = run(kernels.depthwise_conv_kernel(6, (1, 7, 11), 12, (1, 3, 3), (1, 1, 2), (1, 1, 1),
+                                          x_dims=(6, 7, 11), y_dims=(12, 5, 5)),
+            (2, 12, 5, 5), x, wd.reshape(12, 1, 3, 3), b[:12])
+    torch.testing.assert_close(y, F.conv2d(x, wd, b[:12], stride=(1, 2), groups=6), rtol=1e-5, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- slow matrices

@@ -3,7 +3,10 @@
 Pipeline (:func:`compile_captured`)::
 
     ExportedProgram --run_decompositions (linear kept)--> from_exported_program + our converters
-      (linear -> packed dense kernel, sparsecomp::* -> BSR/CSR/N:M kernels, all via call_tir)
+      (linear -> packed dense kernel, convolution -> direct / pointwise / depthwise conv kernels with
+      BatchNorm, activation and skip-add folded in, group / layer norm kernels, sparsecomp::* ->
+      BSR/CSR/N:M kernels, all via call_tir); plus ``main_static``, main specialised to the example
+      input shapes (run when the inputs match them)
       --> LegalizeOps, FoldConstant, FuseOps, FuseTIR (the rest of the graph)
       --> schedule.schedule_pass (dlight CPU rules + LoopNest) --> Relax VM build for the host CPU
 
@@ -62,15 +65,23 @@ def _pipeline(target: tvm.target.Target, parallel: bool = True) -> tvm.transform
     return _run
 
 
-def compile_captured(captured: Captured, target: Any = None, parallel: bool = True):
-    """Import and build ``captured``; returns ``(executable, kernel_counts, target)``.
+def compile_captured(captured: Captured, target: Any = None, parallel: bool = True,
+                     specialize: bool = True):
+    """Import and build ``captured``; returns ``(executable, kernel_counts, target, static_shapes)``.
 
-    ``parallel=False`` compiles single-threaded code (no ``T.parallel`` loops at all).
+    ``parallel=False`` compiles single-threaded code (no ``T.parallel`` loops at all). ``specialize``
+    also builds ``main_static`` for the example inputs' shapes (see
+    :func:`.frontend.specialize_example`); ``static_shapes`` is ``None`` when it was not built.
     """
     tgt = resolve_target(target)
     mod, fired = frontend.import_program(captured.exported, parallel)
+    static = None
+    if specialize:
+        example = [t for t in torch.utils._pytree.tree_leaves(
+            (captured.example_args, captured.example_kwargs)) if isinstance(t, torch.Tensor)]
+        static = frontend.specialize_example(mod, example)
     exe = tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt, parallel))
-    return exe, fired, tgt
+    return exe, fired, tgt, static
 
 
 class TVMModel:
@@ -84,15 +95,21 @@ class TVMModel:
         Threads of TVM's pool while this model runs.
     """
 
-    def __init__(self, module, in_spec, out_spec, num_threads: int, kernels: dict, target: str):
+    def __init__(self, module, in_spec, out_spec, num_threads: int, kernels: dict, target: str,
+                 static_shapes: list | None = None):
         self._module = module  # Executable or loaded runtime Module (kept alive for the VM)
         self._vm = relax.VirtualMachine(module, tvm.cpu())
         self._main = self._vm["main"]
+        # inputs shaped exactly like the example run the shape-specialised copy (no dynamic shapes)
+        self._static_shapes = [tuple(s) for s in static_shapes] if static_shapes else None
+        self._main_static = self._vm["main_static"] if self._static_shapes else None
         self._in_spec = in_spec
         self._out_spec = out_spec
         self.num_threads = num_threads
         self.kernels = dict(kernels)
         self.target = target
+        self._n_positional = _positional_only(in_spec)
+        self._single_out = out_spec is not None and out_spec.is_leaf()
 
     def _inputs(self, args, kwargs) -> list:
         leaves, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs)))
@@ -110,9 +127,36 @@ class TVMModel:
                 out.append(tvm.runtime.from_dlpack(t.contiguous()))
         return out
 
+    def _fast_inputs(self, args, kwargs) -> list | None:
+        """Inputs of the common call ``model(t1, ..., tn)`` without pytree (~10 us a call), else None."""
+        if kwargs or len(args) != self._n_positional:
+            return None
+        out = []
+        for a in args:
+            if type(a) is not torch.Tensor or a.device.type != "cpu" or a.requires_grad:
+                return None
+            out.append(tvm.runtime.from_dlpack(a if a.is_contiguous() else a.contiguous()))
+        return out
+
+    def _function(self, inputs: list):
+        """``main_static`` for inputs with the example's shapes, else the dynamic ``main``."""
+        static = self._static_shapes
+        if static is not None and len(inputs) == len(static) and all(
+            tuple(t.shape) == s for t, s in zip(inputs, static)
+        ):
+            return self._main_static
+        return self._main
+
     def __call__(self, *args, **kwargs):
         set_threads(self.num_threads)
-        result = self._main(*self._inputs(args, kwargs))
+        inputs = self._fast_inputs(args, kwargs)
+        if inputs is None:
+            inputs = self._inputs(args, kwargs)
+        result = self._function(inputs)(*inputs)
+        if self._single_out:
+            while not hasattr(result, "__dlpack__"):  # a (nested) one-element tuple
+                result = result[0]
+            return torch.from_dlpack(result)
         flat = _flatten_result(result)
         outs = [torch.from_dlpack(t) for t in flat]
         return torch.utils._pytree.tree_unflatten(outs, self._out_spec)
@@ -128,11 +172,24 @@ class TVMModel:
             "target": self.target,
             "num_threads": self.num_threads,
             "kernels": self.kernels,
+            "static_shapes": self._static_shapes,
             "in_spec": torch.utils._pytree.treespec_dumps(self._in_spec),
             "out_spec": torch.utils._pytree.treespec_dumps(self._out_spec),
         }
         with open(os.path.join(path, MANIFEST), "w") as f:
             json.dump(meta, f, indent=1)
+
+
+def _positional_only(in_spec) -> int:
+    """``n`` when ``in_spec`` is ``((t1, ..., tn), {})`` with tensor-or-leaf positions, else -1."""
+    if in_spec is None:
+        return -1
+    try:
+        n = in_spec.child(0).num_children
+        probe = torch.utils._pytree.tree_structure((tuple(range(n)), {}))
+    except (AttributeError, IndexError):
+        return -1
+    return n if probe == in_spec else -1
 
 
 def _flatten_result(result) -> list:
@@ -155,9 +212,10 @@ def lower(captured: Captured, *, target: Any = None, num_threads: int | None = N
         raise ConfigError(f"num_threads must be a positive int, got {num_threads!r}")
     threads = num_threads or default_threads()
     # one thread: no parallel loops at all (a parallel body compiles to a slower closure; see kernels)
-    exe, fired, tgt = compile_captured(captured, target, parallel=threads > 1)
+    exe, fired, tgt, static = compile_captured(captured, target, parallel=threads > 1)
     ep = captured.exported
-    return TVMModel(exe, ep.call_spec.in_spec, ep.call_spec.out_spec, threads, fired, str(tgt))
+    return TVMModel(exe, ep.call_spec.in_spec, ep.call_spec.out_spec, threads, fired, str(tgt),
+                    static)
 
 
 def load(path: str | os.PathLike, *, num_threads: int | None = None) -> TVMModel:
@@ -175,6 +233,7 @@ def load(path: str | os.PathLike, *, num_threads: int | None = None) -> TVMModel
         num_threads or meta["num_threads"],
         meta.get("kernels", {}),
         meta["target"],
+        meta.get("static_shapes"),
     )
 
 

@@ -1,4 +1,4 @@
-"""Our own TIR kernels: packed dense ``linear``, batched matmul, BSR, CSR and N:M sparse ``linear``.
+"""Our own TIR kernels: dense ``linear``, batched matmul, sparse ``linear``, convolutions and norms.
 
 Every kernel is a TVMScript ``PrimFunc`` generated for what is known at compile time (``in``/``out``
 features, block shape, row count, nnz, tile sizes); only the batch (rows of ``x``) stays symbolic. The
@@ -15,6 +15,12 @@ Layouts are chosen at compile time from the constant weights (see :mod:`.fronten
 * CSR / N:M: rows of ``x`` in tiles of 8 run as vectors over the batch (the kernel reads ``x^T [K, B]``);
   the other rows (all of them at batch 1) reduce each output row with ``U`` independent accumulators.
   N:M computes its column indices as ``group*m + position`` from the uint8 positions.
+* convolutions (NCHW in and out, inputs already padded): direct kernel with weights packed
+  ``[OC/NB, IC/g, KD, KH, KW, NB]``, register tile ``TW`` output-width positions x ``NB`` output
+  channels; pointwise (1x1) kernel vectorised over positions (tile 6 channels x 16 positions);
+  depthwise kernel vectorised along output rows. Activations (ReLU, hardswish, hardsigmoid) can be
+  fused into the stores; BatchNorm is folded into the weights by the frontend.
+* GroupNorm / LayerNorm: two-pass statistics into 8-lane vectors, then one vectorised affine pass.
 
 Parallelism: the outer loop (output panels / chunks of rows) runs ``T.parallel`` only when the call's
 work, known at run time from the batch, is at least :data:`MIN_PARALLEL_FLOPS`: a parallel launch costs
@@ -26,6 +32,7 @@ batch 1, cold: 453 us through the parallel path vs ~0.35 of that per nonzero ser
 
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 # Outputs per dense panel (two 8-float AVX2 vectors) and rows per register tile; see
@@ -350,40 +357,42 @@ def nm_kernel(N: int, K: int, n: int, m: int, pos_dtype: str, dtype: str = "floa
 
 def bmm_kernel(M: int, K: int, N: int, MB: int = DENSE_MB, dtype: str = "float32",
                parallel: bool = True):
-    """Batched ``C[b] = A[b] @ B[b]`` (``A [bt, M, K]``, ``B [bt, K, N]``), ``N % 8 == 0``.
+    """Batched ``C[b] = A[b] @ B[b]`` (``A [bt, M, K]``, ``B [bt, K, N]``), any ``N``.
 
     Attention products between activations: register tile ``MB x NB`` (NB = 16 or 8 outputs), the
     ``B`` panel row is a contiguous vector load, ``A`` is broadcast; (batch x column panels) in parallel.
+    ``N % NB`` trailing columns form one narrower panel (ViT's 65 tokens: 4 panels of 16 + 1): before
+    it, such products fell back to the legalized matmul, 0.8 ms of ViT's ~2 ms.
     """
-    NB = 16 if N % 16 == 0 else 8
+    NB = 16 if N % 16 == 0 or N >= 32 else 8
     nblk = N // NB
+    RN = N - nblk * NB  # static remainder panel width
+    RNB = max(RN, 1)
     mfull = M // MB
     flops_per_batch = 2 * M * K * N
     threshold = _parallel_threshold(parallel)
 
     @T.macro
-    def panel(A, Bm, C, bn, acc, acc1):
+    def panel(A, Bm, C, b, n0, width, acc, acc1):
         for mo in range(mfull):
             for mi in T.unroll(MB):
-                for ni in T.vectorized(NB):
+                for ni in T.vectorized(width):
                     acc[mi, ni] = T.Cast(dtype, 0)
             for k in range(K):
                 for mi in T.unroll(MB):
-                    for ni in T.vectorized(NB):
-                        acc[mi, ni] = acc[mi, ni] + A[bn // nblk, mo * MB + mi, k] * Bm[
-                            bn // nblk, k, bn % nblk * NB + ni]
+                    for ni in T.vectorized(width):
+                        acc[mi, ni] = acc[mi, ni] + A[b, mo * MB + mi, k] * Bm[b, k, n0 + ni]
             for mi in T.unroll(MB):
-                for ni in T.vectorized(NB):
-                    C[bn // nblk, mo * MB + mi, bn % nblk * NB + ni] = acc[mi, ni]
+                for ni in T.vectorized(width):
+                    C[b, mo * MB + mi, n0 + ni] = acc[mi, ni]
         for mt in range(M - mfull * MB):
-            for ni in T.vectorized(NB):
+            for ni in T.vectorized(width):
                 acc1[ni] = T.Cast(dtype, 0)
             for k in range(K):
-                for ni in T.vectorized(NB):
-                    acc1[ni] = acc1[ni] + A[bn // nblk, mfull * MB + mt, k] * Bm[
-                        bn // nblk, k, bn % nblk * NB + ni]
-            for ni in T.vectorized(NB):
-                C[bn // nblk, mfull * MB + mt, bn % nblk * NB + ni] = acc1[ni]
+                for ni in T.vectorized(width):
+                    acc1[ni] = acc1[ni] + A[b, mfull * MB + mt, k] * Bm[b, k, n0 + ni]
+            for ni in T.vectorized(width):
+                C[b, mfull * MB + mt, n0 + ni] = acc1[ni]
 
     @T.prim_func(private=True)
     def bmm(a_h: T.handle, b_h: T.handle, c_h: T.handle):
@@ -393,14 +402,466 @@ def bmm_kernel(M: int, K: int, N: int, MB: int = DENSE_MB, dtype: str = "float32
         Bm = T.match_buffer(b_h, (bt, K, N), dtype)
         C = T.match_buffer(c_h, (bt, M, N), dtype)
         if bt * flops_per_batch >= threshold:
-            for bn in T.parallel(bt * nblk):
-                acc = T.alloc_buffer((MB, NB), dtype, scope="local")
-                acc1 = T.alloc_buffer((NB,), dtype, scope="local")
-                panel(A, Bm, C, bn, acc, acc1)
+            if nblk > 0:
+                for bn in T.parallel(bt * nblk):
+                    acc = T.alloc_buffer((MB, NB), dtype, scope="local")
+                    acc1 = T.alloc_buffer((NB,), dtype, scope="local")
+                    panel(A, Bm, C, bn // nblk, bn % nblk * NB, NB, acc, acc1)
+            if RN > 0:
+                for b in T.parallel(bt):
+                    accr = T.alloc_buffer((MB, RNB), dtype, scope="local")
+                    accr1 = T.alloc_buffer((RNB,), dtype, scope="local")
+                    panel(A, Bm, C, b, nblk * NB, RN, accr, accr1)
         else:
             acc = T.alloc_buffer((MB, NB), dtype, scope="local")
             acc1 = T.alloc_buffer((NB,), dtype, scope="local")
-            for bn in range(bt * nblk):
-                panel(A, Bm, C, bn, acc, acc1)
+            accr = T.alloc_buffer((MB, RNB), dtype, scope="local")
+            accr1 = T.alloc_buffer((RNB,), dtype, scope="local")
+            for b in range(bt):
+                for j in range(nblk):
+                    panel(A, Bm, C, b, j * NB, NB, acc, acc1)
+                if RN > 0:
+                    panel(A, Bm, C, b, nblk * NB, RN, accr, accr1)
 
     return _scheduled(bmm)
+
+
+# --------------------------------------------------------------------------- convolutions
+# Direct convolution: outputs per vector (output channels) and output-width positions per register
+# tile; see conv_tile() for the choice (measured on the zoo's layers, 1 thread).
+CONV_NB = 8
+CONV_TW = 8
+# Pointwise (1x1) convolution: output channels x positions per register tile. 6x16 measured best of
+# 4x16 / 6x16 / 3x32 / 8x8 on the zoo's 1x1 layers (e.g. 84->48 at 32x32: 61 vs 45 / 28 / 32 GF/s).
+POINTWISE_MB = 6
+POINTWISE_PB = 16
+
+
+ACTIVATIONS = ("relu", "hardswish", "hardsigmoid")
+
+
+def activation(act: str | None, x, dtype: str = "float32"):
+    """``x`` through a fused activation (evaluated while a kernel is parsed): ``relu``,
+    ``hardswish`` ``x * clamp(x + 3, 0, 6) / 6`` or ``hardsigmoid`` ``clamp(x + 3, 0, 6) / 6``, in
+    torch's decomposition's operation order (same rounding); ``None``: ``x`` itself."""
+    if act is None:
+        return x
+    zero, three, six = (tirx.const(v, dtype) for v in (0, 3, 6))
+    if act == "relu":
+        return tirx.max(x, zero)
+    gate = tirx.min(tirx.max(x + three, zero), six)
+    if act == "hardswish":
+        return x * gate / six
+    if act == "hardsigmoid":
+        return gate / six
+    raise ValueError(f"unknown fused activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+def conv_tile(ocg: int, groups: int, ow: int) -> tuple[int, int]:
+    """``(NB, TW)`` for :func:`conv_kernel`: channels per vector and width positions per tile.
+
+    8 channels x 8 positions when the output row is at least 8 wide (16->16 3x3 at 32x32: 76 GF/s vs
+    50 for 16x4); narrower rows (the late, small stages) take 16 channels x up to 4 positions (1x1
+    128->512 at 4x4: 84 vs 48 GF/s). A grouped conv's vector must stay inside one group (8, else 4).
+    """
+    if groups > 1 and ocg % 8:
+        return 4, min(ow, 8)
+    if ow < 8 and (groups == 1 or ocg % 16 == 0) and ocg >= 16:
+        return 16, min(ow, 4)
+    return 8, min(ow, 8)
+
+
+def conv_out_size(padded: int, k: int, s: int, d: int) -> int:
+    """Output extent of a convolution over an already padded input extent."""
+    return (padded - d * (k - 1) - 1) // s + 1
+
+
+def conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: tuple, G: int,
+                NB: int = CONV_NB, TW: int = CONV_TW, dtype: str = "float32", act: str | None = None,
+                x_dims: tuple | None = None, y_dims: tuple | None = None, parallel: bool = True,
+                residual: bool = False):
+    """Direct ``N``-batch convolution on an NCDHW input that is already padded.
+
+    ``X [N, IC, DP, HP, WP]`` (``IS = (DP, HP, WP)``), weights packed ``[OCP/NB, IC/G, KD, KH, KW, NB]``
+    (``OCP`` = ``OC`` rounded up to ``NB``; padded outputs have zero weights and are not stored), bias
+    ``[OCP]``, output ``Y [N, OC, OD, OH, OW]``. Register tile: ``TW`` consecutive output-width
+    positions x ``NB`` output channels (one ``NB``-wide vector FMA per position and reduction step, the
+    weight vector loaded once per step and the input broadcast); the reduction runs over ``IC/G x KD x
+    KH x KW``. Groups need ``OC/G % NB == 0`` (a vector never straddles two groups); ``act`` is an
+    activation fused into the store (:func:`activation`). 1-D and 2-D convolutions use ``DP = KD = 1``;
+    ``x_dims`` / ``y_dims`` (dims after ``N``) give the argument buffers their own rank (the kernel
+    views them as 5-D), so the caller needs no reshape. (image, vector block) pairs run in parallel
+    above :data:`MIN_PARALLEL_FLOPS`, as the dense kernel. ``residual``: the function takes one more
+    input shaped like ``Y`` that is added before the activation (a fused ``conv + x`` skip
+    connection; arguments ``x, w, bias, residual, y``).
+    """
+    DP, HP, WP = IS
+    KD, KH, KW = KS
+    sd, sh, sw = S
+    dd, dh, dw = D
+    OD, OH, OW = (conv_out_size(p, k, s, d) for p, k, s, d in zip(IS, KS, S, D))
+    ICG, OCG = IC // G, OC // G
+    if G > 1 and OCG % NB:
+        raise ValueError(f"grouped convolution needs out_channels/groups % {NB} == 0, got {OCG}")
+    OCP = -(-OC // NB) * NB
+    OCB = OCP // NB
+    BPG = OCB if G == 1 else OCG // NB  # vector blocks per group
+    xd = x_dims or (IC, DP, HP, WP)
+    yd = y_dims or (OC, OD, OH, OW)
+    full = OW // TW
+    R = OW - full * TW  # static remainder tile
+    RR = max(R, 1)
+    flops_per_image = 2 * OCP * OD * OH * OW * ICG * KD * KH * KW
+    threshold = _parallel_threshold(parallel)
+
+    @T.macro
+    def tile(X, w, bias, Rs, Y, n, ocb, od, oh, ow0, width, acc):
+        for t in T.unroll(width):
+            for v in T.vectorized(NB):
+                acc[t, v] = bias[ocb * NB + v]
+        for ic, kd, kh, kw in T.grid(ICG, KD, KH, KW):
+            for t in T.unroll(width):
+                for v in T.vectorized(NB):
+                    acc[t, v] = acc[t, v] + X[
+                        n, ocb // BPG * ICG + ic, od * sd + kd * dd, oh * sh + kh * dh,
+                        (ow0 + t) * sw + kw * dw] * w[ocb, ic, kd, kh, kw, v]
+        for t in T.unroll(width):
+            for v in T.unroll(NB):
+                if ocb * NB + v < OC:
+                    if residual:
+                        Y[n, ocb * NB + v, od, oh, ow0 + t] = activation(
+                            act, acc[t, v] + Rs[n, ocb * NB + v, od, oh, ow0 + t], dtype)
+                    else:
+                        Y[n, ocb * NB + v, od, oh, ow0 + t] = activation(act, acc[t, v], dtype)
+
+    @T.macro
+    def block(X, w, bias, Rs, Y, n, ocb, acc, acc1):
+        for od, oh in T.grid(OD, OH):
+            for owo in range(full):
+                tile(X, w, bias, Rs, Y, n, ocb, od, oh, owo * TW, TW, acc)
+            if R > 0:
+                tile(X, w, bias, Rs, Y, n, ocb, od, oh, full * TW, R, acc1)
+
+    @T.macro
+    def body(X, w, bias, Rs, Y, N):
+        if N * flops_per_image >= threshold:
+            for i in T.parallel(N * OCB):
+                acc = T.alloc_buffer((TW, NB), dtype, scope="local")
+                acc1 = T.alloc_buffer((RR, NB), dtype, scope="local")
+                block(X, w, bias, Rs, Y, i // OCB, i % OCB, acc, acc1)
+        else:
+            acc = T.alloc_buffer((TW, NB), dtype, scope="local")
+            acc1 = T.alloc_buffer((RR, NB), dtype, scope="local")
+            for n, ocb in T.grid(N, OCB):
+                block(X, w, bias, Rs, Y, n, ocb, acc, acc1)
+
+    @T.prim_func(private=True)
+    def conv(x_h: T.handle, w: T.Buffer((OCB, ICG, KD, KH, KW, NB), dtype),
+             bias: T.Buffer((OCP,), dtype), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N = T.int64()
+        Xa = T.match_buffer(x_h, (N, *xd), dtype)
+        Ya = T.match_buffer(y_h, (N, *yd), dtype)
+        X = T.decl_buffer((N, IC, DP, HP, WP), dtype, data=Xa.data)
+        Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
+        body(X, w, bias, Y, Y, N)
+
+    @T.prim_func(private=True)
+    def conv_residual(x_h: T.handle, w: T.Buffer((OCB, ICG, KD, KH, KW, NB), dtype),
+                      bias: T.Buffer((OCP,), dtype), r_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N = T.int64()
+        Xa = T.match_buffer(x_h, (N, *xd), dtype)
+        Ra = T.match_buffer(r_h, (N, *yd), dtype)
+        Ya = T.match_buffer(y_h, (N, *yd), dtype)
+        X = T.decl_buffer((N, IC, DP, HP, WP), dtype, data=Xa.data)
+        Rs = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ra.data)
+        Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
+        body(X, w, bias, Rs, Y, N)
+
+    return _scheduled(conv_residual if residual else conv)
+
+
+def pointwise_conv_kernel(IC: int, P: int, OC: int, MB: int = POINTWISE_MB, PB: int = POINTWISE_PB,
+                          dtype: str = "float32", act: str | None = None, x_dims: tuple | None = None,
+                          y_dims: tuple | None = None, parallel: bool = True,
+                          residual: bool = False):
+    """1x1, stride-1, ungrouped convolution as ``Y[n] = W @ X[n]`` over ``P`` flattened positions.
+
+    ``X [N, IC, P]``, weights packed ``[OCP/MB, IC, MB]`` (``OCP`` = ``OC`` rounded up to ``MB``), bias
+    ``[OCP]``, ``Y [N, OC, P]``. Register tile ``MB`` output channels x ``PB`` positions, vectorised
+    over positions: every input load and output store is contiguous in NCHW, and each input row line
+    is used whole (the direct kernel's per-channel input rows, 4 KiB apart at 32x32, thrashed L1 sets).
+    ``x_dims`` / ``y_dims``: the argument buffers' own dims after ``N`` (viewed as ``[IC, P]``);
+    ``residual`` as :func:`conv_kernel`.
+    """
+    xd = x_dims or (IC, P)
+    yd = y_dims or (OC, P)
+    OCP = -(-OC // MB) * MB
+    OCB = OCP // MB
+    flops_per_image = 2 * OCP * P * IC
+    threshold = _parallel_threshold(parallel)
+    full = P // PB
+    R = P - full * PB
+    RR = max(R, 1)
+
+    @T.macro
+    def tile(X, w, bias, Rs, Y, n, ob, p0, width, acc):
+        for m in T.unroll(MB):
+            for v in T.vectorized(width):
+                acc[m, v] = bias[ob * MB + m]
+        for ic in range(IC):
+            for m in T.unroll(MB):
+                for v in T.vectorized(width):
+                    acc[m, v] = acc[m, v] + w[ob, ic, m] * X[n, ic, p0 + v]
+        for m in T.unroll(MB):
+            if ob * MB + m < OC:
+                for v in T.vectorized(width):
+                    if residual:
+                        Y[n, ob * MB + m, p0 + v] = activation(
+                            act, acc[m, v] + Rs[n, ob * MB + m, p0 + v], dtype)
+                    else:
+                        Y[n, ob * MB + m, p0 + v] = activation(act, acc[m, v], dtype)
+
+    @T.macro
+    def block(X, w, bias, Rs, Y, n, ob, acc, acc1):
+        for po in range(full):
+            tile(X, w, bias, Rs, Y, n, ob, po * PB, PB, acc)
+        if R > 0:
+            tile(X, w, bias, Rs, Y, n, ob, full * PB, R, acc1)
+
+    @T.macro
+    def body(X, w, bias, Rs, Y, N):
+        if N * flops_per_image >= threshold:
+            for i in T.parallel(N * OCB):
+                acc = T.alloc_buffer((MB, PB), dtype, scope="local")
+                acc1 = T.alloc_buffer((MB, RR), dtype, scope="local")
+                block(X, w, bias, Rs, Y, i // OCB, i % OCB, acc, acc1)
+        else:
+            acc = T.alloc_buffer((MB, PB), dtype, scope="local")
+            acc1 = T.alloc_buffer((MB, RR), dtype, scope="local")
+            for n, ob in T.grid(N, OCB):
+                block(X, w, bias, Rs, Y, n, ob, acc, acc1)
+
+    @T.prim_func(private=True)
+    def conv1x1(x_h: T.handle, w: T.Buffer((OCB, IC, MB), dtype), bias: T.Buffer((OCP,), dtype),
+                y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N = T.int64()
+        Xa = T.match_buffer(x_h, (N, *xd), dtype)
+        Ya = T.match_buffer(y_h, (N, *yd), dtype)
+        X = T.decl_buffer((N, IC, P), dtype, data=Xa.data)
+        Y = T.decl_buffer((N, OC, P), dtype, data=Ya.data)
+        body(X, w, bias, Y, Y, N)
+
+    @T.prim_func(private=True)
+    def conv1x1_residual(x_h: T.handle, w: T.Buffer((OCB, IC, MB), dtype),
+                         bias: T.Buffer((OCP,), dtype), r_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N = T.int64()
+        Xa = T.match_buffer(x_h, (N, *xd), dtype)
+        Ra = T.match_buffer(r_h, (N, *yd), dtype)
+        Ya = T.match_buffer(y_h, (N, *yd), dtype)
+        X = T.decl_buffer((N, IC, P), dtype, data=Xa.data)
+        Rs = T.decl_buffer((N, OC, P), dtype, data=Ra.data)
+        Y = T.decl_buffer((N, OC, P), dtype, data=Ya.data)
+        body(X, w, bias, Rs, Y, N)
+
+    return _scheduled(conv1x1_residual if residual else conv1x1)
+
+
+def group_norm_kernel(C: int, G: int, S: int, eps: float, relu: bool = False, V: int = BATCH_VEC,
+                      dtype: str = "float32", dims: tuple | None = None):
+    """GroupNorm over ``X [N, G, C/G * S]`` (an NC... input viewed per group), affine per channel.
+
+    Two passes over each group for the statistics (mean, then the mean of squared deviations, as
+    torch), each accumulating a ``V``-lane vector; then one pass writing ``x * a[c] + b[c]`` with
+    ``a = rstd * gamma``, ``b = beta - mean * a`` (``relu`` clamps it: a fused ReLU). TVM's legalized
+    ``group_norm`` ran its reductions scalar, a third of U-Net's time after the conv kernels.
+    ``dims``: the argument buffers' own dims after ``N`` (default ``(G, C/G * S)``).
+    """
+    CG = C // G
+    L = CG * S
+    LV, LR = L // V, L % V
+    SV, SR = S // V, S % V
+    xd = dims or (G, L)
+
+    @T.macro
+    def store(X, Y, n, g, c, j, a, b):
+        if relu:
+            Y[n, g, c * S + j] = T.max(X[n, g, c * S + j] * a + b, T.Cast(dtype, 0))
+        else:
+            Y[n, g, c * S + j] = X[n, g, c * S + j] * a + b
+
+    @T.prim_func(private=True)
+    def group_norm(x_h: T.handle, gamma: T.Buffer((C,), dtype), beta: T.Buffer((C,), dtype),
+                   y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N = T.int64()
+        Xa = T.match_buffer(x_h, (N, *xd), dtype)
+        Ya = T.match_buffer(y_h, (N, *xd), dtype)
+        X = T.decl_buffer((N, G, L), dtype, data=Xa.data)
+        Y = T.decl_buffer((N, G, L), dtype, data=Ya.data)
+        acc = T.alloc_buffer((V,), dtype, scope="local")
+        st = T.alloc_buffer((4,), dtype, scope="local")  # mean, rstd, a, b
+        for n, g in T.grid(N, G):
+            for v in T.vectorized(V):
+                acc[v] = T.Cast(dtype, 0)
+            for j in range(LV):
+                for v in T.vectorized(V):
+                    acc[v] = acc[v] + X[n, g, j * V + v]
+            st[0] = T.Cast(dtype, 0)
+            for j in range(LR):
+                st[0] = st[0] + X[n, g, LV * V + j]
+            for v in range(V):
+                st[0] = st[0] + acc[v]
+            st[0] = st[0] / T.Cast(dtype, L)
+            for v in T.vectorized(V):
+                acc[v] = T.Cast(dtype, 0)
+            for j in range(LV):
+                for v in T.vectorized(V):
+                    acc[v] = acc[v] + (X[n, g, j * V + v] - st[0]) * (X[n, g, j * V + v] - st[0])
+            st[1] = T.Cast(dtype, 0)
+            for j in range(LR):
+                st[1] = st[1] + (X[n, g, LV * V + j] - st[0]) * (X[n, g, LV * V + j] - st[0])
+            for v in range(V):
+                st[1] = st[1] + acc[v]
+            st[1] = T.Cast(dtype, 1) / T.sqrt(st[1] / T.Cast(dtype, L) + T.Cast(dtype, eps))
+            for c in range(CG):
+                st[2] = st[1] * gamma[g * CG + c]
+                st[3] = beta[g * CG + c] - st[0] * st[2]
+                for jo in range(SV):
+                    for v in T.vectorized(V):
+                        store(X, Y, n, g, c, jo * V + v, st[2], st[3])
+                for j in range(SR):
+                    store(X, Y, n, g, c, SV * V + j, st[2], st[3])
+
+    return _scheduled(group_norm)
+
+
+def depthwise_conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: tuple,
+                          V: int = BATCH_VEC, dtype: str = "float32", act: str | None = None,
+                          x_dims: tuple | None = None, y_dims: tuple | None = None,
+                          parallel: bool = True):
+    """Depthwise convolution (``groups == IC``, ``OC = IC * multiplier``) on a padded NCDHW input.
+
+    ``X [N, IC, DP, HP, WP]``, weights ``[OC, KD, KH, KW]``, bias ``[OC]``, ``Y [N, OC, OD, OH, OW]``;
+    output channel ``o`` reads input channel ``o // multiplier``. Each output row is computed in
+    ``V``-wide vectors along the width (a static remainder vector for the rest): one broadcast weight
+    FMA per tap. The generic schedule ran these per element; with few taps per output there is no
+    reduction worth vectorising, only the row. ``x_dims`` / ``y_dims`` as :func:`conv_kernel`.
+    """
+    DP, HP, WP = IS
+    KD, KH, KW = KS
+    sd, sh, sw = S
+    dd, dh, dw = D
+    OD, OH, OW = (conv_out_size(p, k, s, d) for p, k, s, d in zip(IS, KS, S, D))
+    M = OC // IC
+    full, R = OW // V, OW % V
+    xd = x_dims or (IC, DP, HP, WP)
+    yd = y_dims or (OC, OD, OH, OW)
+    flops_per_image = 2 * OC * OD * OH * OW * KD * KH * KW
+    threshold = _parallel_threshold(parallel)
+
+    @T.macro
+    def row(X, w, bias, Y, n, oc, od, oh, ow0, width, acc):
+        for v in T.vectorized(width):
+            acc[v] = bias[oc]
+        for kd, kh, kw in T.grid(KD, KH, KW):
+            for v in T.vectorized(width):
+                acc[v] = acc[v] + X[n, oc // M, od * sd + kd * dd, oh * sh + kh * dh,
+                                    (ow0 + v) * sw + kw * dw] * w[oc, kd, kh, kw]
+        for v in T.vectorized(width):
+            Y[n, oc, od, oh, ow0 + v] = activation(act, acc[v], dtype)
+
+    @T.macro
+    def plane(X, w, bias, Y, n, oc, acc):
+        for od, oh in T.grid(OD, OH):
+            for owo in range(full):
+                row(X, w, bias, Y, n, oc, od, oh, owo * V, V, acc)
+            if R > 0:
+                row(X, w, bias, Y, n, oc, od, oh, full * V, R, acc)
+
+    @T.prim_func(private=True)
+    def depthwise(x_h: T.handle, w: T.Buffer((OC, KD, KH, KW), dtype), bias: T.Buffer((OC,), dtype),
+                  y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N = T.int64()
+        Xa = T.match_buffer(x_h, (N, *xd), dtype)
+        Ya = T.match_buffer(y_h, (N, *yd), dtype)
+        X = T.decl_buffer((N, IC, DP, HP, WP), dtype, data=Xa.data)
+        Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
+        if N * flops_per_image >= threshold:
+            for i in T.parallel(N * OC):
+                acc = T.alloc_buffer((V,), dtype, scope="local")
+                plane(X, w, bias, Y, i // OC, i % OC, acc)
+        else:
+            acc = T.alloc_buffer((V,), dtype, scope="local")
+            for n, oc in T.grid(N, OC):
+                plane(X, w, bias, Y, n, oc, acc)
+
+    return _scheduled(depthwise)
+
+
+def layer_norm_kernel(D: int, eps: float, V: int = BATCH_VEC, rows_per_chunk: int = ROWS_PER_CHUNK,
+                      dtype: str = "float32", parallel: bool = True):
+    """LayerNorm over the last ``D`` elements of ``X [R, D]`` (leading dims flattened by the caller).
+
+    Per row: mean, then the mean of squared deviations (two passes, as torch), each into a
+    ``V``-lane vector; then ``(x - mean) * rstd * gamma + beta`` vectorised over the row. dlight's
+    ``Reduction`` rule ran ViT's LayerNorm ([130, 64]) at ~60 us; this is a few us. Chunks of rows run
+    in parallel above :data:`MIN_PARALLEL_FLOPS` (counting ~8 flops per element).
+    """
+    DV, DR = D // V, D % V
+    threshold = _parallel_threshold(parallel)
+
+    @T.macro
+    def row(X, gamma, beta, Y, r, acc, st):
+        for v in T.vectorized(V):
+            acc[v] = T.Cast(dtype, 0)
+        for j in range(DV):
+            for v in T.vectorized(V):
+                acc[v] = acc[v] + X[r, j * V + v]
+        st[0] = T.Cast(dtype, 0)
+        for j in range(DR):
+            st[0] = st[0] + X[r, DV * V + j]
+        for v in range(V):
+            st[0] = st[0] + acc[v]
+        st[0] = st[0] / T.Cast(dtype, D)
+        for v in T.vectorized(V):
+            acc[v] = T.Cast(dtype, 0)
+        for j in range(DV):
+            for v in T.vectorized(V):
+                acc[v] = acc[v] + (X[r, j * V + v] - st[0]) * (X[r, j * V + v] - st[0])
+        st[1] = T.Cast(dtype, 0)
+        for j in range(DR):
+            st[1] = st[1] + (X[r, DV * V + j] - st[0]) * (X[r, DV * V + j] - st[0])
+        for v in range(V):
+            st[1] = st[1] + acc[v]
+        st[1] = T.Cast(dtype, 1) / T.sqrt(st[1] / T.Cast(dtype, D) + T.Cast(dtype, eps))
+        for j in range(DV):
+            for v in T.vectorized(V):
+                Y[r, j * V + v] = (X[r, j * V + v] - st[0]) * st[1] * gamma[j * V + v] + beta[j * V + v]
+        for j in range(DR):
+            Y[r, DV * V + j] = (X[r, DV * V + j] - st[0]) * st[1] * gamma[DV * V + j] + beta[DV * V + j]
+
+    @T.prim_func(private=True)
+    def layer_norm(x_h: T.handle, gamma: T.Buffer((D,), dtype), beta: T.Buffer((D,), dtype),
+                   y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        R = T.int64()
+        X = T.match_buffer(x_h, (R, D), dtype)
+        Y = T.match_buffer(y_h, (R, D), dtype)
+        if R * (8 * D) >= threshold:
+            for ch in T.parallel((R + rows_per_chunk - 1) // rows_per_chunk):
+                acc = T.alloc_buffer((V,), dtype, scope="local")
+                st = T.alloc_buffer((2,), dtype, scope="local")
+                for rr in range(T.min(rows_per_chunk, R - ch * rows_per_chunk)):
+                    row(X, gamma, beta, Y, ch * rows_per_chunk + rr, acc, st)
+        else:
+            acc = T.alloc_buffer((V,), dtype, scope="local")
+            st = T.alloc_buffer((2,), dtype, scope="local")
+            for r in range(R):
+                row(X, gamma, beta, Y, r, acc, st)
+
+    return _scheduled(layer_norm)

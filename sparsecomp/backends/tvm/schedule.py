@@ -2,7 +2,8 @@
 
 ``linear`` layers with constant weights never reach this module: the frontend lowers them to our packed
 dense kernel (:func:`.kernels.dense_kernel`). What is left -- attention matmuls between activations,
-softmax / norms, convolutions, pooling, elementwise chains fused by ``FuseOps`` -- is scheduled here:
+softmax, pooling, elementwise chains fused by ``FuseOps``, and the convolutions / norms the frontend's
+kernels refuse -- is scheduled here:
 
 1. dlight's CPU ``GEMV`` and ``Reduction`` rules (softmax, LayerNorm, RMSNorm: parallel rows,
    vectorised injective stages);
@@ -143,6 +144,34 @@ def legalize_passes() -> list:
     ]
 
 
+class Serial(CPUScheduleRule):
+    """Runs a dlight rule with ``Schedule.parallel`` as a no-op (for models lowered for one thread).
+
+    dlight's CPU ``Reduction`` / ``GEMV`` always parallelise their outer loop; a parallel launch costs
+    ~12 us even on one thread, more than a small op itself (ResNet's global average pool: 22 us
+    parallel, ~1 us serial). The rules take no option for it, so the primitive is disabled while the
+    wrapped rule runs (compilation is single-threaded Python; the original is always restored).
+    """
+
+    def __init__(self, rule: CPUScheduleRule):
+        super().__init__()
+        self.rule = rule
+
+    def apply(self, func, target: Target, tunable: bool):
+        original = s_tir.Schedule.parallel
+        s_tir.Schedule.parallel = lambda _self, _loop: None
+        try:
+            return self.rule.apply(func, target, tunable)
+        finally:
+            s_tir.Schedule.parallel = original
+
+
 def schedule_pass(parallel: bool = True) -> tvm.transform.Pass:
-    """dlight CPU rules then :class:`LoopNest`; functions marked ``tirx.is_scheduled`` are skipped."""
-    return dlight.ApplyDefaultSchedule(dlight.cpu.GEMV(), dlight.cpu.Reduction(), LoopNest(parallel))
+    """dlight CPU rules then :class:`LoopNest`; functions marked ``tirx.is_scheduled`` are skipped.
+
+    ``parallel=False``: no parallel loop anywhere (dlight's rules wrapped in :class:`Serial`).
+    """
+    rules = [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
+    if not parallel:
+        rules = [Serial(rule) for rule in rules]
+    return dlight.ApplyDefaultSchedule(*rules, LoopNest(parallel))
