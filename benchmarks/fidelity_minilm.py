@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--threads", type=int, default=1, help="threads for the latency measurement")
     ap.add_argument("--compress-threads", type=int, default=0, help="threads while compressing (0: torch default)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--recon-only", action="store_true", help="skip the no-reconstruction baselines")
     ap.add_argument("--model-dir", default=None, help="load a local HF copy instead of the bundled package")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ns = ap.parse_args(argv)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     models: dict[str, torch.nn.Module] = {"dense": captured.module}
     info: dict[str, dict[str, Any]] = {"dense": {"ratio": 0.0, "reconstruct": None, "seconds": 0.0}}
     for r in ns.ratios:
-        for rec in (False, True):
+        for rec in ((True,) if ns.recon_only else (False, True)):
             name = f"{r:.2f} {'recon' if rec else 'no-recon'}"
             t0 = time.perf_counter()
             models[name] = sparsecomp.compress(captured, example, config(r, rec), calibration=calibration)
