@@ -57,6 +57,14 @@ def _compile(model, options, recorder=None):
     return torch.compile(model, backend=recorder or "sparsecomp", options=options)
 
 
+def _prune_options(target: str) -> dict:
+    """Backend options compressing with ``PRUNE`` for ``target`` (ORT on one thread)."""
+    options = {"recipe": [PRUNE], "target": target}
+    if target == "ort":
+        options["target_options"] = {"num_threads": 1}
+    return options
+
+
 def _close(a, b, tol):
     for x, y in zip(pytree.tree_leaves(a), pytree.tree_leaves(b)):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol * max(1.0, y.abs().max().item()))
@@ -125,9 +133,7 @@ def test_targets_match_compress(target):
     x = torch.randn(4, 16)
     expected = sparsecomp.compress(model, (x,), sparsecomp.StructuredPruning(ratio=0.5))
     rec = Recorder()
-    options = {"recipe": [PRUNE], "target": target}
-    if target == "ort":
-        options["target_options"] = {"num_threads": 1}
+    options = _prune_options(target)
     compiled = _compile(model, options, rec)
     with torch.no_grad():
         got = compiled(x)
@@ -268,9 +274,7 @@ def test_minilm_through_compile(target):
     model = SentenceEncoder(hf).eval()
     args = encode_batch(tok, list(BUILTIN_SENTENCES[:2]), seq_len=32)
     rec = Recorder()
-    options = {"recipe": [PRUNE], "target": target}
-    if target == "ort":
-        options["target_options"] = {"num_threads": 1}
+    options = _prune_options(target)
     compiled = _compile(model, options, rec)
     with torch.no_grad():
         got = compiled(*args)

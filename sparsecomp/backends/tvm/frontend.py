@@ -205,12 +205,15 @@ class _Lowering:
             return type(imp)._addmm(imp, node)  # the importer's own lowering
         return self._dense(imp, node, x, w.t(), bias)
 
-    def sparse_bsr(self, node: fx.Node, imp) -> relax.Var:
+    def _compressed_rows(self, node: fx.Node, imp) -> tuple[relax.Expr, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The float32 input and the constant ``(crow_indices, col_indices, values)`` of a CSR/BSR op."""
         x = imp.env[node.args[0]]
         self._check_float32(node, x)
-        crow = self.need_const(node, 1, "crow_indices")
-        col = self.need_const(node, 2, "col_indices")
-        values = self.need_const(node, 3, "values").float()
+        return (x, self.need_const(node, 1, "crow_indices"), self.need_const(node, 2, "col_indices"),
+                self.need_const(node, 3, "values").float())
+
+    def sparse_bsr(self, node: fx.Node, imp) -> relax.Var:
+        x, crow, col, values = self._compressed_rows(node, imp)
         n_out, k, r, c = (int(a) for a in node.args[5:9])
         nnzb = values.shape[0]
         if nnzb == 0:
@@ -231,11 +234,7 @@ class _Lowering:
                           consts, False)
 
     def sparse_csr(self, node: fx.Node, imp) -> relax.Var:
-        x = imp.env[node.args[0]]
-        self._check_float32(node, x)
-        crow = self.need_const(node, 1, "crow_indices")
-        col = self.need_const(node, 2, "col_indices")
-        values = self.need_const(node, 3, "values").float()
+        x, crow, col, values = self._compressed_rows(node, imp)
         n_out, k = int(node.args[5]), int(node.args[6])
         if values.numel() == 0:
             values, col = torch.zeros(1), torch.zeros(1, dtype=torch.int32)
