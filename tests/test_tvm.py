@@ -138,6 +138,53 @@ def test_every_sparse_format_matches_eager_and_fires():
             assert _rel_err(low(x), model(x)) < RTOL, batch
 
 
+def test_sell_layout_sorts_rows_into_padded_slices():
+    """CSR -> SELL-8: every nonzero lands in its row's lane, padding is zeros, perm covers each row once."""
+    torch.manual_seed(4)
+    w = _prune(torch.randn(21, 30), 0.7)  # 21 rows: 3 slices, 3 padding lanes
+    w[5] = 0.0  # an empty row
+    csr = pack(w, "csr")
+    sptr, col, val, perm = kernels.sell_layout(csr.crow_indices.numpy(), csr.col_indices.numpy(),
+                                               csr.values.numpy())
+    assert len(sptr) == 4 and col.shape == val.shape == (sptr[-1], 8)
+    assert sorted(perm[perm < 21].tolist()) == list(range(21)) and (perm >= 21).sum() == 3
+    dense = torch.zeros(24, 30)
+    for g in range(3):
+        for v in range(8):
+            if perm[g * 8 + v] < 21:
+                for e in range(sptr[g], sptr[g + 1]):
+                    dense[perm[g * 8 + v], col[e, v]] += val[e, v]
+    assert torch.equal(dense[:21], w)
+    lens = (w != 0).sum(1)[torch.from_numpy(perm[perm < 21]).long()]
+    assert torch.all(lens[:-1] >= lens[1:])  # longest rows first: slices of similar lengths
+
+
+def test_nm_lanes_kernel_only_with_avx2_and_small_m():
+    """The vpermps N:M kernel needs AVX2, m in 2/4/8 and K % 8 == 0; else the row kernel is used."""
+    assert kernels.nm_lanes_supported(20, 24, 2, 4, avx2=True)
+    assert not kernels.nm_lanes_supported(20, 24, 2, 4, avx2=False)
+    assert not kernels.nm_lanes_supported(20, 32, 2, 16, avx2=True)  # m = 16: two windows per group
+    assert not kernels.nm_lanes_supported(20, 12, 1, 4, avx2=True)   # K % 8 != 0
+    layer = SparseLinear.from_dense(_prune_nm(torch.randn(20, 24), 1, 4), torch.randn(20),
+                                    format="nm", n=1, m=4)  # 20 rows: padded to 24 lanes
+    ep = sparsecomp.capture(layer, (torch.randn(3, 24),)).exported
+    generic = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})  # no AVX2 promised
+    for tgt, lanes in ((target.host_target(), _host_has_avx2()), (generic, False)):
+        mod, fired = tvm_backend.frontend.import_program(ep, target=tgt)
+        assert fired == {"nm1:4": 1}
+        assert any("lanes" in gv.name_hint for gv in mod.functions) == lanes
+    if _host_has_avx2():
+        low = sparsecomp.lower(layer, (torch.randn(3, 24),), backend="tvm")
+        with torch.no_grad():
+            for batch in (1, 3, 10):
+                x = torch.randn(batch, 24)
+                assert _rel_err(low(x), layer(x)) < RTOL
+
+
+def _host_has_avx2() -> bool:
+    return bool(tvm.target.codegen.target_has_features("avx2", target.host_target()))
+
+
 def test_sparse_op_with_other_dtype_is_refused():
     layer = SparseLinear.from_dense(_prune(torch.randn(16, 16, dtype=torch.float64), 0.5),
                                     format="csr")
@@ -185,11 +232,14 @@ def test_parallel_and_serial_kernel_paths_agree():
     bias = torch.randn(n_out)
     ref = x @ w.T + bias
     csr, bsr = pack(w, "csr"), pack(w, "bsr", block=(16, 1))
+    sell = kernels.sell_layout(csr.crow_indices.numpy(), csr.col_indices.numpy().astype("int32"),
+                               csr.values.numpy())
     cases = {
         "dense": (lambda par: kernels.dense_kernel(k, n_out, parallel=par),
                   [x, w.reshape(16, 16, k).permute(0, 2, 1), bias]),
-        "csr": (lambda par: kernels.csr_kernel(n_out, k, csr.nnz, "int32", parallel=par),
-                [x.T, csr.crow_indices, csr.col_indices, csr.values, bias]),
+        "csr": (lambda par: kernels.csr_kernel(n_out, k, len(sell[0]) - 1, sell[1].shape[0], "int32",
+                                               parallel=par),
+                [x.T, *(torch.from_numpy(a) for a in sell), bias]),
         "bsr": (lambda par: kernels.bsr_row_vector_kernel(n_out, k, 16, 1, bsr.values.shape[0], "int32",
                                                            parallel=par),
                 [x, bsr.crow_indices, bsr.col_indices, bsr.values.permute(0, 2, 1), bias]),

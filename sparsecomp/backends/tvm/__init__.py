@@ -74,7 +74,7 @@ def compile_captured(captured: Captured, target: Any = None, parallel: bool = Tr
     :func:`.frontend.specialize_example`); ``static_shapes`` is ``None`` when it was not built.
     """
     tgt = resolve_target(target)
-    mod, fired = frontend.import_program(captured.exported, parallel)
+    mod, fired = frontend.import_program(captured.exported, parallel, tgt)
     static = None
     if specialize:
         example = [t for t in torch.utils._pytree.tree_leaves(

@@ -12,8 +12,10 @@ only binds them after conversion), pack them for our kernels at compile time, an
 ``aten.bmm`` (static M, K, N)      batched-matmul kernel (attention products)
 ``sparsecomp::sparse_linear_bsr``  ``r >= c``: blocks transposed to ``[nnzb, c, r]``, ``r``-vector FMA;
                                    ``c > r``: ``[nnzb, r, c]``, ``c``-vector FMA + horizontal sum
-``sparsecomp::sparse_linear_csr``  row kernel on ``x^T``; columns int16 when ``in_features < 32768``
-``sparsecomp::sparse_linear_nm``   row kernel, columns from the uint8 positions
+``sparsecomp::sparse_linear_csr``  SELL-8 kernel on ``x^T`` (rows sorted into 8-row slices at compile
+                                   time); columns int16 when ``in_features < 32768``
+``sparsecomp::sparse_linear_nm``   AVX2 and ``m`` in 2/4/8: rows in lanes, ``vpermps`` on 8-column windows
+                                   of ``x``; else a row kernel, columns from the uint8 positions
 ``aten.to.device``                 CPU only: a dtype cast or nothing (left by un-decomposed graphs)
 ``aten.convolution`` (constant W)  1-3 spatial dims. 1x1 stride-1 ungrouped: pointwise kernel (``W`` as
                                    ``[OC/6, IC, 6]``); depthwise (``groups == IC``): row kernel; other
@@ -75,9 +77,10 @@ def _constants(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
 class _Lowering:
     """Converters bound to one exported program (to read its constant tensors)."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, parallel: bool = True):
+    def __init__(self, ep: torch.export.ExportedProgram, parallel: bool = True, avx2: bool = False):
         self.consts = _constants(ep)
         self.parallel = parallel
+        self.avx2 = avx2  # the target has AVX2 (x86 permute kernels)
         self.fired: dict[str, int] = {}
         # nodes folded into one of our kernels -> the node whose (kernel) output they equal
         self.identity: dict[fx.Node, fx.Node] = {}
@@ -236,16 +239,16 @@ class _Lowering:
     def sparse_csr(self, node: fx.Node, imp) -> relax.Var:
         x, crow, col, values = self._compressed_rows(node, imp)
         n_out, k = int(node.args[5]), int(node.args[6])
-        if values.numel() == 0:
-            values, col = torch.zeros(1), torch.zeros(1, dtype=torch.int32)
         # columns < in_features: int16 when they fit (6 instead of 8 bytes streamed per nonzero)
         narrow = k <= np.iinfo(np.int16).max
-        kernel = kernels.csr_kernel(n_out, k, values.numel(), "int16" if narrow else "int32",
+        sptr, cols, vals, perm = kernels.sell_layout(
+            crow.numpy(), col.numpy().astype(np.int16 if narrow else np.int32), values.numpy())
+        kernel = kernels.csr_kernel(n_out, k, len(sptr) - 1, cols.shape[0], "int16" if narrow else "int32",
                                     parallel=self.parallel)
         self._count("csr")
         name = f"sc_csr_{n_out}x{k}"
-        consts = [self._index(crow), self._index(col, torch.int16 if narrow else torch.int32),
-                  relax.const(values.contiguous().numpy()), self._bias(node, 4, n_out, n_out)]
+        consts = [relax.const(sptr), relax.const(cols), relax.const(vals), relax.const(perm),
+                  self._bias(node, 4, n_out, n_out)]
         return self._emit(imp, node, x, k, n_out, n_out, kernel, name, consts, True)
 
     def sparse_nm(self, node: fx.Node, imp) -> relax.Var:
@@ -255,11 +258,17 @@ class _Lowering:
         positions = self.need_const(node, 2, "indices")
         n, m, k = int(node.args[4]), int(node.args[5]), int(node.args[6])
         n_out = values.shape[0]
+        self._count(f"nm{n}:{m}")
+        name = f"sc_nm{n}_{m}_{n_out}x{k}"
+        if kernels.nm_lanes_supported(n_out, k, n, m, self.avx2):
+            vals, pos = kernels.nm_lane_layout(values.numpy(), positions.numpy())
+            padded = vals.shape[0] * kernels.SELL_R
+            kernel = kernels.nm_lanes_kernel(n_out, k, n, m, parallel=self.parallel)
+            consts = [relax.const(vals), relax.const(pos), self._bias(node, 3, n_out, padded)]
+            return self._emit(imp, node, x, k, n_out, padded, kernel, name + "_lanes", consts, False)
         pos = positions.to(torch.uint8) if positions.numel() == 0 or int(positions.max()) < 256 else positions.to(torch.int32)
         kernel = kernels.nm_kernel(n_out, k, n, m, "uint8" if pos.dtype == torch.uint8 else "int32",
                                    parallel=self.parallel)
-        self._count(f"nm{n}:{m}")
-        name = f"sc_nm{n}_{m}_{n_out}x{k}"
         consts = [relax.const(values.contiguous().numpy()), relax.const(pos.contiguous().numpy()),
                   self._bias(node, 3, n_out, n_out)]
         return self._emit(imp, node, x, k, n_out, n_out, kernel, name, consts, True)
@@ -764,16 +773,18 @@ def _decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram
         return ep
 
 
-def import_program(ep: torch.export.ExportedProgram, parallel: bool = True
-                   ) -> tuple[tvm.IRModule, dict[str, int]]:
+def import_program(ep: torch.export.ExportedProgram, parallel: bool = True,
+                   target: tvm.target.Target | None = None) -> tuple[tvm.IRModule, dict[str, int]]:
     """Relax module of ``ep`` and how many times each of our kernels was used (``{"dense": 3, ...}``).
 
     ``parallel=False`` generates single-threaded kernels (for models lowered with one thread).
+    ``target`` (the compilation target) enables ISA-specific kernels (AVX2 N:M); ``None``: generic ones.
     """
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = _decompose(ep)
-    lowering = _Lowering(ep, parallel)
+    avx2 = target is not None and bool(tvm.target.codegen.target_has_features("avx2", target))
+    lowering = _Lowering(ep, parallel, avx2)
     try:
         mod = from_exported_program(
             ep, custom_convert_map=lowering.convert_map(), run_ep_decomposition=False

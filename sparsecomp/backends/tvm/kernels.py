@@ -47,10 +47,21 @@ ROWS_PER_CHUNK = 32
 MIN_PARALLEL_FLOPS = 1 << 20
 # a sparse multiply-add (index load, gathered x) costs about this many dense ones, for that threshold
 SPARSE_FLOP_COST = 4
+# Sparse kernels prefetch their weight stream this many bytes ahead: the hardware prefetcher alone
+# left the CSR kernel at 0.64 of the bandwidth bound (3072x768, 90 %, cold); 2 KiB ahead: 0.78.
+PREFETCH_BYTES = 2048
+# SELL slices: rows per slice (one AVX2 vector of outputs) and batch columns per register tile.
+SELL_R = 8
+SELL_BT = 16
 
 
 def _scheduled(func):
     return func.with_attr("tirx.is_scheduled", True)
+
+
+def _prefetch(addr):
+    """Software prefetch (read, keep in all cache levels) of ``addr``; a hint, never faults."""
+    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", addr, 0, 3, 1))
 
 
 def _parallel_threshold(parallel: bool) -> int:
@@ -112,14 +123,28 @@ def dense_kernel(K: int, NP: int, MB: int = DENSE_MB, NB: int = DENSE_NB, dtype:
     return _scheduled(dense)
 
 
-def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, MB: int = DENSE_MB,
+def _bsr_rows_per_tile(vectors_per_row: int) -> int:
+    """Rows of ``x`` per register tile: 8 accumulator vectors in flight (FMA latency x 2 pipes)."""
+    return max(1, 8 // vectors_per_row)
+
+
+def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, MB: int | None = None,
                           dtype: str = "float32", parallel: bool = True):
-    """BSR with ``r >= c``: values ``[nnzb, c, r]``; ``Y[B, N] = X[B, K] @ W^T + bias``."""
+    """BSR with ``r >= c``: values ``[nnzb, c, r]``; ``Y[B, N] = X[B, K] @ W^T + bias``.
+
+    Register tile ``MB`` rows of ``x`` x ``r`` outputs, ``MB`` chosen so that 8 accumulator vectors
+    are in flight (4x4 / 8x8 blocks: 8 rows; 16x1: 4); rows of ``x`` past the tiles (all of them at
+    batch 1) run one at a time with the weight stream prefetched :data:`PREFETCH_BYTES` ahead.
+    """
+    if MB is None:
+        MB = _bsr_rows_per_tile(-(-r // 8))
     nbr = N // r
     per_chunk = max(1, ROWS_PER_CHUNK // r)
     nch = _chunks(nbr, per_chunk)
     flops_per_row = 2 * nnzb * r * c * SPARSE_FLOP_COST
     threshold = _parallel_threshold(parallel)
+    pd = max(1, PREFETCH_BYTES // (4 * r * c))  # blocks ahead
+    last = max(nnzb - 1, 0)
 
     @T.macro
     def chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1):
@@ -142,6 +167,8 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                 for i in T.vectorized(r):
                     acc1[i] = bias[br * r + i]
                 for j in range(crow[br], crow[br + 1]):
+                    _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
+                    _prefetch(T.address_of(col[T.min(j + pd, last)]))
                     for cc in T.unroll(c):
                         for i in T.vectorized(r):
                             acc1[i] = acc1[i] + val[j, cc, i] * X[
@@ -170,32 +197,60 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     return _scheduled(bsr)
 
 
-def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str,
+def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, MB: int | None = None,
                           dtype: str = "float32", parallel: bool = True):
-    """BSR with ``c > r``: values ``[nnzb, r, c]``; vector over a block's ``c`` columns, then a sum."""
+    """BSR with ``c > r``: values ``[nnzb, r, c]``; vector over a block's ``c`` columns, then a sum.
+
+    ``MB`` rows of ``x`` share each loaded block (1x16: 4 rows x 2 vectors = 8 accumulators; one
+    row alone is an FMA-latency chain); single rows prefetch the weight stream.
+    """
+    if MB is None:
+        MB = _bsr_rows_per_tile(r * -(-c // 8))
     nbr = N // r
     per_chunk = max(1, ROWS_PER_CHUNK // r)
     nch = _chunks(nbr, per_chunk)
     flops_per_row = 2 * nnzb * r * c * SPARSE_FLOP_COST
     threshold = _parallel_threshold(parallel)
+    pd = max(1, PREFETCH_BYTES // (4 * r * c))
+    last = max(nnzb - 1, 0)
 
     @T.macro
-    def chunk(X, crow, col, val, bias, Y, B, ch, acc, s):
+    def chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1, s):
         for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
             br = ch * per_chunk + bri
-            for b in range(B):
-                for i in T.unroll(r):
-                    for cc in T.vectorized(c):
-                        acc[i, cc] = T.Cast(dtype, 0)
-                for j in range(crow[br], crow[br + 1]):
+            for bo in range(B // MB):
+                for mi in T.unroll(MB):
                     for i in T.unroll(r):
                         for cc in T.vectorized(c):
-                            acc[i, cc] = acc[i, cc] + val[j, i, cc] * X[
+                            acc[mi, i, cc] = T.Cast(dtype, 0)
+                for j in range(crow[br], crow[br + 1]):
+                    for mi in T.unroll(MB):
+                        for i in T.unroll(r):
+                            for cc in T.vectorized(c):
+                                acc[mi, i, cc] = acc[mi, i, cc] + val[j, i, cc] * X[
+                                    bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
+                for mi in range(MB):
+                    for i in range(r):
+                        s[0] = bias[br * r + i]
+                        for cc in range(c):
+                            s[0] = s[0] + acc[mi, i, cc]
+                        Y[bo * MB + mi, br * r + i] = s[0]
+            for bt in range(B - B // MB * MB):
+                b = B // MB * MB + bt
+                for i in T.unroll(r):
+                    for cc in T.vectorized(c):
+                        acc1[i, cc] = T.Cast(dtype, 0)
+                for j in range(crow[br], crow[br + 1]):
+                    _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
+                    _prefetch(T.address_of(col[T.min(j + pd, last)]))
+                    for i in T.unroll(r):
+                        for cc in T.vectorized(c):
+                            acc1[i, cc] = acc1[i, cc] + val[j, i, cc] * X[
                                 b, T.Cast("int64", col[j]) * c + cc]
                 for i in range(r):
                     s[0] = bias[br * r + i]
                     for cc in range(c):
-                        s[0] = s[0] + acc[i, cc]
+                        s[0] = s[0] + acc1[i, cc]
                     Y[b, br * r + i] = s[0]
 
     @T.prim_func(private=True)
@@ -207,82 +262,158 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str,
         Y = T.match_buffer(y_h, (B, N), dtype)
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
-                acc = T.alloc_buffer((r, c), dtype, scope="local")
+                acc = T.alloc_buffer((MB, r, c), dtype, scope="local")
+                acc1 = T.alloc_buffer((r, c), dtype, scope="local")
                 s = T.alloc_buffer((1,), dtype, scope="local")
-                chunk(X, crow, col, val, bias, Y, B, ch, acc, s)
+                chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1, s)
         else:
-            acc = T.alloc_buffer((r, c), dtype, scope="local")
+            acc = T.alloc_buffer((MB, r, c), dtype, scope="local")
+            acc1 = T.alloc_buffer((r, c), dtype, scope="local")
             s = T.alloc_buffer((1,), dtype, scope="local")
             for ch in range(nch):
-                chunk(X, crow, col, val, bias, Y, B, ch, acc, s)
+                chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1, s)
 
     return _scheduled(bsr)
 
 
-def csr_kernel(N: int, K: int, nnz: int, idx: str, dtype: str = "float32", V: int = BATCH_VEC,
-               U: int = ROW_UNROLL, rows_per_chunk: int = ROWS_PER_CHUNK, parallel: bool = True):
-    """CSR ``Y[B, N] = X @ W^T + bias``; reads ``xt = X^T [K, B]``; ``idx`` is the column dtype.
+def sell_layout(crow, col, values, R: int = SELL_R):
+    """CSR -> SELL-R (sliced ELLPACK): rows sorted by length, ``R`` rows per slice in vector lanes.
 
-    Rows are processed in chunks (register buffers allocated once per chunk). Batch tiles of ``V`` rows
-    of ``x`` run as vectors over the batch; the other rows of ``x`` (all of them at batch 1) reduce each
-    output row with ``U`` independent accumulators, which breaks the FMA latency chain that bounds a
-    one-accumulator loop (scipy's) to one nonzero per FMA latency.
+    Returns ``(sptr [S+1], col [E, R], values [E, R], perm [S*R])``: slice ``s`` owns entries
+    ``sptr[s]:sptr[s+1]``, lane ``v`` of an entry belongs to output row ``perm[s*R + v]`` (``>= N``
+    for padding lanes). Rows are sorted by length (longest first) so the rows sharing a slice have
+    nearly the same length: the padding (zero values at column 0) is 1-3 % of the entries on random
+    sparsity. The padding is counted in the bytes a kernel streams.
     """
-    nch = _chunks(N, rows_per_chunk)
-    crow_dtype = "int32"
-    flops_per_row = 2 * nnz * SPARSE_FLOP_COST
+    import numpy as np
+
+    crow = np.asarray(crow, np.int64)
+    col = np.asarray(col)
+    values = np.asarray(values, np.float32)
+    n = len(crow) - 1
+    lens = np.diff(crow)
+    order = np.argsort(-lens, kind="stable")
+    slices = max(1, -(-n // R))
+    perm = np.full(slices * R, n, np.int32)
+    perm[:n] = order
+    slen = np.zeros(slices * R, np.int64)
+    slen[:n] = lens[order]
+    slen = slen.reshape(slices, R).max(1)
+    sptr = np.concatenate([[0], np.cumsum(slen)]).astype(np.int32)
+    entries = max(int(sptr[-1]), 1)
+    col_out = np.zeros((entries, R), col.dtype)
+    val_out = np.zeros((entries, R), np.float32)
+    where = np.empty(n, np.int64)
+    where[order] = np.arange(n)  # sorted position of each row
+    rows = np.repeat(np.arange(n), lens)
+    within = np.arange(len(values)) - crow[rows]
+    slot = where[rows]
+    dest = sptr[slot // R] + within
+    col_out[dest, slot % R] = col
+    val_out[dest, slot % R] = values
+    return sptr, col_out, val_out, perm
+
+
+def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str = "float32",
+               U: int = ROW_UNROLL, parallel: bool = True):
+    """Unstructured sparse ``Y[B, N] = X @ W^T + bias`` on the SELL layout of :func:`sell_layout`.
+
+    Reads ``xt = X^T [K, B]``. One slice = ``SELL_R`` output rows in the lanes of one vector:
+
+    * rows of ``x`` one at a time (all of them at batch 1): the vector of ``x`` at the entry's 8
+      columns is assembled from scalar loads (no AVX2 gather: it is slower on Zen 3) and FMA'd into
+      ``U`` rotating accumulators; no horizontal sums, and one loop exit per 8 rows instead of per row
+      (the per-row CSR loop lost ~1 mispredicted exit per row). 3072x768 at 90 %, batch 1, cold:
+      207 us (scipy) / 148 us (per-row CSR) / 104 us (this, with prefetch).
+    * tiles of ``SELL_BT`` rows of ``x``: vectors over the batch (contiguous in ``x^T``), 4 lanes'
+      rows at a time: 8 independent accumulators (the per-row kernel had one FMA chain).
+    """
+    R, BT = SELL_R, SELL_BT
+    H = R // 2
+    flops_per_row = 2 * entries * R * SPARSE_FLOP_COST
     threshold = _parallel_threshold(parallel)
+    per_chunk = max(1, ROWS_PER_CHUNK // R)
+    nch = _chunks(slices, per_chunk)
+    pd = PREFETCH_BYTES // (4 * R)  # entries ahead
+    i32 = "int32"
+
+    def xvec(XF, col, e, stride, off):
+        """The ``R`` values of ``x`` at entry ``e``'s columns (scalar loads, one vector)."""
+        loads = [XF[T.Cast("int64", col[e, v]) * stride + off] for v in range(R)]
+        return tirx.Shuffle(loads, [tirx.IntImm("int32", v) for v in range(R)])
 
     @T.macro
-    def chunk(XT, crow, col, val, bias, Y, B, ch, acc, accu, s):
-        for rr in range(T.min(rows_per_chunk, N - ch * rows_per_chunk)):
-            row = ch * rows_per_chunk + rr
-            start = crow[row]
-            length = crow[row + 1] - start
-            for bo in range(B // V):
-                for v in T.vectorized(V):
-                    acc[v] = bias[row]
-                for j in range(length):
-                    for v in T.vectorized(V):
-                        acc[v] = acc[v] + val[start + j] * XT[
-                            T.Cast("int64", col[start + j]), bo * V + v]
-                for v in range(V):
-                    Y[bo * V + v, row] = acc[v]
-            for bt in range(B - B // V * V):
-                b = B // V * V + bt
-                for u in T.unroll(U):
-                    accu[u] = T.Cast(dtype, 0)
-                for jo in range(length // U):
-                    for u in T.unroll(U):
-                        accu[u] = accu[u] + val[start + jo * U + u] * XT[
-                            T.Cast("int64", col[start + jo * U + u]), b]
-                s[0] = bias[row]
-                for jt in range(length - length // U * U):
-                    s[0] = s[0] + val[start + length // U * U + jt] * XT[
-                        T.Cast("int64", col[start + length // U * U + jt]), b]
-                for u in range(U):
-                    s[0] = s[0] + accu[u]
-                Y[b, row] = s[0]
+    def lanes(XF, sptr, col, val, perm, bias, Y, g, b, stride, acc):
+        s0 = sptr[g]
+        ln = sptr[g + 1] - s0
+        for u in T.unroll(U):
+            acc[u, T.ramp(0, 1, R)] = T.Broadcast(T.Cast(dtype, 0), R)
+        for jo in range(ln // U):
+            _prefetch(T.address_of(val[T.min(s0 + jo * U + pd, entries - 1), 0]))
+            _prefetch(T.address_of(val[T.min(s0 + jo * U + pd + 2, entries - 1), 0]))
+            _prefetch(T.address_of(col[T.min(s0 + jo * U + pd, entries - 1), 0]))
+            for u in T.unroll(U):
+                acc[u, T.ramp(0, 1, R)] = acc[u, T.ramp(0, 1, R)] + val[
+                    s0 + jo * U + u, T.ramp(0, 1, R)] * xvec(XF, col, s0 + jo * U + u, stride, b)
+        for jt in range(ln - ln // U * U):
+            acc[0, T.ramp(0, 1, R)] = acc[0, T.ramp(0, 1, R)] + val[
+                s0 + ln // U * U + jt, T.ramp(0, 1, R)] * xvec(XF, col, s0 + ln // U * U + jt, stride, b)
+        for u in range(1, U):
+            acc[0, T.ramp(0, 1, R)] = acc[0, T.ramp(0, 1, R)] + acc[u, T.ramp(0, 1, R)]
+        for v in range(R):
+            if perm[g * R + v] < N:
+                Y[b, perm[g * R + v]] = acc[0, v] + bias[perm[g * R + v]]
+
+    @T.macro
+    def tiles(XT, sptr, col, val, perm, bias, Y, g, B, acct):
+        s0 = sptr[g]
+        ln = sptr[g + 1] - s0
+        for bt in range(B // BT):
+            for h in range(2):
+                for v in T.unroll(H):
+                    for q in T.vectorized(BT):
+                        acct[v, q] = T.Cast(dtype, 0)
+                for e in range(ln):
+                    for v in T.unroll(H):
+                        for q in T.vectorized(BT):
+                            acct[v, q] = acct[v, q] + val[s0 + e, h * H + v] * XT[
+                                T.Cast("int64", col[s0 + e, h * H + v]), bt * BT + q]
+                for v in range(H):
+                    if perm[g * R + h * H + v] < N:
+                        for q in range(BT):
+                            Y[bt * BT + q, perm[g * R + h * H + v]] = (
+                                acct[v, q] + bias[perm[g * R + h * H + v]])
+
+    @T.macro
+    def chunk(XT, XF, sptr, col, val, perm, bias, Y, B, ch, acc, acct):
+        for gi in range(T.min(per_chunk, slices - ch * per_chunk)):
+            g = ch * per_chunk + gi
+            if B == 1:
+                lanes(XF, sptr, col, val, perm, bias, Y, g, 0, 1, acc)
+            else:
+                tiles(XT, sptr, col, val, perm, bias, Y, g, B, acct)
+                for bt in range(B - B // BT * BT):
+                    lanes(XF, sptr, col, val, perm, bias, Y, g, B // BT * BT + bt, B, acc)
 
     @T.prim_func(private=True)
-    def csr(xt_h: T.handle, crow: T.Buffer((N + 1,), crow_dtype), col: T.Buffer((nnz,), idx),
-            val: T.Buffer((nnz,), dtype), bias: T.Buffer((N,), dtype), y_h: T.handle):
+    def csr(xt_h: T.handle, sptr: T.Buffer((slices + 1,), i32), col: T.Buffer((entries, R), idx),
+            val: T.Buffer((entries, R), dtype), perm: T.Buffer((slices * R,), i32),
+            bias: T.Buffer((N,), dtype), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         B = T.int64()
         XT = T.match_buffer(xt_h, (K, B), dtype)
         Y = T.match_buffer(y_h, (B, N), dtype)
+        XF = T.decl_buffer((K * B,), dtype, data=XT.data)
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
-                acc = T.alloc_buffer((V,), dtype, scope="local")
-                accu = T.alloc_buffer((U,), dtype, scope="local")
-                s = T.alloc_buffer((1,), dtype, scope="local")
-                chunk(XT, crow, col, val, bias, Y, B, ch, acc, accu, s)
+                acc = T.alloc_buffer((U, R), dtype, scope="local")
+                acct = T.alloc_buffer((H, BT), dtype, scope="local")
+                chunk(XT, XF, sptr, col, val, perm, bias, Y, B, ch, acc, acct)
         else:
-            acc = T.alloc_buffer((V,), dtype, scope="local")
-            accu = T.alloc_buffer((U,), dtype, scope="local")
-            s = T.alloc_buffer((1,), dtype, scope="local")
+            acc = T.alloc_buffer((U, R), dtype, scope="local")
+            acct = T.alloc_buffer((H, BT), dtype, scope="local")
             for ch in range(nch):
-                chunk(XT, crow, col, val, bias, Y, B, ch, acc, accu, s)
+                chunk(XT, XF, sptr, col, val, perm, bias, Y, B, ch, acc, acct)
 
     return _scheduled(csr)
 
@@ -351,6 +482,97 @@ def nm_kernel(N: int, K: int, n: int, m: int, pos_dtype: str, dtype: str = "floa
             s = T.alloc_buffer((1,), dtype, scope="local")
             for ch in range(nch):
                 chunk(XT, val, pos, bias, Y, B, ch, acc, accu, s)
+
+    return _scheduled(nm)
+
+
+NM_LANES_M = (2, 4, 8)
+
+
+def nm_lanes_supported(n_out: int, k: int, n: int, m: int, avx2: bool) -> bool:
+    """Whether :func:`nm_lanes_kernel` applies: AVX2, ``m`` in 2/4/8 and ``k % 8 == 0``."""
+    return avx2 and m in NM_LANES_M and 0 < n <= m and k % 8 == 0 and n_out > 0
+
+
+def nm_lane_layout(values, positions, R: int = SELL_R):
+    """N:M ``values``/``positions`` ``[N, L]`` -> ``[ceil(N/R), L, R]`` (rows in lanes, zero-padded)."""
+    import numpy as np
+
+    values = np.asarray(values, np.float32)
+    positions = np.asarray(positions, np.uint8)
+    n, length = values.shape
+    groups = -(-n // R)
+    v = np.zeros((groups * R, length), np.float32)
+    p = np.zeros((groups * R, length), np.uint8)
+    v[:n], p[:n] = values, positions
+    return (np.ascontiguousarray(v.reshape(groups, R, length).transpose(0, 2, 1)),
+            np.ascontiguousarray(p.reshape(groups, R, length).transpose(0, 2, 1)))
+
+
+def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: str = "float32",
+                    parallel: bool = True):
+    """N:M (``m`` in 2/4/8) ``Y[B, NP] = X[B, K] @ W^T + bias``, ``NP = ceil(N/8)*8``; AVX2 only.
+
+    8 output rows in the lanes of a vector (:func:`nm_lane_layout`). For each 8-column window of
+    ``x`` (one vector load), each stored entry selects its lane's column with ``vpermps`` (the uint8
+    position + the group's offset in the window): no gathers and no index arithmetic per nonzero.
+    3072x768 1:4, batch 1, cold: 346 us (per-row kernel) -> 185 us; scipy 532, torch CSR 419.
+    """
+    R = SELL_R
+    E = 8 // m * n            # stored entries per 8-column window
+    W = K // 8
+    L = K // m * n
+    G = -(-N // R)
+    NP = G * R
+    WU = max(1, -(-U // E))   # windows per unrolled step: >= U independent accumulators
+    A = WU * E
+    flops_per_row = 2 * NP * L * 2
+    threshold = _parallel_threshold(parallel)
+    pd = PREFETCH_BYTES // (4 * R)
+    u8 = "uint8"
+
+    def select(X, pos, b, g, w, e):
+        """``x`` at the columns of entry ``e`` of window ``w`` for the 8 rows of group ``g``."""
+        idx = T.Cast("int32x8", pos[g, w * E + e, T.ramp(0, 1, R)]) + T.Broadcast(T.int32(e // n * m), R)
+        return T.call_llvm_pure_intrin("float32x8", "llvm.x86.avx2.permps",
+                                       X[b, T.ramp(w * 8, 1, R)], idx)
+
+    @T.macro
+    def group(X, val, pos, bias, Y, B, g, acc):
+        for b in range(B):
+            for a in T.unroll(A):
+                acc[a, T.ramp(0, 1, R)] = T.Broadcast(T.Cast(dtype, 0), R)
+            for wo in range(W // WU):
+                _prefetch(T.address_of(val[g, T.min(wo * A + pd, L - 1), 0]))
+                _prefetch(T.address_of(val[g, T.min(wo * A + pd + 2, L - 1), 0]))
+                _prefetch(T.address_of(pos[g, T.min(wo * A + pd * 4, L - 1), 0]))
+                for wu in T.unroll(WU):
+                    for e in T.unroll(E):
+                        acc[wu * E + e, T.ramp(0, 1, R)] = acc[wu * E + e, T.ramp(0, 1, R)] + val[
+                            g, (wo * WU + wu) * E + e, T.ramp(0, 1, R)] * select(X, pos, b, g, wo * WU + wu, e)
+            for wt in range(W - W // WU * WU):
+                for e in T.unroll(E):
+                    acc[e, T.ramp(0, 1, R)] = acc[e, T.ramp(0, 1, R)] + val[
+                        g, (W // WU * WU + wt) * E + e, T.ramp(0, 1, R)] * select(X, pos, b, g, W // WU * WU + wt, e)
+            for a in range(1, A):
+                acc[0, T.ramp(0, 1, R)] = acc[0, T.ramp(0, 1, R)] + acc[a, T.ramp(0, 1, R)]
+            Y[b, T.ramp(g * R, 1, R)] = acc[0, T.ramp(0, 1, R)] + bias[T.ramp(g * R, 1, R)]
+
+    @T.prim_func(private=True)
+    def nm(x_h: T.handle, val: T.Buffer((G, L, R), dtype), pos: T.Buffer((G, L, R), u8),
+           bias: T.Buffer((NP,), dtype), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        B = T.int64()
+        X = T.match_buffer(x_h, (B, K), dtype)
+        Y = T.match_buffer(y_h, (B, NP), dtype)
+        if B * flops_per_row >= threshold:
+            for g in T.parallel(G):
+                acc = T.alloc_buffer((A, R), dtype, scope="local")
+                group(X, val, pos, bias, Y, B, g, acc)
+        else:
+            acc = T.alloc_buffer((A, R), dtype, scope="local")
+            for g in range(G):
+                group(X, val, pos, bias, Y, B, g, acc)
 
     return _scheduled(nm)
 
