@@ -50,9 +50,10 @@ SPARSE_FLOP_COST = 4
 # Sparse kernels prefetch their weight stream this many bytes ahead: the hardware prefetcher alone
 # left the CSR kernel at 0.64 of the bandwidth bound (3072x768, 90 %, cold); 2 KiB ahead: 0.78.
 PREFETCH_BYTES = 2048
-# SELL slices: rows per slice (one AVX2 vector of outputs) and batch columns per register tile.
+# SELL slices: rows per slice (one AVX2 vector of outputs); rows are sorted by length within
+# windows of SELL_SIGMA rows.
 SELL_R = 8
-SELL_BT = 16
+SELL_SIGMA = 128
 
 
 def _scheduled(func):
@@ -148,9 +149,10 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     @T.macro
     def chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1):
-        for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-            br = ch * per_chunk + bri
-            for bo in range(B // MB):
+        # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
+        for bo in range(B // MB):
+            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
+                br = ch * per_chunk + bri
                 for mi in T.unroll(MB):
                     for i in T.vectorized(r):
                         acc[mi, i] = bias[br * r + i]
@@ -163,6 +165,8 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                 for mi in T.unroll(MB):
                     for i in T.vectorized(r):
                         Y[bo * MB + mi, br * r + i] = acc[mi, i]
+        for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
+            br = ch * per_chunk + bri
             for bt in range(B - B // MB * MB):
                 for i in T.vectorized(r):
                     acc1[i] = bias[br * r + i]
@@ -215,10 +219,33 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     last = max(nnzb - 1, 0)
 
     @T.macro
+    def hsum_tree(A, mi, i, bias, Y, b, o, red):
+        """``Y[b, o] = bias[o] + sum(A[mi, i, :])`` for ``c % 8 == 0``: vector adds down to 4 lanes
+        (a 16-add scalar chain per output was most of the 1x16 kernel's time at batch 64)."""
+        for q in T.vectorized(8):
+            red[q] = A[mi, i, q]
+        for cb in range(1, c // 8):
+            for q in T.vectorized(8):
+                red[q] = red[q] + A[mi, i, cb * 8 + q]
+        for q in T.vectorized(4):
+            red[q] = red[q] + red[q + 4]
+        Y[b, o] = bias[o] + ((red[0] + red[1]) + (red[2] + red[3]))
+
+    @T.macro
+    def hsum_scalar(A, mi, i, bias, Y, b, o, red):
+        red[0] = bias[o]
+        for cc in range(c):
+            red[0] = red[0] + A[mi, i, cc]
+        Y[b, o] = red[0]
+
+    hsum = hsum_tree if c % 8 == 0 else hsum_scalar
+
+    @T.macro
     def chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1, s):
-        for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-            br = ch * per_chunk + bri
-            for bo in range(B // MB):
+        # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
+        for bo in range(B // MB):
+            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
+                br = ch * per_chunk + bri
                 for mi in T.unroll(MB):
                     for i in T.unroll(r):
                         for cc in T.vectorized(c):
@@ -231,27 +258,23 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                                     bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
                 for mi in range(MB):
                     for i in range(r):
-                        s[0] = bias[br * r + i]
-                        for cc in range(c):
-                            s[0] = s[0] + acc[mi, i, cc]
-                        Y[bo * MB + mi, br * r + i] = s[0]
+                        hsum(acc, mi, i, bias, Y, bo * MB + mi, br * r + i, s)
+        for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
+            br = ch * per_chunk + bri
             for bt in range(B - B // MB * MB):
                 b = B // MB * MB + bt
                 for i in T.unroll(r):
                     for cc in T.vectorized(c):
-                        acc1[i, cc] = T.Cast(dtype, 0)
+                        acc1[0, i, cc] = T.Cast(dtype, 0)
                 for j in range(crow[br], crow[br + 1]):
                     _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
                     _prefetch(T.address_of(col[T.min(j + pd, last)]))
                     for i in T.unroll(r):
                         for cc in T.vectorized(c):
-                            acc1[i, cc] = acc1[i, cc] + val[j, i, cc] * X[
+                            acc1[0, i, cc] = acc1[0, i, cc] + val[j, i, cc] * X[
                                 b, T.Cast("int64", col[j]) * c + cc]
                 for i in range(r):
-                    s[0] = bias[br * r + i]
-                    for cc in range(c):
-                        s[0] = s[0] + acc1[i, cc]
-                    Y[b, br * r + i] = s[0]
+                    hsum(acc1, 0, i, bias, Y, b, br * r + i, s)
 
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), col: T.Buffer((nnzb,), idx),
@@ -263,20 +286,20 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
                 acc = T.alloc_buffer((MB, r, c), dtype, scope="local")
-                acc1 = T.alloc_buffer((r, c), dtype, scope="local")
-                s = T.alloc_buffer((1,), dtype, scope="local")
+                acc1 = T.alloc_buffer((1, r, c), dtype, scope="local")
+                s = T.alloc_buffer((8,), dtype, scope="local")
                 chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1, s)
         else:
             acc = T.alloc_buffer((MB, r, c), dtype, scope="local")
-            acc1 = T.alloc_buffer((r, c), dtype, scope="local")
-            s = T.alloc_buffer((1,), dtype, scope="local")
+            acc1 = T.alloc_buffer((1, r, c), dtype, scope="local")
+            s = T.alloc_buffer((8,), dtype, scope="local")
             for ch in range(nch):
                 chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1, s)
 
     return _scheduled(bsr)
 
 
-def sell_layout(crow, col, values, R: int = SELL_R):
+def sell_layout(crow, col, values, R: int = SELL_R, sigma: int = SELL_SIGMA):
     """CSR -> SELL-R (sliced ELLPACK): rows sorted by length, ``R`` rows per slice in vector lanes.
 
     Returns ``(sptr [S+1], col [E, R], values [E, R], perm [S*R])``: slice ``s`` owns entries
@@ -292,7 +315,10 @@ def sell_layout(crow, col, values, R: int = SELL_R):
     values = np.asarray(values, np.float32)
     n = len(crow) - 1
     lens = np.diff(crow)
-    order = np.argsort(-lens, kind="stable")
+    # sort by length within windows of ``sigma`` rows (SELL-C-sigma): slices of similar lengths, and
+    # a slice's output rows stay close together (its batched stores hit few cache lines)
+    window = np.arange(n) // sigma
+    order = np.lexsort((-lens, window))
     slices = max(1, -(-n // R))
     perm = np.full(slices * R, n, np.int32)
     perm[:n] = order
@@ -325,11 +351,10 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
       ``U`` rotating accumulators; no horizontal sums, and one loop exit per 8 rows instead of per row
       (the per-row CSR loop lost ~1 mispredicted exit per row). 3072x768 at 90 %, batch 1, cold:
       207 us (scipy) / 148 us (per-row CSR) / 104 us (this, with prefetch).
-    * tiles of ``SELL_BT`` rows of ``x``: vectors over the batch (contiguous in ``x^T``), 4 lanes'
+    * tiles of 16 (then 8) rows of ``x``, repacked per tile: vectors over the batch, 4 (8) lanes'
       rows at a time: 8 independent accumulators (the per-row kernel had one FMA chain).
     """
-    R, BT = SELL_R, SELL_BT
-    H = R // 2
+    R = SELL_R
     flops_per_row = 2 * entries * R * SPARSE_FLOP_COST
     threshold = _parallel_threshold(parallel)
     per_chunk = max(1, ROWS_PER_CHUNK // R)
@@ -344,8 +369,8 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
 
     @T.macro
     def lanes(XF, sptr, col, val, perm, bias, Y, g, b, stride, acc):
-        s0 = sptr[g]
-        ln = sptr[g + 1] - s0
+        s0 = T.Cast("int64", sptr[g])
+        ln = T.Cast("int64", sptr[g + 1]) - s0
         for u in T.unroll(U):
             acc[u, T.ramp(0, 1, R)] = T.Broadcast(T.Cast(dtype, 0), R)
         for jo in range(ln // U):
@@ -365,35 +390,38 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
                 Y[b, perm[g * R + v]] = acc[0, v] + bias[perm[g * R + v]]
 
     @T.macro
-    def tiles(XT, sptr, col, val, perm, bias, Y, g, B, acct):
-        s0 = sptr[g]
-        ln = sptr[g + 1] - s0
-        for bt in range(B // BT):
-            for h in range(2):
-                for v in T.unroll(H):
-                    for q in T.vectorized(BT):
-                        acct[v, q] = T.Cast(dtype, 0)
-                for e in range(ln):
-                    for v in T.unroll(H):
-                        for q in T.vectorized(BT):
-                            acct[v, q] = acct[v, q] + val[s0 + e, h * H + v] * XT[
-                                T.Cast("int64", col[s0 + e, h * H + v]), bt * BT + q]
-                for v in range(H):
-                    if perm[g * R + h * H + v] < N:
-                        for q in range(BT):
-                            Y[bt * BT + q, perm[g * R + h * H + v]] = (
-                                acct[v, q] + bias[perm[g * R + h * H + v]])
+    def tile(XP, sptr, col, val, perm, bias, Y, g, b0, TW, LG, acc):
+        """Rows ``b0 : b0 + TW`` of ``x`` (packed ``[K, TW]`` at ``XP[b0 * K]``), ``LG`` lanes' rows at
+        a time: ``LG x TW/8`` = 8 accumulator vectors."""
+        s0 = T.Cast("int64", sptr[g])
+        ln = T.Cast("int64", sptr[g + 1]) - s0
+        for h in range(R // LG):
+            for v in T.unroll(LG):
+                for q in T.vectorized(TW):
+                    acc[v, q] = T.Cast(dtype, 0)
+            for e in range(ln):
+                for v in T.unroll(LG):
+                    for q in T.vectorized(TW):
+                        acc[v, q] = acc[v, q] + val[s0 + e, h * LG + v] * XP[
+                            b0 * K + T.Cast("int64", col[s0 + e, h * LG + v]) * TW + q]
+            for v in range(LG):
+                if perm[g * R + h * LG + v] < N:
+                    for q in range(TW):
+                        Y[b0 + q, perm[g * R + h * LG + v]] = acc[v, q] + bias[perm[g * R + h * LG + v]]
 
     @T.macro
-    def chunk(XT, XF, sptr, col, val, perm, bias, Y, B, ch, acc, acct):
+    def chunk(XF, XP, sptr, col, val, perm, bias, Y, B, ch, acc, acc16, acc8):
         for gi in range(T.min(per_chunk, slices - ch * per_chunk)):
             g = ch * per_chunk + gi
             if B == 1:
                 lanes(XF, sptr, col, val, perm, bias, Y, g, 0, 1, acc)
             else:
-                tiles(XT, sptr, col, val, perm, bias, Y, g, B, acct)
-                for bt in range(B - B // BT * BT):
-                    lanes(XF, sptr, col, val, perm, bias, Y, g, B // BT * BT + bt, B, acc)
+                for t in range(B // 16):
+                    tile(XP, sptr, col, val, perm, bias, Y, g, t * 16, 16, 4, acc16)
+                if B % 16 >= 8:
+                    tile(XP, sptr, col, val, perm, bias, Y, g, B // 16 * 16, 8, 8, acc8)
+                for bt in range(B % 8):
+                    lanes(XF, sptr, col, val, perm, bias, Y, g, B // 8 * 8 + bt, B, acc)
 
     @T.prim_func(private=True)
     def csr(xt_h: T.handle, sptr: T.Buffer((slices + 1,), i32), col: T.Buffer((entries, R), idx),
@@ -404,16 +432,29 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
         XT = T.match_buffer(xt_h, (K, B), dtype)
         Y = T.match_buffer(y_h, (B, N), dtype)
         XF = T.decl_buffer((K * B,), dtype, data=XT.data)
+        # x^T repacked per batch tile ([K, 16] per 16 rows, then [K, 8]): a tile's rows of x are
+        # one contiguous 64 / 32-byte vector per column
+        XP = T.alloc_buffer((B // 8 * 8 * K,), dtype)
+        for t in range(B // 16):
+            for k in range(K):
+                for q in T.vectorized(16):
+                    XP[t * 16 * K + k * 16 + q] = XT[k, t * 16 + q]
+        if B % 16 >= 8:
+            for k in range(K):
+                for q in T.vectorized(8):
+                    XP[B // 16 * 16 * K + k * 8 + q] = XT[k, B // 16 * 16 + q]
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
                 acc = T.alloc_buffer((U, R), dtype, scope="local")
-                acct = T.alloc_buffer((H, BT), dtype, scope="local")
-                chunk(XT, XF, sptr, col, val, perm, bias, Y, B, ch, acc, acct)
+                acc16 = T.alloc_buffer((4, 16), dtype, scope="local")
+                acc8 = T.alloc_buffer((8, 8), dtype, scope="local")
+                chunk(XF, XP, sptr, col, val, perm, bias, Y, B, ch, acc, acc16, acc8)
         else:
             acc = T.alloc_buffer((U, R), dtype, scope="local")
-            acct = T.alloc_buffer((H, BT), dtype, scope="local")
+            acc16 = T.alloc_buffer((4, 16), dtype, scope="local")
+            acc8 = T.alloc_buffer((8, 8), dtype, scope="local")
             for ch in range(nch):
-                chunk(XT, XF, sptr, col, val, perm, bias, Y, B, ch, acc, acct)
+                chunk(XF, XP, sptr, col, val, perm, bias, Y, B, ch, acc, acc16, acc8)
 
     return _scheduled(csr)
 
