@@ -564,3 +564,59 @@ def test_sparsified_gpt_matches_and_uses_sparse_kernels(pattern):
     assert low.kernels.get(expected, 0) > 0
     with torch.no_grad():
         assert _rel_err(low(*args, **kwargs), compressed(*args, **kwargs)) < RTOL
+
+
+# --------------------------------------------------------------------------- constant-exponent power
+# ``relax.power`` with a constant exponent in ``schedule._POWERS`` is legalized to multiplies / sqrt /
+# a reciprocal (HF GPT-2's tanh-GELU cubes its input; a scalar ``powf`` per element does not vectorise)
+import numpy as np  # noqa: E402
+
+from sparsecomp.backends.tvm import schedule  # noqa: E402
+
+
+def _legalized_pow_calls(exponent, shape=(4, 16), exponent_is_param=False) -> int:
+    """How many PrimFuncs still call ``T.pow`` after our legalization of ``power(x, exponent)``."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    params = [x]
+    if exponent_is_param:
+        e = relax.Var("e", relax.TensorType((), "float32"))
+        params.append(e)
+    else:
+        e = relax.const(np.float32(exponent))
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.power(x, e))
+        bb.emit_func_output(out)
+    mod = tvm.transform.Sequential(schedule.legalize_passes())(bb.get())
+    return sum("T.pow(" in f.script() for gv, f in mod.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc))
+
+
+@pytest.mark.parametrize("exponent", [2.0, 3.0, 4.0, 0.5, -1.0])
+def test_constant_power_is_legalized_without_pow(exponent):
+    assert _legalized_pow_calls(exponent) == 0
+
+
+def test_other_power_keeps_default_legalization():
+    assert _legalized_pow_calls(2.5) == 1  # not a special exponent
+    assert _legalized_pow_calls(None, exponent_is_param=True) == 1  # not a constant
+
+
+class Powers(nn.Module):
+    """``pow`` with special and ordinary exponents, and HF GPT-2's tanh GELU (``NewGELUActivation``)."""
+
+    def forward(self, x):
+        gelu = 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+        a = x.abs() + 0.5
+        return (gelu + x ** 2 + x ** 4 + a ** 0.5 + a ** -1 + a ** -0.5 + a ** -2 + a ** 2.5,
+                torch.pow(x, 3))
+
+
+def test_constant_powers_match_torch():
+    model = Powers().eval()
+    make = lambda b: (torch.randn(b, 6, 40),)  # noqa: E731
+    low = sparsecomp.lower(model, make(2), backend="tvm", num_threads=1)
+    _check_batches(low, model, make)
