@@ -12,9 +12,13 @@ Layouts are chosen at compile time from the constant weights (see :mod:`.fronten
 * BSR ``r x c`` with ``r >= c`` (``16x1``, ``4x4``, ``8x8``...): blocks stored ``[nnzb, c, r]`` (transposed
   at compile time) so the inner loop is an ``r``-wide vector FMA; register tile ``MB x r``.
 * BSR with ``c > r`` (``1x16``...): blocks ``[nnzb, r, c]``; vector over the block's columns, horizontal sum.
-* CSR / N:M: rows of ``x`` in tiles of 8 run as vectors over the batch (the kernel reads ``x^T [K, B]``);
-  the other rows (all of them at batch 1) reduce each output row with ``U`` independent accumulators.
-  N:M computes its column indices as ``group*m + position`` from the uint8 positions.
+* CSR: SELL-8 (:func:`sell_layout`): rows sorted by length within windows, 8 output rows in the lanes
+  of a vector; batch 1 assembles ``x`` at an entry's 8 columns from scalar loads, batches of 8 / 16
+  rows run as vectors over the batch on a per-tile repacked ``x^T``.
+* N:M: with AVX2 and ``m`` in 2/4/8, 8 output rows in lanes, ``vpermps`` picks each entry's column
+  from an 8-column window of ``x`` (:func:`nm_lanes_kernel`); otherwise a row kernel computes the
+  column ``group*m + position`` from the uint8 positions (tiles of 8 rows of ``x`` as vectors over
+  the batch, ``U`` independent accumulators per output row for the rest).
 * convolutions (NCHW in and out, inputs already padded): direct kernel with weights packed
   ``[OC/NB, IC/g, KD, KH, KW, NB]``, register tile ``TW`` output-width positions x ``NB`` output
   channels; pointwise (1x1) kernel vectorised over positions (tile 6 channels x 16 positions);
@@ -40,7 +44,7 @@ from tvm.script import tirx as T
 DENSE_NB = 16
 DENSE_MB = 4
 BATCH_VEC = 8
-# CSR / N:M: independent accumulators per output row, and rows per parallel task (register buffers
+# CSR / N:M: independent (rotating) accumulators, and rows per parallel task (register buffers
 # are allocated once per task: allocating them per row inside a parallel loop cost ~1 ms per call)
 ROW_UNROLL = 4
 ROWS_PER_CHUNK = 32
