@@ -58,6 +58,8 @@ PREFETCH_BYTES = 2048
 # windows of SELL_SIGMA rows.
 SELL_R = 8
 SELL_SIGMA = 128
+# rows of x per batch tile of the 1xC BSR kernel: x^T [K, 8] (24 KiB at K = 768) stays in L1
+BSR_BATCH_TILE = 8
 
 
 def _scheduled(func):
@@ -243,11 +245,39 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         Y[b, o] = red[0]
 
     hsum = hsum_tree if c % 8 == 0 else hsum_scalar
+    # batch tiles of TB rows of x as vectors over the batch (x^T repacked per tile, like the CSR
+    # kernel): no horizontal sums. RA rotating accumulator sets keep 8 vectors in flight.
+    TB = BSR_BATCH_TILE
+    RA = max(1, 8 // (r * TB // 8))
+    while c % RA:
+        RA //= 2
 
     @T.macro
-    def chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1, s):
-        # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
-        for bo in range(B // MB):
+    def batch_tile(XP, crow, col, val, bias, Y, br, b0, acct):
+        for a in T.unroll(RA):
+            for i in T.unroll(r):
+                for q in T.vectorized(TB):
+                    acct[a, i, q] = T.Cast(dtype, 0)
+        for j in range(crow[br], crow[br + 1]):
+            for cc in T.unroll(c):
+                for i in T.unroll(r):
+                    for q in T.vectorized(TB):
+                        acct[cc % RA, i, q] = acct[cc % RA, i, q] + val[j, i, cc] * XP[
+                            b0 * K + (T.Cast("int64", col[j]) * c + cc) * TB + q]
+        for i in range(r):
+            for a in range(1, RA):
+                for q in T.vectorized(TB):
+                    acct[0, i, q] = acct[0, i, q] + acct[a, i, q]
+            for q in range(TB):
+                Y[b0 + q, br * r + i] = acct[0, i, q] + bias[br * r + i]
+
+    @T.macro
+    def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s):
+        # tiles outside the chunk's block rows: a tile's rows of x stay in L1 / L2 across the chunk
+        for t in range(B // TB):
+            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
+                batch_tile(XP, crow, col, val, bias, Y, ch * per_chunk + bri, t * TB, acct)
+        for bo in range((B - B // TB * TB) // MB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
                 br = ch * per_chunk + bri
                 for mi in T.unroll(MB):
@@ -259,14 +289,14 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                         for i in T.unroll(r):
                             for cc in T.vectorized(c):
                                 acc[mi, i, cc] = acc[mi, i, cc] + val[j, i, cc] * X[
-                                    bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
+                                    B // TB * TB + bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
                 for mi in range(MB):
                     for i in range(r):
-                        hsum(acc, mi, i, bias, Y, bo * MB + mi, br * r + i, s)
+                        hsum(acc, mi, i, bias, Y, B // TB * TB + bo * MB + mi, br * r + i, s)
         for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
             br = ch * per_chunk + bri
-            for bt in range(B - B // MB * MB):
-                b = B // MB * MB + bt
+            for bt in range(B - B // TB * TB - (B - B // TB * TB) // MB * MB):
+                b = B // TB * TB + (B - B // TB * TB) // MB * MB + bt
                 for i in T.unroll(r):
                     for cc in T.vectorized(c):
                         acc1[0, i, cc] = T.Cast(dtype, 0)
@@ -287,18 +317,26 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         B = T.int64()
         X = T.match_buffer(x_h, (B, K), dtype)
         Y = T.match_buffer(y_h, (B, N), dtype)
+        # x^T per batch tile: XP[t * TB * K + k * TB + q] = X[t * TB + q, k]
+        XP = T.alloc_buffer((B // TB * TB * K,), dtype)
+        for t in range(B // TB):
+            for q in range(TB):
+                for k in range(K):
+                    XP[t * TB * K + k * TB + q] = X[t * TB + q, k]
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
                 acc = T.alloc_buffer((MB, r, c), dtype, scope="local")
                 acc1 = T.alloc_buffer((1, r, c), dtype, scope="local")
+                acct = T.alloc_buffer((RA, r, TB), dtype, scope="local")
                 s = T.alloc_buffer((8,), dtype, scope="local")
-                chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1, s)
+                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s)
         else:
             acc = T.alloc_buffer((MB, r, c), dtype, scope="local")
             acc1 = T.alloc_buffer((1, r, c), dtype, scope="local")
+            acct = T.alloc_buffer((RA, r, TB), dtype, scope="local")
             s = T.alloc_buffer((8,), dtype, scope="local")
             for ch in range(nch):
-                chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1, s)
+                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s)
 
     return _scheduled(bsr)
 
