@@ -135,6 +135,50 @@ def _bsr_rows_per_tile(vectors_per_row: int) -> int:
     return max(1, 8 // vectors_per_row)
 
 
+def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, wv):
+    """Batch tiles for the BSR kernels: ``TB`` rows of ``x`` as one vector over the batch.
+
+    ``x^T`` is repacked per tile (``XP[t*TB*K + k*TB + q] = X[t*TB + q, k]``, 24 KiB at K = 768:
+    L1) and each stored weight is broadcast against the tile's column of ``x^T``: no horizontal
+    sums (1xC blocks) and full-width vectors whatever ``r`` is (4x4 blocks ran on half vectors).
+    ``RA`` rotating accumulator sets over the block's columns keep 8 vectors in flight. ``wv(val,
+    j, i, cc)`` reads the weight of block ``j`` at row ``i``, column ``cc`` (the two kernels store
+    blocks in different orders). Returns ``(TB, RA, batch_tile, repack)``.
+    """
+    TB = BSR_BATCH_TILE
+    RA = max(1, 8 // (r * TB // 8))
+    while c % RA:
+        RA //= 2
+
+    @T.macro
+    def batch_tile(XP, crow, col, val, bias, Y, br, b0, acct):
+        for a in T.unroll(RA):
+            for i in T.unroll(r):
+                for q in T.vectorized(TB):
+                    acct[a, i, q] = T.Cast(dtype, 0)
+        for j in range(crow[br], crow[br + 1]):
+            for cc in T.unroll(c):
+                for i in T.unroll(r):
+                    for q in T.vectorized(TB):
+                        acct[cc % RA, i, q] = acct[cc % RA, i, q] + wv(val, j, i, cc) * XP[
+                            b0 * K + (T.Cast("int64", col[j]) * c + cc) * TB + q]
+        for i in range(r):
+            for a in range(1, RA):
+                for q in T.vectorized(TB):
+                    acct[0, i, q] = acct[0, i, q] + acct[a, i, q]
+            for q in range(TB):
+                Y[b0 + q, br * r + i] = acct[0, i, q] + bias[br * r + i]
+
+    @T.macro
+    def repack(X, XP, B):
+        for t in range(B // TB):
+            for q in range(TB):
+                for k in range(K):
+                    XP[t * TB * K + k * TB + q] = X[t * TB + q, k]
+
+    return TB, RA, batch_tile, repack
+
+
 def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, MB: int | None = None,
                           dtype: str = "float32", parallel: bool = True):
     """BSR with ``r >= c``: values ``[nnzb, c, r]``; ``Y[B, N] = X[B, K] @ W^T + bias``.
@@ -153,10 +197,17 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     pd = max(1, PREFETCH_BYTES // (4 * r * c))  # blocks ahead
     last = max(nnzb - 1, 0)
 
+    # blocks narrower than a vector (4x4, 2x2...): batch tiles of x^T at full vector width
+    tiled = int(r % 8 != 0)
+    TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda val, j, i, cc: val[j, cc, i])
+
     @T.macro
-    def chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1):
+    def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct):
         # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
-        for bo in range(B // MB):
+        for t in range(B // TB * tiled):
+            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
+                batch_tile(XP, crow, col, val, bias, Y, ch * per_chunk + bri, t * TB, acct)
+        for bo in range((B - B // TB * TB * tiled) // MB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
                 br = ch * per_chunk + bri
                 for mi in T.unroll(MB):
@@ -167,13 +218,14 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                         for mi in T.unroll(MB):
                             for i in T.vectorized(r):
                                 acc[mi, i] = acc[mi, i] + val[j, cc, i] * X[
-                                    bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
+                                    B // TB * TB * tiled + bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
                 for mi in T.unroll(MB):
                     for i in T.vectorized(r):
-                        Y[bo * MB + mi, br * r + i] = acc[mi, i]
+                        Y[B // TB * TB * tiled + bo * MB + mi, br * r + i] = acc[mi, i]
         for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
             br = ch * per_chunk + bri
-            for bt in range(B - B // MB * MB):
+            for bt in range(B - B // TB * TB * tiled - (B - B // TB * TB * tiled) // MB * MB):
+                b = B // TB * TB * tiled + (B - B // TB * TB * tiled) // MB * MB + bt
                 for i in T.vectorized(r):
                     acc1[i] = bias[br * r + i]
                 for j in range(crow[br], crow[br + 1]):
@@ -181,10 +233,9 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                     _prefetch(T.address_of(col[T.min(j + pd, last)]))
                     for cc in T.unroll(c):
                         for i in T.vectorized(r):
-                            acc1[i] = acc1[i] + val[j, cc, i] * X[
-                                B // MB * MB + bt, T.Cast("int64", col[j]) * c + cc]
+                            acc1[i] = acc1[i] + val[j, cc, i] * X[b, T.Cast("int64", col[j]) * c + cc]
                 for i in T.vectorized(r):
-                    Y[B // MB * MB + bt, br * r + i] = acc1[i]
+                    Y[b, br * r + i] = acc1[i]
 
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), col: T.Buffer((nnzb,), idx),
@@ -193,16 +244,20 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         B = T.int64()
         X = T.match_buffer(x_h, (B, K), dtype)
         Y = T.match_buffer(y_h, (B, N), dtype)
+        XP = T.alloc_buffer((B // TB * TB * tiled * K,), dtype)
+        repack(X, XP, B * tiled)
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
                 acc = T.alloc_buffer((MB, r), dtype, scope="local")
                 acc1 = T.alloc_buffer((r,), dtype, scope="local")
-                chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1)
+                acct = T.alloc_buffer((RA, r, TB), dtype, scope="local")
+                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct)
         else:
             acc = T.alloc_buffer((MB, r), dtype, scope="local")
             acc1 = T.alloc_buffer((r,), dtype, scope="local")
+            acct = T.alloc_buffer((RA, r, TB), dtype, scope="local")
             for ch in range(nch):
-                chunk(X, crow, col, val, bias, Y, B, ch, acc, acc1)
+                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct)
 
     return _scheduled(bsr)
 
@@ -245,31 +300,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         Y[b, o] = red[0]
 
     hsum = hsum_tree if c % 8 == 0 else hsum_scalar
-    # batch tiles of TB rows of x as vectors over the batch (x^T repacked per tile, like the CSR
-    # kernel): no horizontal sums. RA rotating accumulator sets keep 8 vectors in flight.
-    TB = BSR_BATCH_TILE
-    RA = max(1, 8 // (r * TB // 8))
-    while c % RA:
-        RA //= 2
-
-    @T.macro
-    def batch_tile(XP, crow, col, val, bias, Y, br, b0, acct):
-        for a in T.unroll(RA):
-            for i in T.unroll(r):
-                for q in T.vectorized(TB):
-                    acct[a, i, q] = T.Cast(dtype, 0)
-        for j in range(crow[br], crow[br + 1]):
-            for cc in T.unroll(c):
-                for i in T.unroll(r):
-                    for q in T.vectorized(TB):
-                        acct[cc % RA, i, q] = acct[cc % RA, i, q] + val[j, i, cc] * XP[
-                            b0 * K + (T.Cast("int64", col[j]) * c + cc) * TB + q]
-        for i in range(r):
-            for a in range(1, RA):
-                for q in T.vectorized(TB):
-                    acct[0, i, q] = acct[0, i, q] + acct[a, i, q]
-            for q in range(TB):
-                Y[b0 + q, br * r + i] = acct[0, i, q] + bias[br * r + i]
+    TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda val, j, i, cc: val[j, i, cc])
 
     @T.macro
     def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s):
@@ -317,12 +348,8 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         B = T.int64()
         X = T.match_buffer(x_h, (B, K), dtype)
         Y = T.match_buffer(y_h, (B, N), dtype)
-        # x^T per batch tile: XP[t * TB * K + k * TB + q] = X[t * TB + q, k]
         XP = T.alloc_buffer((B // TB * TB * K,), dtype)
-        for t in range(B // TB):
-            for q in range(TB):
-                for k in range(K):
-                    XP[t * TB * K + k * TB + q] = X[t * TB + q, k]
+        repack(X, XP, B)
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
                 acc = T.alloc_buffer((MB, r, c), dtype, scope="local")
