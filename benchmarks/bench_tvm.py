@@ -8,6 +8,7 @@ reported, so a noisy shared machine shifts rows less than columns)::
     .venv/bin/python benchmarks/bench_tvm.py --only sparse1 --bandwidth 17.5  # bound at a known BW
     .venv/bin/python benchmarks/bench_tvm.py --only sparse1 --sparsities 0.75,0.875  # + N:M 1:4, 1:8
     .venv/bin/python benchmarks/bench_tvm.py --only batched   # batch 8 / 64 at 90 % block sparsity
+    .venv/bin/python benchmarks/bench_tvm.py --only sparse1 --rounds 21  # steadier medians
     .venv/bin/python benchmarks/bench_tvm.py --only models    # zoo + MiniLM dense: torch / ORT / TVM
     .venv/bin/python benchmarks/bench_tvm.py --only demo      # MiniLM at each pruning ratio
 
@@ -44,8 +45,12 @@ OUT, IN = 3072, 768
 
 
 # --------------------------------------------------------------------------- helpers
-def timeit_interleaved(fns: dict, rounds: int = 7, calls: int = 20) -> dict:
+ROUNDS = 7  # interleaved rounds per kernel row (``--rounds``)
+
+
+def timeit_interleaved(fns: dict, rounds: int | None = None, calls: int = 20) -> dict:
     """Median seconds per call of each fn, timed in interleaved rounds."""
+    rounds = ROUNDS if rounds is None else rounds
     samples = {k: [] for k in fns}
     for f in fns.values():
         for _ in range(3):
@@ -405,7 +410,10 @@ def main(argv=None) -> None:
     ap.add_argument("--bandwidth", type=float, default=None,
                     help="DRAM read bandwidth in GB/s for the bound (default: measured in this run; "
                          "on a loaded machine the measurement is depressed)")
+    ap.add_argument("--rounds", type=int, default=ROUNDS,
+                    help="interleaved rounds per sparse row (more: steadier medians on a shared machine)")
     opts = ap.parse_args(argv)
+    globals()["ROUNDS"] = opts.rounds
     sections = opts.only or ["sparse1", "batched", "models", "demo"]
     torch.set_num_threads(1)
     set_threads(1)

@@ -159,6 +159,55 @@ def test_sell_layout_sorts_rows_into_padded_slices():
     assert torch.all(lens[:-1] >= lens[1:])  # longest rows first: slices of similar lengths
 
 
+@pytest.mark.parametrize("idx", ["int16", "int32"])
+def test_csr_kernel_batch_paths_and_partial_window(idx):
+    """SELL CSR kernel at batch 1 (lanes), 8 / 16-row tiles, tiles + lane remainder; 300 rows = two
+    full 128-row windows (chunks) + a partial one, whose tile results are flushed row by row."""
+    torch.manual_seed(5)
+    n_out, k = 300, 72
+    w = _prune(torch.randn(n_out, k), 0.2)
+    w[7] = 0.0  # an empty row
+    bias = torch.randn(n_out)
+    csr = pack(w, "csr")
+    sell = kernels.sell_layout(csr.crow_indices.numpy(), csr.col_indices.numpy().astype(idx),
+                               csr.values.numpy())
+    assert all(int(n) % kernels.ROW_UNROLL == 0 for n in (sell[0][1:] - sell[0][:-1]))  # aligned slices
+    func = kernels.csr_kernel(n_out, k, len(sell[0]) - 1, sell[1].shape[0], idx, parallel=False)
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=target.host_target())
+    dev = tvm.cpu()
+    for batch in (1, 3, 8, 16, 29):
+        x = torch.randn(batch, k)
+        out = tvm.runtime.tensor(torch.zeros(batch, n_out).numpy(), dev)
+        exe["main"](*[tvm.runtime.tensor(a, dev) for a in (x.T.contiguous().numpy(), *sell, bias.numpy())], out)
+        torch.testing.assert_close(torch.from_numpy(out.numpy()), x @ w.T + bias, rtol=1e-4, atol=1e-4,
+                                   msg=f"batch {batch}")
+
+
+@pytest.mark.parametrize("block", [(4, 4), (1, 16), (16, 1)])
+def test_bsr_kernels_batch_tiles_and_remainders(block):
+    """BSR kernels at batch 1, the 8-row x^T tiles (4x4, 1x16), row tiles and single-row remainders."""
+    torch.manual_seed(6)
+    r, c = block
+    n_out, k = 64, 64
+    w = _prune(torch.randn(n_out, k), 0.3, block)
+    bias = torch.randn(n_out)
+    p = pack(w, "bsr", block=block)
+    gen, vals = ((kernels.bsr_row_vector_kernel, p.values.permute(0, 2, 1)) if r >= c else
+                 (kernels.bsr_col_vector_kernel, p.values))
+    func = gen(n_out, k, r, c, p.values.shape[0], "int32", parallel=False)
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=target.host_target())
+    dev = tvm.cpu()
+    for batch in (1, 5, 8, 13, 19):
+        x = torch.randn(batch, k)
+        arrays = (x, p.crow_indices.to(torch.int32), p.col_indices.to(torch.int32), vals, bias)
+        out = tvm.runtime.tensor(torch.zeros(batch, n_out).numpy(), dev)
+        exe["main"](*[tvm.runtime.tensor(a.contiguous().numpy(), dev) for a in arrays], out)
+        torch.testing.assert_close(torch.from_numpy(out.numpy()), x @ w.T + bias, rtol=1e-4, atol=1e-4,
+                                   msg=f"{block} batch {batch}")
+
+
 def test_nm_lanes_kernel_only_with_avx2_and_small_m():
     """The vpermps N:M kernel needs AVX2, m in 2/4/8 and K % 8 == 0; else the row kernel is used."""
     assert kernels.nm_lanes_supported(20, 24, 2, 4, avx2=True)

@@ -12,9 +12,12 @@ Layouts are chosen at compile time from the constant weights (see :mod:`.fronten
 * BSR ``r x c`` with ``r >= c`` (``16x1``, ``4x4``, ``8x8``...): blocks stored ``[nnzb, c, r]`` (transposed
   at compile time) so the inner loop is an ``r``-wide vector FMA; register tile ``MB x r``.
 * BSR with ``c > r`` (``1x16``...): blocks ``[nnzb, r, c]``; vector over the block's columns, horizontal sum.
+  At batch >= 8, 1xC blocks and blocks narrower than a vector (``4x4``) run 8 rows of the batch as
+  one vector on a per-tile ``x^T`` (:func:`_bsr_batch_tiles`).
 * CSR: SELL-8 (:func:`sell_layout`): rows sorted by length within windows, 8 output rows in the lanes
   of a vector; batch 1 assembles ``x`` at an entry's 8 columns from scalar loads, batches of 8 / 16
-  rows run as vectors over the batch on a per-tile repacked ``x^T``.
+  rows run as vectors over the batch on a per-tile repacked ``x^T``; a parallel chunk is one sorting
+  window, whose batch-tile results are buffered and written to ``Y`` row-contiguously.
 * N:M: with AVX2 and ``m`` in 2/4/8, 8 output rows in lanes, ``vpermps`` picks each entry's column
   from an 8-column window of ``x`` (:func:`nm_lanes_kernel`); otherwise a row kernel computes the
   column ``group*m + position`` from the uint8 positions (tiles of 8 rows of ``x`` as vectors over
@@ -395,7 +398,7 @@ def sell_layout(crow, col, values, R: int = SELL_R, sigma: int = SELL_SIGMA, ali
     slen[:n] = lens[order]
     slen = slen.reshape(slices, R).max(1)
     # slice lengths rounded up to ``align`` (the kernels' unroll): no remainder loop with a
-    # data-dependent trip count per slice (3072x768 at 90 %: +2 % bytes, -x % time)
+    # data-dependent trip count per slice (3072x768 at 90 %: +2 % bytes)
     slen = -(-slen // align) * align
     sptr = np.concatenate([[0], np.cumsum(slen)]).astype(np.int32)
     entries = max(int(sptr[-1]), 1)
@@ -422,9 +425,13 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
       columns is assembled from scalar loads (no AVX2 gather: it is slower on Zen 3) and FMA'd into
       ``U`` rotating accumulators; no horizontal sums, and one loop exit per 8 rows instead of per row
       (the per-row CSR loop lost ~1 mispredicted exit per row). 3072x768 at 90 %, batch 1, cold:
-      207 us (scipy) / 148 us (per-row CSR) / 104 us (this, with prefetch).
+      207 us (scipy) / 148 us (per-row CSR) / ~75 us (this: prefetch, int64 index words, chunks of
+      one window).
     * tiles of 16 (then 8) rows of ``x``, repacked per tile: vectors over the batch, 4 (8) lanes'
       rows at a time: 8 independent accumulators (the per-row kernel had one FMA chain).
+
+    ``sigma`` must be the layout's window: a chunk (parallel task) is one window's slices, which
+    hold exactly the window's output rows.
     """
     R = SELL_R
     flops_per_row = 2 * entries * R * SPARSE_FLOP_COST
@@ -499,7 +506,7 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
     @T.macro
     def flush(YT, Y, B, ch, b0, TW):
         for q in range(TW):
-            for r in T.vectorized(T.min(sigma, N - ch * sigma)):
+            for r in range(T.min(sigma, N - ch * sigma)):  # the last window may be partial
                 Y[b0 + q, ch * sigma + r] = YT[r * 16 + q]
 
     @T.macro
