@@ -16,7 +16,9 @@ Tables are printed as markdown.
 
 *Cold weights*: every candidate cycles through enough copies of its weights (> 2x the L3 cache) that
 each call streams them from DRAM. The bandwidth bound is ``format bytes / DRAM read bandwidth``, with the
-bandwidth measured in the same run (a single-core streaming sum over 512 MiB). "Cold read" is the
+bandwidth of a single-core torch streaming sum over 64 MiB timed in the same interleaved rounds as each
+row (torch's sum, not numpy's: numpy's pairwise float32 sum is compute-bound at ~14 GB/s where torch
+streams ~18-20). "Cold read" is the
 practical floor for the same bytes: a torch sum over a float32 array of the format's size, cycling over
 cold copies exactly like the kernels, timed in the same interleaved rounds.
 """
@@ -87,26 +89,11 @@ def timeit_adaptive(fns: dict, rounds: int = 9, sample_s: float = 0.02) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def dram_bandwidth() -> float:
-    """Single-core read bandwidth (bytes/s): torch sum (1 thread) over a 512 MiB array, best of 5.
-
-    numpy's pairwise float32 sum is compute-bound here (14 GB/s vs torch's 17.7 GB/s on the same
-    array, which matches the issue's 17.5 GB/s anchor), so it would understate the bound.
-    """
-    a = torch.ones(128 << 20)
-    best = 1e9
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a.sum()
-        best = min(best, time.perf_counter() - t0)
-    return a.numel() * 4 / best
-
-
 def cold_read_candidate(nbytes: int):
     """torch sum (1 thread) over ``nbytes`` of float32, cycling over cold copies like the kernels.
 
     The practical floor for streaming a weight of that size from DRAM once per call: a 1 MiB cold
-    read reaches only ~16 GB/s of the ~20 GB/s a 512 MiB sum sustains (start-up per call, the
+    read reaches only ~16 GB/s of the ~20 GB/s a long streaming sum sustains (start-up per call, the
     hardware prefetcher restarting at each 4 KiB page).
     """
     n = copies_for(nbytes)
@@ -268,12 +255,19 @@ def ort_matmul(ws, batch):
 
 
 # --------------------------------------------------------------------------- sections
-def bench_sparse_batch1(bw: float, sparsities=(0.7, 0.8, 0.9, 0.95)) -> None:
+def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95)) -> None:
+    """``bw`` fixes the bound's bandwidth (bytes/s); ``None``: a 64 MiB streaming sum timed in each row's
+    interleaved rounds (a shared host's bandwidth drifts within a run; the bound follows it)."""
     print("\n### Sparse linear 3072x768, batch 1, weights cold, 1 thread\n")
-    print(f"DRAM read bandwidth used for the bound: {bw / 1e9:.1f} GB/s\n")
-    print("| sparsity | format | ours us | bound us | of bound | cold read us | of cold read | "
+    if bw is None:
+        print("Bound bandwidth: a 64 MiB single-core streaming sum timed in each row's rounds "
+              "(column GB/s)\n")
+        stream = torch.ones(16 << 20)
+    else:
+        print(f"DRAM read bandwidth used for the bound: {bw / 1e9:.1f} GB/s\n")
+    print("| sparsity | format | ours us | GB/s | bound us | of bound | cold read us | of cold read | "
           "best scipy/torch us | vs best | torch dense us | vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     w = torch.randn(OUT, IN)
     dense = dense_candidates(w, 1, with_ort=False)["torch dense"]
@@ -287,12 +281,15 @@ def bench_sparse_batch1(bw: float, sparsities=(0.7, 0.8, 0.9, 0.95)) -> None:
             ours, nbytes = tvm_sparse_candidate(fmt, wp, block=block, nm=nm)
             fns = {"ours": ours, "cold read": cold_read_candidate(nbytes), "scipy": scipy_candidate(wp),
                    "dense": dense}
+            if bw is None:
+                fns["stream"] = lambda: stream.sum()
             fns.update(torch_sparse_candidates(wp, 1, block if fmt == "bsr" else None))
             t = timeit_interleaved(fns)
-            best_other = min(v for k, v in t.items() if k not in ("ours", "dense", "cold read"))
-            bound = nbytes / bw
+            best_other = min(v for k, v in t.items() if k not in ("ours", "dense", "cold read", "stream"))
+            row_bw = bw if bw is not None else stream.numel() * 4 / t["stream"]
+            bound = nbytes / row_bw
             label = f"bsr{block[0]}x{block[1]}" if fmt == "bsr" else f"nm{nm[0]}:{nm[1]}" if nm else fmt
-            print(f"| {s:.0%} | {label} | {t['ours'] * 1e6:.1f} | {bound * 1e6:.1f} | "
+            print(f"| {s:.0%} | {label} | {t['ours'] * 1e6:.1f} | {row_bw / 1e9:.1f} | {bound * 1e6:.1f} | "
                   f"{bound / t['ours']:.2f} | {t['cold read'] * 1e6:.1f} | {t['cold read'] / t['ours']:.2f} | "
                   f"{best_other * 1e6:.1f} | {best_other / t['ours']:.2f}x | "
                   f"{t['dense'] * 1e6:.1f} | {t['dense'] / t['ours']:.2f}x |", flush=True)
@@ -407,8 +404,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sparsities", default="0.7,0.8,0.9,0.95",
                     help="batch-1 sparsities; 0.75 and 0.875 add N:M 1:4 / 1:8 rows")
     ap.add_argument("--bandwidth", type=float, default=None,
-                    help="DRAM read bandwidth in GB/s for the bound (default: measured in this run; "
-                         "on a loaded machine the measurement is depressed)")
+                    help="DRAM read bandwidth in GB/s for the bound (default: a 64 MiB streaming sum "
+                         "timed in each row's interleaved rounds)")
     ap.add_argument("--rounds", type=int, default=ROUNDS,
                     help="interleaved rounds per sparse row (more: steadier medians on a shared machine)")
     opts = ap.parse_args(argv)
@@ -418,7 +415,7 @@ def main(argv=None) -> None:
     set_threads(1)
     print(f"host target: {host_target()}  (torch {torch.__version__}, tvm {tvm.__version__})")
     if "sparse1" in sections:
-        bench_sparse_batch1(opts.bandwidth * 1e9 if opts.bandwidth else dram_bandwidth(),
+        bench_sparse_batch1(opts.bandwidth * 1e9 if opts.bandwidth else None,
                             tuple(float(v) for v in opts.sparsities.split(",")))
     if "batched" in sections:
         bench_batched()
