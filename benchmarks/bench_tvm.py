@@ -47,12 +47,8 @@ OUT, IN = 3072, 768
 
 
 # --------------------------------------------------------------------------- helpers
-ROUNDS = 7  # interleaved rounds per kernel row (``--rounds``)
-
-
-def timeit_interleaved(fns: dict, rounds: int | None = None, calls: int = 20) -> dict:
+def timeit_interleaved(fns: dict, rounds: int = 7, calls: int = 20) -> dict:
     """Median seconds per call of each fn, timed in interleaved rounds."""
-    rounds = ROUNDS if rounds is None else rounds
     samples = {k: [] for k in fns}
     for f in fns.values():
         for _ in range(3):
@@ -255,7 +251,7 @@ def ort_matmul(ws, batch):
 
 
 # --------------------------------------------------------------------------- sections
-def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95)) -> None:
+def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95), rounds: int = 7) -> None:
     """``bw`` fixes the bound's bandwidth (bytes/s); ``None``: a 64 MiB streaming sum timed in each row's
     interleaved rounds (a shared host's bandwidth drifts within a run; the bound follows it)."""
     print("\n### Sparse linear 3072x768, batch 1, weights cold, 1 thread\n")
@@ -284,7 +280,7 @@ def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95)) -> N
             if bw is None:
                 fns["stream"] = lambda: stream.sum()
             fns.update(torch_sparse_candidates(wp, 1, block if fmt == "bsr" else None))
-            t = timeit_interleaved(fns)
+            t = timeit_interleaved(fns, rounds)
             best_other = min(v for k, v in t.items() if k not in ("ours", "dense", "cold read", "stream"))
             row_bw = bw if bw is not None else stream.numel() * 4 / t["stream"]
             bound = nbytes / row_bw
@@ -295,7 +291,7 @@ def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95)) -> N
                   f"{t['dense'] * 1e6:.1f} | {t['dense'] / t['ours']:.2f}x |", flush=True)
 
 
-def bench_batched(batches=(8, 64), sparsity=0.9) -> None:
+def bench_batched(batches=(8, 64), sparsity=0.9, rounds: int = 7) -> None:
     print(f"\n### Sparse linear 3072x768 at {sparsity:.0%} block sparsity, batch 8 / 64, cold, 1 thread\n")
     print("| batch | format | ours us | torch dense us | ORT dense us | TVM dense us | best dense / ours |")
     print("|---|---|---|---|---|---|---|")
@@ -306,14 +302,14 @@ def bench_batched(batches=(8, 64), sparsity=0.9) -> None:
         for block in ((16, 1), (4, 4), (8, 8), (1, 16)):
             wp = prune_blocks(w, sparsity, block)
             ours, _ = tvm_sparse_candidate("bsr", wp, block=block, batch=b)
-            t = timeit_interleaved({"ours": ours, **dense})
+            t = timeit_interleaved({"ours": ours, **dense}, rounds)
             best = min(v for k, v in t.items() if k != "ours")
             print(f"| {b} | bsr{block[0]}x{block[1]} | {t['ours'] * 1e6:.1f} | "
                   f"{t['torch dense'] * 1e6:.1f} | {t.get('ORT dense', float('nan')) * 1e6:.1f} | "
                   f"{t['tvm dense'] * 1e6:.1f} | {best / t['ours']:.2f}x |", flush=True)
         wp = prune_blocks(w, sparsity, (1, 1))
         ours, _ = tvm_sparse_candidate("csr", wp, batch=b)
-        t = timeit_interleaved({"ours": ours, **dense})
+        t = timeit_interleaved({"ours": ours, **dense}, rounds)
         best = min(v for k, v in t.items() if k != "ours")
         print(f"| {b} | csr | {t['ours'] * 1e6:.1f} | {t['torch dense'] * 1e6:.1f} | "
               f"{t.get('ORT dense', float('nan')) * 1e6:.1f} | {t['tvm dense'] * 1e6:.1f} | "
@@ -406,19 +402,18 @@ def main(argv=None) -> None:
     ap.add_argument("--bandwidth", type=float, default=None,
                     help="DRAM read bandwidth in GB/s for the bound (default: a 64 MiB streaming sum "
                          "timed in each row's interleaved rounds)")
-    ap.add_argument("--rounds", type=int, default=ROUNDS,
+    ap.add_argument("--rounds", type=int, default=7,
                     help="interleaved rounds per sparse row (more: steadier medians on a shared machine)")
     opts = ap.parse_args(argv)
-    globals()["ROUNDS"] = opts.rounds
     sections = opts.only or ["sparse1", "batched", "models", "demo"]
     torch.set_num_threads(1)
     set_threads(1)
     print(f"host target: {host_target()}  (torch {torch.__version__}, tvm {tvm.__version__})")
     if "sparse1" in sections:
         bench_sparse_batch1(opts.bandwidth * 1e9 if opts.bandwidth else None,
-                            tuple(float(v) for v in opts.sparsities.split(",")))
+                            tuple(float(v) for v in opts.sparsities.split(",")), opts.rounds)
     if "batched" in sections:
-        bench_batched()
+        bench_batched(rounds=opts.rounds)
     if "models" in sections:
         bench_models(opts.models)
     if "demo" in sections:

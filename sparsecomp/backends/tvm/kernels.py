@@ -209,11 +209,14 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     @T.macro
     def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct):
+        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; then single rows
+        t_end = B // TB * TB * tiled
+        m_end = t_end + (B - t_end) // MB * MB
         # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
-        for t in range(B // TB * tiled):
+        for t in range(t_end // TB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
                 batch_tile(XP, crow, col, val, bias, Y, ch * per_chunk + bri, t * TB, acct)
-        for bo in range((B - B // TB * TB * tiled) // MB):
+        for bo in range((m_end - t_end) // MB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
                 br = ch * per_chunk + bri
                 for mi in T.unroll(MB):
@@ -224,14 +227,14 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                         for mi in T.unroll(MB):
                             for i in T.vectorized(r):
                                 acc[mi, i] = acc[mi, i] + val[j, cc, i] * X[
-                                    B // TB * TB * tiled + bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
+                                    t_end + bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
                 for mi in T.unroll(MB):
                     for i in T.vectorized(r):
-                        Y[B // TB * TB * tiled + bo * MB + mi, br * r + i] = acc[mi, i]
+                        Y[t_end + bo * MB + mi, br * r + i] = acc[mi, i]
         for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
             br = ch * per_chunk + bri
-            for bt in range(B - B // TB * TB * tiled - (B - B // TB * TB * tiled) // MB * MB):
-                b = B // TB * TB * tiled + (B - B // TB * TB * tiled) // MB * MB + bt
+            for bt in range(B - m_end):
+                b = m_end + bt
                 # one accumulator per block column: a block's c FMAs are independent (one shared
                 # accumulator made 4x4 / 8x8 blocks an FMA-latency chain of c per block)
                 for cc in T.unroll(c):
@@ -317,11 +320,14 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     @T.macro
     def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s):
+        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; then single rows
+        t_end = B // TB * TB
+        m_end = t_end + (B - t_end) // MB * MB
         # tiles outside the chunk's block rows: a tile's rows of x stay in L1 / L2 across the chunk
-        for t in range(B // TB):
+        for t in range(t_end // TB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
                 batch_tile(XP, crow, col, val, bias, Y, ch * per_chunk + bri, t * TB, acct)
-        for bo in range((B - B // TB * TB) // MB):
+        for bo in range((m_end - t_end) // MB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
                 br = ch * per_chunk + bri
                 for mi in T.unroll(MB):
@@ -333,14 +339,14 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                         for i in T.unroll(r):
                             for cc in T.vectorized(c):
                                 acc[mi, i, cc] = acc[mi, i, cc] + val[j, i, cc] * X[
-                                    B // TB * TB + bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
+                                    t_end + bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
                 for mi in range(MB):
                     for i in range(r):
-                        hsum(acc, mi, i, bias, Y, B // TB * TB + bo * MB + mi, br * r + i, s)
+                        hsum(acc, mi, i, bias, Y, t_end + bo * MB + mi, br * r + i, s)
         for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
             br = ch * per_chunk + bri
-            for bt in range(B - B // TB * TB - (B - B // TB * TB) // MB * MB):
-                b = B // TB * TB + (B - B // TB * TB) // MB * MB + bt
+            for bt in range(B - m_end):
+                b = m_end + bt
                 for i in T.unroll(r):
                     for cc in T.vectorized(c):
                         acc1[0, i, cc] = T.Cast(dtype, 0)
