@@ -377,6 +377,73 @@ def test_save_load_roundtrip(tmp_path):
         assert _rel_err(loaded(x), model(x)) < RTOL
 
 
+class WideSparse(nn.Module):
+    """A 256-wide MLP with a CSR and a 1x16 BSR linear: weights large enough to be lifted."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        s = 256 ** -0.5
+        self.dense = nn.Linear(256, 256)
+        self.csr = SparseLinear.from_dense(_prune(torch.randn(256, 256) * s, 0.5), torch.randn(256), format="csr")
+        self.bsr = SparseLinear.from_dense(_prune(torch.randn(256, 256) * s, 0.5, (1, 16)), None,
+                                           format="bsr", block=(1, 16))
+        self.small = nn.Linear(256, 4)  # 4 KiB: stays embedded
+
+    def forward(self, x):
+        return self.small(torch.tanh(self.bsr(torch.tanh(self.csr(torch.tanh(self.dense(x)))))))
+
+
+def test_large_weights_are_lifted_into_a_huge_page_arena_and_saved(tmp_path):
+    from sparsecomp.backends.tvm import weights
+
+    model = WideSparse().eval()
+    args = (torch.randn(3, 256),)
+    ep = sparsecomp.capture(model, args).exported
+    mod, _ = tvm_backend.frontend.import_program(ep, target=target.host_target())
+    lifted_mod, lifted = weights.lift_weights(mod)
+    n_inputs = len(mod["main"].params)
+    assert len(lifted) == 4  # dense panels, CSR columns and values, BSR values; biases and row pointers stay
+    assert len(lifted_mod["main"].params) == n_inputs + len(lifted)
+    assert all(int(a.numpy().nbytes) >= weights.LIFT_BYTES for a in lifted)
+    assert len(mod["main"].params) == n_inputs  # the input module is not changed
+    # negative: nothing in a small model reaches the threshold
+    small_ep = sparsecomp.capture(nn.Linear(16, 16), (torch.randn(2, 16),)).exported
+    small_mod, _ = tvm_backend.frontend.import_program(small_ep, target=target.host_target())
+    assert weights.lift_weights(small_mod)[1] == []
+
+    low = sparsecomp.lower(model, args, backend="tvm")
+    assert len(low._weights) == len(lifted)
+    arena = low._arena
+    assert arena.nbytes >= sum(int(a.numpy().nbytes) for a in lifted)
+    for t in low._weights:
+        assert t.__dlpack__  # views into the arena, 64-byte aligned
+        assert torch.from_dlpack(t).data_ptr() % 64 == 0
+    with torch.no_grad():
+        for batch in (1, 3, 8):  # 3: the shape-specialised main_static with its own weight params
+            x = torch.randn(batch, 256)
+            assert _rel_err(low(x), model(x)) < RTOL, batch
+    low.save(tmp_path / "m")
+    assert (tmp_path / "m" / "weights.npz").exists()
+    loaded = sparsecomp.load(tmp_path / "m")
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(loaded(x), low(x), rtol=0, atol=0)
+
+
+def test_weight_arena_copies_and_aligns():
+    from sparsecomp.backends.tvm.weights import WeightArena
+    import numpy as np
+
+    arrays = [np.arange(5, dtype=np.float32), np.arange(7, dtype=np.int16).reshape(7, 1), np.ones((3, 4), np.uint8)]
+    arena = WeightArena(arrays)
+    for a, t in zip(arrays, arena.tensors):
+        view = torch.from_dlpack(t)
+        assert view.data_ptr() % 64 == 0
+        np.testing.assert_array_equal(view.numpy(), a)
+    arrays[0][0] = 42  # a copy, not a view of the caller's arrays
+    assert float(torch.from_dlpack(arena.tensors[0])[0]) == 0.0
+
+
 def test_threads_give_same_result():
     model, args, kwargs, low = _compiled("all_formats")
     x = torch.randn(4, 5, 20)

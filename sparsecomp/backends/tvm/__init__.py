@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...errors import MissingDependencyError
@@ -40,10 +41,12 @@ from ...errors import ConfigError
 from ...lower import MANIFEST
 from . import frontend, schedule
 from .target import default_threads, resolve_target, set_threads
+from .weights import WeightArena, lift_weights
 
 __all__ = ["TVMModel", "lower", "load", "latency", "compile_captured"]
 
 _LIBRARY = "model.so"
+_WEIGHTS = "weights.npz"
 
 
 def _pipeline(target: tvm.target.Target, parallel: bool = True) -> tvm.transform.Pass:
@@ -67,21 +70,25 @@ def _pipeline(target: tvm.target.Target, parallel: bool = True) -> tvm.transform
 
 def compile_captured(captured: Captured, target: Any = None, parallel: bool = True,
                      specialize: bool = True):
-    """Import and build ``captured``; returns ``(executable, kernel_counts, target, static_shapes)``.
+    """Import and build ``captured``; returns ``(executable, kernel_counts, target, static_shapes,
+    weights)``.
 
     ``parallel=False`` compiles single-threaded code (no ``T.parallel`` loops at all). ``specialize``
     also builds ``main_static`` for the example inputs' shapes (see
     :func:`.frontend.specialize_example`); ``static_shapes`` is ``None`` when it was not built.
+    ``weights`` are the kernels' large constant arguments, lifted to trailing parameters of ``main``
+    (:func:`.weights.lift_weights`): pass them after the inputs.
     """
     tgt = resolve_target(target)
     mod, fired = frontend.import_program(captured.exported, parallel, tgt)
+    mod, lifted = lift_weights(mod)
     static = None
     if specialize:
         example = [t for t in torch.utils._pytree.tree_leaves(
             (captured.example_args, captured.example_kwargs)) if isinstance(t, torch.Tensor)]
         static = frontend.specialize_example(mod, example)
     exe = tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt, parallel))
-    return exe, fired, tgt, static
+    return exe, fired, tgt, static, lifted
 
 
 class TVMModel:
@@ -96,8 +103,11 @@ class TVMModel:
     """
 
     def __init__(self, module, in_spec, out_spec, num_threads: int, kernels: dict, target: str,
-                 static_shapes: list | None = None):
+                 static_shapes: list | None = None, weights: list | None = None):
         self._module = module  # Executable or loaded runtime Module (kept alive for the VM)
+        # the kernels' large weights, passed after the inputs on every call (huge-page arena)
+        self._arena = WeightArena(weights or [])
+        self._weights = self._arena.tensors
         self._vm = relax.VirtualMachine(module, tvm.cpu())
         self._main = self._vm["main"]
         # inputs shaped exactly like the example run the shape-specialised copy (no dynamic shapes)
@@ -152,7 +162,7 @@ class TVMModel:
         inputs = self._fast_inputs(args, kwargs)
         if inputs is None:
             inputs = self._inputs(args, kwargs)
-        result = self._function(inputs)(*inputs)
+        result = self._function(inputs)(*inputs, *self._weights)
         if self._single_out:
             while not hasattr(result, "__dlpack__"):  # a (nested) one-element tuple
                 result = result[0]
@@ -162,13 +172,16 @@ class TVMModel:
         return torch.utils._pytree.tree_unflatten(outs, self._out_spec)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``model.so`` (the compiled VM) and ``sparsecomp.json`` into directory ``path``."""
+        """Write ``model.so`` (the compiled VM), ``weights.npz`` (the lifted kernel weights) and
+        ``sparsecomp.json`` into directory ``path``."""
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         self._module.export_library(os.path.join(path, _LIBRARY))
+        np.savez(os.path.join(path, _WEIGHTS), *[t.numpy() for t in self._weights])
         meta = {
             "backend": "tvm",
             "library": _LIBRARY,
+            "weights": _WEIGHTS,
             "target": self.target,
             "num_threads": self.num_threads,
             "kernels": self.kernels,
@@ -212,10 +225,10 @@ def lower(captured: Captured, *, target: Any = None, num_threads: int | None = N
         raise ConfigError(f"num_threads must be a positive int, got {num_threads!r}")
     threads = num_threads or default_threads()
     # one thread: no parallel loops at all (a parallel body compiles to a slower closure; see kernels)
-    exe, fired, tgt, static = compile_captured(captured, target, parallel=threads > 1)
+    exe, fired, tgt, static, weights = compile_captured(captured, target, parallel=threads > 1)
     ep = captured.exported
     return TVMModel(exe, ep.call_spec.in_spec, ep.call_spec.out_spec, threads, fired, str(tgt),
-                    static)
+                    static, weights)
 
 
 def load(path: str | os.PathLike, *, num_threads: int | None = None) -> TVMModel:
@@ -226,6 +239,10 @@ def load(path: str | os.PathLike, *, num_threads: int | None = None) -> TVMModel
     if meta.get("backend") != "tvm":
         raise ConfigError(f"{path} holds a {meta.get('backend')!r} model, not a TVM one")
     module = tvm.runtime.load_module(os.path.join(path, meta["library"]))
+    weights = []
+    if meta.get("weights"):
+        with np.load(os.path.join(path, meta["weights"])) as saved:
+            weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
     return TVMModel(
         module,
         torch.utils._pytree.treespec_loads(meta["in_spec"]),
@@ -234,6 +251,7 @@ def load(path: str | os.PathLike, *, num_threads: int | None = None) -> TVMModel
         meta.get("kernels", {}),
         meta["target"],
         meta.get("static_shapes"),
+        weights,
     )
 
 

@@ -809,9 +809,10 @@ def specialize_example(mod: tvm.IRModule, example: list[torch.Tensor]) -> list[t
     static, or the parameters do not line up with the example tensors).
     """
     main = mod["main"]
-    if len(main.params) != len(example):
+    if len(main.params) < len(example):
         return None
     binds: dict = {}
+    # parameters after the inputs are lifted weights (static shapes): nothing to bind there
     for param, tensor in zip(main.params, example):
         ty = param.ty
         if not isinstance(ty, relax.TensorType) or ty.ndim != tensor.dim():
@@ -824,7 +825,10 @@ def specialize_example(mod: tvm.IRModule, example: list[torch.Tensor]) -> list[t
                 return None
     if not binds:
         return None
-    mod["main_static"] = main.bind_symbolic_vars(binds).with_attr("global_symbol", "main_static")
+    # fresh vars: parameters whose shapes have no symbol (lifted weights) would otherwise be the
+    # same Var objects in both functions, which FuseOps rejects
+    mod["main_static"] = relax.utils.copy_with_new_vars(main.bind_symbolic_vars(binds)).with_attr(
+        "global_symbol", "main_static")
     return [tuple(int(d) for d in t.shape) for t in example]
 
 
