@@ -16,10 +16,11 @@ reported, so a noisy shared machine shifts rows less than columns)::
 Tables are printed as markdown.
 
 *Cold weights*: every candidate cycles through enough copies of its weights (> 2x the L3 cache) that
-each call streams them from DRAM. The bandwidth bound is ``format bytes / DRAM read bandwidth``, with the
-bandwidth of a single-core torch streaming sum over 64 MiB timed in the same interleaved rounds as each
-row (torch's sum, not numpy's: numpy's pairwise float32 sum is compute-bound at ~14 GB/s where torch
-streams ~18-20). "Cold read" is the
+each call streams them from DRAM. Our kernels' copies are held as ``lower`` holds a model's weights: in
+a huge-page arena (``backends/tvm/weights.py``). The bandwidth bound is ``format bytes / DRAM read
+bandwidth``, with the bandwidth of a single-core torch streaming sum over 64 MiB, on huge pages too,
+timed in the same interleaved rounds as each row (torch's sum, not numpy's: numpy's pairwise float32 sum
+is compute-bound at ~14 GB/s where torch streams ~18-20). "Cold read" (also on huge pages) is the
 practical floor for the same bytes: a torch sum over a float32 array of the format's size, cycling over
 cold copies exactly like the kernels, timed in the same interleaved rounds, less torch's per-call cost
 (a 1-element sum in the same rounds, ~4 us; ours keep their ~1 us call from Python into TVM).
@@ -40,6 +41,7 @@ import torch
 import sparsecomp
 from sparsecomp.backends.tvm import kernels
 from sparsecomp.backends.tvm.target import host_target, set_threads
+from sparsecomp.backends.tvm.weights import WeightArena
 from sparsecomp.ops.formats import pack
 
 import tvm
@@ -94,8 +96,8 @@ def cold_read_candidate(nbytes: int):
     per-call cost is taken off (:func:`sum_overhead_candidate`, ~4 us: 10 % of a 40 us read).
     """
     n = copies_for(nbytes)
-    arrs = [torch.ones(max(1, nbytes // 4)) for _ in range(n)]
-    return Rotating(lambda i: arrs[i].sum(), n)
+    arrs = [_page_backed(max(4, nbytes // 4 * 4), True) for _ in range(n)]  # the kernels' huge pages
+    return Rotating(lambda i: arrs[i][1].sum(), n)
 
 
 def sum_overhead_candidate():
@@ -139,6 +141,11 @@ def _compile(func):
                        target=host_target())["main"]
 
 
+def arena(*arrays) -> list:
+    """Weights held as ``lower`` holds them: one huge-page arena per copy (:class:`WeightArena`)."""
+    return WeightArena(list(arrays)).tensors
+
+
 def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1):
     """(callable over copies, format bytes) for our kernel on ``w`` (already pruned)."""
     dev = tvm.cpu()
@@ -156,7 +163,7 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1
             vals = p.values.numpy()
         nbytes = p.nbytes
         n = copies_for(nbytes)
-        ws = [(T(p.crow_indices.numpy()), T(p.col_indices.numpy()), T(vals.copy())) for _ in range(n)]
+        ws = [arena(p.crow_indices.numpy(), p.col_indices.numpy(), vals) for _ in range(n)]
         transpose = False
     elif fmt == "csr":
         p = pack(w, "csr")
@@ -165,7 +172,7 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1
         f = _compile(kernels.csr_kernel(OUT, IN, len(sptr) - 1, col.shape[0], "int16", parallel=False))
         nbytes = sptr.nbytes + col.nbytes + vals.nbytes + perm.nbytes  # streamed, padding included
         n = copies_for(nbytes)
-        ws = [(T(sptr), T(col.copy()), T(vals.copy()), T(perm)) for _ in range(n)]
+        ws = [arena(sptr, col, vals, perm) for _ in range(n)]
         transpose = True
     else:
         nn_, m = nm
@@ -174,7 +181,7 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1
         f = _compile(kernels.nm_lanes_kernel(OUT, IN, nn_, m, parallel=False))
         nbytes = vals.nbytes + pos.nbytes
         n = copies_for(nbytes)
-        ws = [(T(vals.copy()), T(pos.copy())) for _ in range(n)]
+        ws = [arena(vals, pos) for _ in range(n)]
         transpose = False
     x = torch.randn(batch, IN)
     xt = T((x.T if transpose else x).contiguous().numpy())
@@ -220,8 +227,7 @@ def dense_candidates(w: torch.Tensor, batch: int, with_ort=True):
     out = {"torch dense": Rotating(lambda i: torch.nn.functional.linear(x, ws[i]), n)}
     dev = tvm.cpu()
     f = _compile(kernels.dense_kernel(IN, OUT, parallel=False))
-    packs = [tvm.runtime.tensor(wi.reshape(OUT // 16, 16, IN).permute(0, 2, 1).contiguous().numpy(), dev)
-             for wi in ws]
+    packs = [arena(wi.reshape(OUT // 16, 16, IN).permute(0, 2, 1).contiguous().numpy())[0] for wi in ws]
     xt = tvm.runtime.tensor(x.numpy(), dev)
     b = tvm.runtime.tensor(np.zeros(OUT, np.float32), dev)
     y = tvm.runtime.tensor(np.zeros((batch, OUT), np.float32), dev)
@@ -266,7 +272,7 @@ def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95), roun
     if bw is None:
         print("Bound bandwidth: a 64 MiB single-core streaming sum timed in each row's rounds "
               "(column GB/s)\n")
-        stream = torch.ones(16 << 20)
+        stream = _page_backed(64 << 20, True)[1]
     else:
         print(f"DRAM read bandwidth used for the bound: {bw / 1e9:.1f} GB/s\n")
     print("| sparsity | format | ours us | GB/s | bound us | of bound | cold read us | of cold read | "
@@ -426,7 +432,7 @@ def bench_cold_read(sizes=(512 << 10, 1 << 20, 3 << 20), rounds: int = 7) -> Non
     print("| size KiB | stream GB/s | torch per-call us | 4 KiB pages us | net GB/s | of stream | "
           "2 MiB pages us | net GB/s | of stream |")
     print("|---|---|---|---|---|---|---|---|---|")
-    stream = torch.ones(16 << 20)
+    stream = torch.ones(16 << 20)  # 4 KiB pages, like any torch tensor
     for nb in sizes:
         n = copies_for(nb)
         small = [_page_backed(nb, False) for _ in range(n)]
