@@ -96,8 +96,8 @@ def cold_read_candidate(nbytes: int):
     per-call cost is taken off (:func:`sum_overhead_candidate`, ~4 us: 10 % of a 40 us read).
     """
     n = copies_for(nbytes)
-    arrs = [_page_backed(max(4, nbytes // 4 * 4), True) for _ in range(n)]  # the kernels' huge pages
-    return Rotating(lambda i: arrs[i][1].sum(), n)
+    arrs = [_page_backed(nbytes, True) for _ in range(n)]  # the kernels' huge pages
+    return Rotating(lambda i: arrs[i].sum(), n)
 
 
 def sum_overhead_candidate():
@@ -272,7 +272,7 @@ def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95), roun
     if bw is None:
         print("Bound bandwidth: a 64 MiB single-core streaming sum timed in each row's rounds "
               "(column GB/s)\n")
-        stream = _page_backed(64 << 20, True)[1]
+        stream = _page_backed(64 << 20, True)
     else:
         print(f"DRAM read bandwidth used for the bound: {bw / 1e9:.1f} GB/s\n")
     print("| sparsity | format | ours us | GB/s | bound us | of bound | cold read us | of cold read | "
@@ -408,21 +408,9 @@ def bench_demo(ratios=(0.0, 0.25, 0.5, 0.75)) -> None:
               f"{t.get('ort', float('nan')) / t['tvm']:.2f}x |", flush=True)
 
 
-def _page_backed(nbytes: int, huge: bool):
-    """(mapping, float32 tensor of ``nbytes``) in fresh anonymous memory, 2 MiB aligned; ``huge``:
-    ``madvise(MADV_HUGEPAGE)`` before the first touch (transparent huge pages in ``madvise`` mode)."""
-    import mmap
-
-    page = 2 << 20
-    size = -(-nbytes // page) * page
-    m = mmap.mmap(-1, size + page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = np.frombuffer(m, dtype=np.uint8)
-    off = (-raw.ctypes.data) % page
-    if huge:
-        m.madvise(mmap.MADV_HUGEPAGE, off, size)
-    t = torch.from_numpy(raw[off:off + nbytes]).view(torch.float32)
-    t.fill_(1.0)
-    return m, t
+def _page_backed(nbytes: int, huge: bool) -> torch.Tensor:
+    """A float32 tensor of ``nbytes`` (ones) in a :class:`WeightArena` of its own, on huge pages or not."""
+    return torch.from_dlpack(WeightArena([np.ones(max(1, nbytes // 4), np.float32)], huge_pages=huge).tensors[0])
 
 
 def bench_cold_read(sizes=(512 << 10, 1 << 20, 3 << 20), rounds: int = 7) -> None:
@@ -437,7 +425,7 @@ def bench_cold_read(sizes=(512 << 10, 1 << 20, 3 << 20), rounds: int = 7) -> Non
         n = copies_for(nb)
         small = [_page_backed(nb, False) for _ in range(n)]
         huge = [_page_backed(nb, True) for _ in range(n)]
-        fns = {"4k": Rotating(lambda i: small[i][1].sum(), n), "2m": Rotating(lambda i: huge[i][1].sum(), n),
+        fns = {"4k": Rotating(lambda i: small[i].sum(), n), "2m": Rotating(lambda i: huge[i].sum(), n),
                "overhead": sum_overhead_candidate(), "stream": lambda: stream.sum()}
         t = timeit_interleaved(fns, rounds)
         bw = stream.numel() * 4 / t["stream"]

@@ -442,6 +442,8 @@ def test_weight_arena_copies_and_aligns():
         np.testing.assert_array_equal(view.numpy(), a)
     arrays[0][0] = 42  # a copy, not a view of the caller's arrays
     assert float(torch.from_dlpack(arena.tensors[0])[0]) == 0.0
+    plain = WeightArena(arrays, huge_pages=False)  # same mapping, no MADV_HUGEPAGE
+    assert not plain.huge and float(torch.from_dlpack(plain.tensors[0])[0]) == 42.0
 
 
 def test_threads_give_same_result():

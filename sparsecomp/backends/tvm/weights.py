@@ -78,10 +78,12 @@ class WeightArena:
 
     ``tensors`` are ``tvm`` tensors viewing the arena (64-byte aligned); ``huge`` says whether the
     kernel accepted ``MADV_HUGEPAGE`` (the pages are then 2 MiB where the system has them free).
-    The arena lives as long as any of its tensors.
+    ``huge_pages=False`` maps the same way on normal pages (the benchmarks' comparison). The arena
+    lives as long as any of its tensors.
     """
 
-    def __init__(self, arrays):
+    def __init__(self, arrays, huge_pages: bool = True):
+        self._want_huge = huge_pages
         arrays = [a if isinstance(a, np.ndarray) else a.numpy() for a in arrays]
         offsets, total = [], 0
         for a in arrays:
@@ -107,7 +109,7 @@ class WeightArena:
         raw = np.frombuffer(self._mapping, dtype=np.uint8)
         start = (-raw.ctypes.data) % _HUGE_PAGE  # huge pages need 2 MiB-aligned ranges
         advice = getattr(mmap, "MADV_HUGEPAGE", None)
-        if advice is not None:
+        if advice is not None and self._want_huge:
             try:
                 self._mapping.madvise(advice, start, size)  # before the first touch
                 self.huge = True
