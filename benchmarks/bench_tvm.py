@@ -146,6 +146,12 @@ def arena(*arrays) -> list:
     return WeightArena(list(arrays)).tensors
 
 
+def _page_backed(nbytes: int, huge: bool) -> torch.Tensor:
+    """A float32 tensor of ``nbytes`` (ones) in a :class:`WeightArena` of its own, on huge pages or not."""
+    ones = np.ones(max(1, nbytes // 4), np.float32)
+    return torch.from_dlpack(WeightArena([ones], huge_pages=huge).tensors[0])
+
+
 def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1):
     """(callable over copies, format bytes) for our kernel on ``w`` (already pruned)."""
     dev = tvm.cpu()
@@ -406,11 +412,6 @@ def bench_demo(ratios=(0.0, 0.25, 0.5, 0.75)) -> None:
         print(f"| {r:g} | {t['torch'] * 1e3:.2f} | {t.get('ort', float('nan')) * 1e3:.2f} | "
               f"{t['tvm'] * 1e3:.2f} | {t['torch'] / t['tvm']:.2f}x | "
               f"{t.get('ort', float('nan')) / t['tvm']:.2f}x |", flush=True)
-
-
-def _page_backed(nbytes: int, huge: bool) -> torch.Tensor:
-    """A float32 tensor of ``nbytes`` (ones) in a :class:`WeightArena` of its own, on huge pages or not."""
-    return torch.from_dlpack(WeightArena([np.ones(max(1, nbytes // 4), np.float32)], huge_pages=huge).tensors[0])
 
 
 def bench_cold_read(sizes=(512 << 10, 1 << 20, 3 << 20), rounds: int = 7) -> None:

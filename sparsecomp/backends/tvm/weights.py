@@ -10,8 +10,9 @@ Why: a batch-1 sparse or dense linear streams its weights from DRAM once per cal
 executable they sit in TVM's own allocations on 4 KiB pages, where each call pays a TLB walk every
 4 KiB and the hardware prefetcher stops at every page. On 2 MiB pages the same kernels took 0.90-1.02x
 the time, typically ~0.95x (3072x768, 70-95 % sparsity, cold, same-run A/B;
-``benchmarks/bench_tvm.py --only coldread`` shows the effect on a plain read). Where the kernel cannot get huge pages (THP ``never``, not Linux) the arena is
-still one allocation on normal pages; nothing else changes.
+``benchmarks/bench_tvm.py --only coldread`` shows the effect on a plain read). Where the kernel cannot
+get huge pages (THP ``never``, not Linux) the arena is still one allocation on normal pages; nothing
+else changes.
 """
 
 from __future__ import annotations
@@ -83,7 +84,6 @@ class WeightArena:
     """
 
     def __init__(self, arrays, huge_pages: bool = True):
-        self._want_huge = huge_pages
         arrays = [a if isinstance(a, np.ndarray) else a.numpy() for a in arrays]
         offsets, total = [], 0
         for a in arrays:
@@ -91,14 +91,16 @@ class WeightArena:
             total += -(-max(a.nbytes, 1) // _ALIGN) * _ALIGN
         self.nbytes = total
         self.huge = False
-        raw = self._map(max(total, _ALIGN))
         self.tensors = []
+        if not arrays:  # a model with nothing lifted maps nothing
+            return
+        raw = self._map(total, huge_pages)
         for a, off in zip(arrays, offsets):
             view = raw[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
             view[...] = a
             self.tensors.append(tvm.runtime.from_dlpack(view))
 
-    def _map(self, nbytes: int) -> np.ndarray:
+    def _map(self, nbytes: int, huge_pages: bool) -> np.ndarray:
         anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
         if anonymous is None:  # not POSIX: one ordinary allocation
             buf = np.empty(nbytes + _ALIGN, np.uint8)
@@ -109,7 +111,7 @@ class WeightArena:
         raw = np.frombuffer(self._mapping, dtype=np.uint8)
         start = (-raw.ctypes.data) % _HUGE_PAGE  # huge pages need 2 MiB-aligned ranges
         advice = getattr(mmap, "MADV_HUGEPAGE", None)
-        if advice is not None and self._want_huge:
+        if advice is not None and huge_pages:
             try:
                 self._mapping.madvise(advice, start, size)  # before the first touch
                 self.huge = True
