@@ -124,12 +124,12 @@ def dense_kernel(K: int, NP: int, MB: int = DENSE_MB, NB: int = DENSE_NB, dtype:
         Y = T.match_buffer(y_h, (B, NP), dtype)
         if B * flops_per_row >= threshold:
             for nb in T.parallel(nblk):
-                acc = T.alloc_buffer((MB, NB), dtype, scope="local")
-                acc1 = T.alloc_buffer((NB,), dtype, scope="local")
+                acc = T.alloc_buffer((MB, NB), dtype)
+                acc1 = T.alloc_buffer((NB,), dtype)
                 panel(X, w, bias, Y, B, nb, acc, acc1)
         else:
-            acc = T.alloc_buffer((MB, NB), dtype, scope="local")
-            acc1 = T.alloc_buffer((NB,), dtype, scope="local")
+            acc = T.alloc_buffer((MB, NB), dtype)
+            acc1 = T.alloc_buffer((NB,), dtype)
             for nb in range(nblk):
                 panel(X, w, bias, Y, B, nb, acc, acc1)
 
@@ -210,15 +210,15 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     @T.macro
     def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct):
         # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; then single rows
-        t_end = B // TB * TB * tiled
-        m_end = t_end + (B - t_end) // MB * MB
+        t_end: T.let = B // TB * TB * tiled
+        m_end: T.let = t_end + (B - t_end) // MB * MB
         # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
         for t in range(t_end // TB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
                 batch_tile(XP, crow, col, val, bias, Y, ch * per_chunk + bri, t * TB, acct)
         for bo in range((m_end - t_end) // MB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-                br = ch * per_chunk + bri
+                br: T.let = ch * per_chunk + bri
                 for mi in T.unroll(MB):
                     for i in T.vectorized(r):
                         acc[mi, i] = bias[br * r + i]
@@ -232,9 +232,9 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                     for i in T.vectorized(r):
                         Y[t_end + bo * MB + mi, br * r + i] = acc[mi, i]
         for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-            br = ch * per_chunk + bri
+            br: T.let = ch * per_chunk + bri
             for bt in range(B - m_end):
-                b = m_end + bt
+                b: T.let = m_end + bt
                 # one accumulator per block column: a block's c FMAs are independent (one shared
                 # accumulator made 4x4 / 8x8 blocks an FMA-latency chain of c per block)
                 for cc in T.unroll(c):
@@ -264,14 +264,14 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         repack(X, XP, B * tiled)
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
-                acc = T.alloc_buffer((MB, r), dtype, scope="local")
-                acc1 = T.alloc_buffer((c, r), dtype, scope="local")
-                acct = T.alloc_buffer((RA, r, TB), dtype, scope="local")
+                acc = T.alloc_buffer((MB, r), dtype)
+                acc1 = T.alloc_buffer((c, r), dtype)
+                acct = T.alloc_buffer((RA, r, TB), dtype)
                 chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct)
         else:
-            acc = T.alloc_buffer((MB, r), dtype, scope="local")
-            acc1 = T.alloc_buffer((c, r), dtype, scope="local")
-            acct = T.alloc_buffer((RA, r, TB), dtype, scope="local")
+            acc = T.alloc_buffer((MB, r), dtype)
+            acc1 = T.alloc_buffer((c, r), dtype)
+            acct = T.alloc_buffer((RA, r, TB), dtype)
             for ch in range(nch):
                 chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct)
 
@@ -297,16 +297,18 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     @T.macro
     def hsum_tree(A, mi, i, bias, Y, b, o, red):
-        """``Y[b, o] = bias[o] + sum(A[mi, i, :])`` for ``c % 8 == 0``: vector adds down to 4 lanes
-        (a 16-add scalar chain per output was most of the 1x16 kernel's time at batch 64)."""
-        for q in T.vectorized(8):
-            red[q] = A[mi, i, q]
-        for cb in range(1, c // 8):
+        """``Y[b, o] = bias[o] + sum(A[mi, i, :])`` for ``c % 8 == 0``: 8-lane adds in place, one
+        4-lane add of the two halves, then two scalar levels (a 16-add scalar chain per output was
+        most of the 1x16 kernel's time at batch 64). Written this way, on accumulators updated as
+        8-lane vectors, LLVM emits extract / add / shuffle. The earlier form (16-lane accumulators,
+        copied into an 8-lane buffer that was then halved in place) made it rebuild the second half
+        lane by lane, ~15 extra instructions: 1x16 at 95 %, batch 1, 36 instead of 29 us hot."""
+        for cb in T.unroll(1, c // 8):
             for q in T.vectorized(8):
-                red[q] = red[q] + A[mi, i, cb * 8 + q]
+                A[mi, i, q] = A[mi, i, q] + A[mi, i, cb * 8 + q]
         for q in T.vectorized(4):
-            red[q] = red[q] + red[q + 4]
-        Y[b, o] = bias[o] + ((red[0] + red[1]) + (red[2] + red[3]))
+            red[q] = A[mi, i, q] + A[mi, i, q + 4]
+        Y[b, o] = bias[o] + ((red[0] + red[2]) + (red[1] + red[3]))
 
     @T.macro
     def hsum_scalar(A, mi, i, bias, Y, b, o, red):
@@ -316,49 +318,60 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         Y[b, o] = red[0]
 
     hsum = hsum_tree if c % 8 == 0 else hsum_scalar
+    cv = 8 if c % 8 == 0 else c  # vector width over a block's columns: one AVX2 register
     TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda val, j, i, cc: val[j, i, cc])
 
     @T.macro
-    def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s):
-        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; then single rows
-        t_end = B // TB * TB
-        m_end = t_end + (B - t_end) // MB * MB
+    def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s):
+        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; the rest: rows()
+        t_end: T.let = B // TB * TB
+        m_end: T.let = t_end + (B - t_end) // MB * MB
         # tiles outside the chunk's block rows: a tile's rows of x stay in L1 / L2 across the chunk
         for t in range(t_end // TB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
                 batch_tile(XP, crow, col, val, bias, Y, ch * per_chunk + bri, t * TB, acct)
         for bo in range((m_end - t_end) // MB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-                br = ch * per_chunk + bri
+                br: T.let = ch * per_chunk + bri
                 for mi in T.unroll(MB):
                     for i in T.unroll(r):
-                        for cc in T.vectorized(c):
-                            acc[mi, i, cc] = T.Cast(dtype, 0)
+                        for cb in T.unroll(c // cv):
+                            for q in T.vectorized(cv):
+                                acc[mi, i, cb * cv + q] = T.Cast(dtype, 0)
                 for j in range(crow[br], crow[br + 1]):
                     for mi in T.unroll(MB):
                         for i in T.unroll(r):
-                            for cc in T.vectorized(c):
-                                acc[mi, i, cc] = acc[mi, i, cc] + val[j, i, cc] * X[
-                                    t_end + bo * MB + mi, T.Cast("int64", col[j]) * c + cc]
+                            for cb in T.unroll(c // cv):
+                                for q in T.vectorized(cv):
+                                    acc[mi, i, cb * cv + q] = acc[mi, i, cb * cv + q] + val[j, i, cb * cv + q] * X[
+                                        t_end + bo * MB + mi, T.Cast("int64", col[j]) * c + cb * cv + q]
                 for mi in range(MB):
                     for i in range(r):
                         hsum(acc, mi, i, bias, Y, t_end + bo * MB + mi, br * r + i, s)
-        for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-            br = ch * per_chunk + bri
-            for bt in range(B - m_end):
-                b = m_end + bt
+
+    @T.macro
+    def rows(X, crow, col, val, bias, Y, b, br0, nb, acc1, s):
+        """Row ``b`` of ``x`` alone against block rows ``[br0, br0 + nb)``, weights prefetched.
+
+        Kept out of :func:`chunk` so that the serial kernel runs every block row in one loop, with
+        the row of ``x`` outside it: at 90-95 % a block row has 2-5 blocks, and the loop levels around
+        them cost as much as the blocks."""
+        for bri in range(nb):
+            br: T.let = br0 + bri
+            for i in T.unroll(r):
+                for cb in T.unroll(c // cv):
+                    for q in T.vectorized(cv):
+                        acc1[0, i, cb * cv + q] = T.Cast(dtype, 0)
+            for j in range(crow[br], crow[br + 1]):
+                _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
+                _prefetch(T.address_of(col[T.min(j + pd, last)]))
                 for i in T.unroll(r):
-                    for cc in T.vectorized(c):
-                        acc1[0, i, cc] = T.Cast(dtype, 0)
-                for j in range(crow[br], crow[br + 1]):
-                    _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
-                    _prefetch(T.address_of(col[T.min(j + pd, last)]))
-                    for i in T.unroll(r):
-                        for cc in T.vectorized(c):
-                            acc1[0, i, cc] = acc1[0, i, cc] + val[j, i, cc] * X[
-                                b, T.Cast("int64", col[j]) * c + cc]
-                for i in range(r):
-                    hsum(acc1, 0, i, bias, Y, b, br * r + i, s)
+                    for cb in T.unroll(c // cv):
+                        for q in T.vectorized(cv):
+                            acc1[0, i, cb * cv + q] = acc1[0, i, cb * cv + q] + val[j, i, cb * cv + q] * X[
+                                b, T.Cast("int64", col[j]) * c + cb * cv + q]
+            for i in range(r):
+                hsum(acc1, 0, i, bias, Y, b, br * r + i, s)
 
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), col: T.Buffer((nnzb,), idx),
@@ -368,21 +381,26 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         X = T.match_buffer(x_h, (B, K), dtype)
         Y = T.match_buffer(y_h, (B, N), dtype)
         XP = T.alloc_buffer((B // TB * TB * K,), dtype)
+        acc = T.alloc_buffer((MB, r, c), dtype)
+        acc1 = T.alloc_buffer((1, r, c), dtype)
+        acct = T.alloc_buffer((RA, r, TB), dtype)
+        s = T.alloc_buffer((8,), dtype)
         repack(X, XP, B)
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
-                acc = T.alloc_buffer((MB, r, c), dtype, scope="local")
-                acc1 = T.alloc_buffer((1, r, c), dtype, scope="local")
-                acct = T.alloc_buffer((RA, r, TB), dtype, scope="local")
-                s = T.alloc_buffer((8,), dtype, scope="local")
-                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s)
+                pacc = T.alloc_buffer((MB, r, c), dtype)
+                pacc1 = T.alloc_buffer((1, r, c), dtype)
+                pacct = T.alloc_buffer((RA, r, TB), dtype)
+                ps = T.alloc_buffer((8,), dtype)
+                chunk(X, XP, crow, col, val, bias, Y, B, ch, pacc, pacct, ps)
+                for b in range(B // TB * TB + B % TB // MB * MB, B):
+                    rows(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk),
+                         pacc1, ps)
         else:
-            acc = T.alloc_buffer((MB, r, c), dtype, scope="local")
-            acc1 = T.alloc_buffer((1, r, c), dtype, scope="local")
-            acct = T.alloc_buffer((RA, r, TB), dtype, scope="local")
-            s = T.alloc_buffer((8,), dtype, scope="local")
             for ch in range(nch):
-                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s)
+                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s)
+            for b in range(B // TB * TB + B % TB // MB * MB, B):
+                rows(X, crow, col, val, bias, Y, b, 0, nbr, acc1, s)
 
     return _scheduled(bsr)
 
@@ -476,8 +494,8 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
 
     @T.macro
     def lanes(XF, sptr, col, CW, val, perm, bias, Y, g, b, stride, acc):
-        s0 = T.Cast("int64", sptr[g])
-        ln = T.Cast("int64", sptr[g + 1]) - s0
+        s0: T.let = T.Cast("int64", sptr[g])
+        ln: T.let = T.Cast("int64", sptr[g + 1]) - s0
         for u in T.unroll(U):
             acc[u, T.ramp(0, 1, R)] = T.Broadcast(T.Cast(dtype, 0), R)
         for jo in range(ln // U):
@@ -502,8 +520,8 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
         a time: ``LG x TW/8`` = 8 accumulator vectors. Results go to the chunk's ``YT [rows, 16]``
         (L1), written out to ``Y`` row-contiguously once the chunk's slices are done: 16 scalar
         stores per output into 16 rows of ``Y`` missed L2 and took ~half of the batch-64 time."""
-        s0 = T.Cast("int64", sptr[g])
-        ln = T.Cast("int64", sptr[g + 1]) - s0
+        s0: T.let = T.Cast("int64", sptr[g])
+        ln: T.let = T.Cast("int64", sptr[g + 1]) - s0
         for h in range(R // LG):
             for v in T.unroll(LG):
                 for q in T.vectorized(TW):
@@ -568,15 +586,15 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
                     XP[B // 16 * 16 * K + k * 8 + q] = XT[k, B // 16 * 16 + q]
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
-                acc = T.alloc_buffer((U, R), dtype, scope="local")
-                acc16 = T.alloc_buffer((4, 16), dtype, scope="local")
-                acc8 = T.alloc_buffer((8, 8), dtype, scope="local")
+                acc = T.alloc_buffer((U, R), dtype)
+                acc16 = T.alloc_buffer((4, 16), dtype)
+                acc8 = T.alloc_buffer((8, 8), dtype)
                 YT = T.alloc_buffer((sigma * 16,), dtype)
                 chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT)
         else:
-            acc = T.alloc_buffer((U, R), dtype, scope="local")
-            acc16 = T.alloc_buffer((4, 16), dtype, scope="local")
-            acc8 = T.alloc_buffer((8, 8), dtype, scope="local")
+            acc = T.alloc_buffer((U, R), dtype)
+            acc16 = T.alloc_buffer((4, 16), dtype)
+            acc8 = T.alloc_buffer((8, 8), dtype)
             YT = T.alloc_buffer((sigma * 16,), dtype)
             for ch in range(nch):
                 chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT)
@@ -600,7 +618,7 @@ def nm_kernel(N: int, K: int, n: int, m: int, pos_dtype: str, dtype: str = "floa
     @T.macro
     def chunk(XT, val, pos, bias, Y, B, ch, acc, accu, s):
         for rr in range(T.min(rows_per_chunk, N - ch * rows_per_chunk)):
-            row = ch * rows_per_chunk + rr
+            row: T.let = ch * rows_per_chunk + rr
             for bo in range(B // V):
                 for v in T.vectorized(V):
                     acc[v] = bias[row]
@@ -612,7 +630,7 @@ def nm_kernel(N: int, K: int, n: int, m: int, pos_dtype: str, dtype: str = "floa
                 for v in range(V):
                     Y[bo * V + v, row] = acc[v]
             for bt in range(B - B // V * V):
-                b = B // V * V + bt
+                b: T.let = B // V * V + bt
                 for u in T.unroll(U):
                     accu[u] = T.Cast(dtype, 0)
                 for jo in range(L // U):
@@ -638,14 +656,14 @@ def nm_kernel(N: int, K: int, n: int, m: int, pos_dtype: str, dtype: str = "floa
         Y = T.match_buffer(y_h, (B, N), dtype)
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
-                acc = T.alloc_buffer((V,), dtype, scope="local")
-                accu = T.alloc_buffer((U,), dtype, scope="local")
-                s = T.alloc_buffer((1,), dtype, scope="local")
+                acc = T.alloc_buffer((V,), dtype)
+                accu = T.alloc_buffer((U,), dtype)
+                s = T.alloc_buffer((1,), dtype)
                 chunk(XT, val, pos, bias, Y, B, ch, acc, accu, s)
         else:
-            acc = T.alloc_buffer((V,), dtype, scope="local")
-            accu = T.alloc_buffer((U,), dtype, scope="local")
-            s = T.alloc_buffer((1,), dtype, scope="local")
+            acc = T.alloc_buffer((V,), dtype)
+            accu = T.alloc_buffer((U,), dtype)
+            s = T.alloc_buffer((1,), dtype)
             for ch in range(nch):
                 chunk(XT, val, pos, bias, Y, B, ch, acc, accu, s)
 
@@ -737,10 +755,10 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
         PF = T.decl_buffer((G * L * R,), u8, data=pos.data)
         if B * flops_per_row >= threshold:
             for g in T.parallel(G):
-                acc = T.alloc_buffer((A, R), dtype, scope="local")
+                acc = T.alloc_buffer((A, R), dtype)
                 group(X, val, pos, VF, PF, bias, Y, B, g, acc)
         else:
-            acc = T.alloc_buffer((A, R), dtype, scope="local")
+            acc = T.alloc_buffer((A, R), dtype)
             for g in range(G):
                 group(X, val, pos, VF, PF, bias, Y, B, g, acc)
 
@@ -796,19 +814,19 @@ def bmm_kernel(M: int, K: int, N: int, MB: int = DENSE_MB, dtype: str = "float32
         if bt * flops_per_batch >= threshold:
             if nblk > 0:
                 for bn in T.parallel(bt * nblk):
-                    acc = T.alloc_buffer((MB, NB), dtype, scope="local")
-                    acc1 = T.alloc_buffer((NB,), dtype, scope="local")
+                    acc = T.alloc_buffer((MB, NB), dtype)
+                    acc1 = T.alloc_buffer((NB,), dtype)
                     panel(A, Bm, C, bn // nblk, bn % nblk * NB, NB, acc, acc1)
             if RN > 0:
                 for b in T.parallel(bt):
-                    accr = T.alloc_buffer((MB, RNB), dtype, scope="local")
-                    accr1 = T.alloc_buffer((RNB,), dtype, scope="local")
+                    accr = T.alloc_buffer((MB, RNB), dtype)
+                    accr1 = T.alloc_buffer((RNB,), dtype)
                     panel(A, Bm, C, b, nblk * NB, RN, accr, accr1)
         else:
-            acc = T.alloc_buffer((MB, NB), dtype, scope="local")
-            acc1 = T.alloc_buffer((NB,), dtype, scope="local")
-            accr = T.alloc_buffer((MB, RNB), dtype, scope="local")
-            accr1 = T.alloc_buffer((RNB,), dtype, scope="local")
+            acc = T.alloc_buffer((MB, NB), dtype)
+            acc1 = T.alloc_buffer((NB,), dtype)
+            accr = T.alloc_buffer((MB, RNB), dtype)
+            accr1 = T.alloc_buffer((RNB,), dtype)
             for b in range(bt):
                 for j in range(nblk):
                     panel(A, Bm, C, b, j * NB, NB, acc, acc1)
@@ -938,12 +956,12 @@ def conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: tuple, G: i
     def body(X, w, bias, Rs, Y, N):
         if N * flops_per_image >= threshold:
             for i in T.parallel(N * OCB):
-                acc = T.alloc_buffer((TW, NB), dtype, scope="local")
-                acc1 = T.alloc_buffer((RR, NB), dtype, scope="local")
+                acc = T.alloc_buffer((TW, NB), dtype)
+                acc1 = T.alloc_buffer((RR, NB), dtype)
                 block(X, w, bias, Rs, Y, i // OCB, i % OCB, acc, acc1)
         else:
-            acc = T.alloc_buffer((TW, NB), dtype, scope="local")
-            acc1 = T.alloc_buffer((RR, NB), dtype, scope="local")
+            acc = T.alloc_buffer((TW, NB), dtype)
+            acc1 = T.alloc_buffer((RR, NB), dtype)
             for n, ocb in T.grid(N, OCB):
                 block(X, w, bias, Rs, Y, n, ocb, acc, acc1)
 
@@ -1026,12 +1044,12 @@ def pointwise_conv_kernel(IC: int, P: int, OC: int, MB: int = POINTWISE_MB, PB: 
     def body(X, w, bias, Rs, Y, N):
         if N * flops_per_image >= threshold:
             for i in T.parallel(N * OCB):
-                acc = T.alloc_buffer((MB, PB), dtype, scope="local")
-                acc1 = T.alloc_buffer((MB, RR), dtype, scope="local")
+                acc = T.alloc_buffer((MB, PB), dtype)
+                acc1 = T.alloc_buffer((MB, RR), dtype)
                 block(X, w, bias, Rs, Y, i // OCB, i % OCB, acc, acc1)
         else:
-            acc = T.alloc_buffer((MB, PB), dtype, scope="local")
-            acc1 = T.alloc_buffer((MB, RR), dtype, scope="local")
+            acc = T.alloc_buffer((MB, PB), dtype)
+            acc1 = T.alloc_buffer((MB, RR), dtype)
             for n, ob in T.grid(N, OCB):
                 block(X, w, bias, Rs, Y, n, ob, acc, acc1)
 
@@ -1094,8 +1112,8 @@ def group_norm_kernel(C: int, G: int, S: int, eps: float, relu: bool = False, V:
         Ya = T.match_buffer(y_h, (N, *xd), dtype)
         X = T.decl_buffer((N, G, L), dtype, data=Xa.data)
         Y = T.decl_buffer((N, G, L), dtype, data=Ya.data)
-        acc = T.alloc_buffer((V,), dtype, scope="local")
-        st = T.alloc_buffer((4,), dtype, scope="local")  # mean, rstd, a, b
+        acc = T.alloc_buffer((V,), dtype)
+        st = T.alloc_buffer((4,), dtype)  # mean, rstd, a, b
         for n, g in T.grid(N, G):
             for v in T.vectorized(V):
                 acc[v] = T.Cast(dtype, 0)
@@ -1185,10 +1203,10 @@ def depthwise_conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: t
         Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
         if N * flops_per_image >= threshold:
             for i in T.parallel(N * OC):
-                acc = T.alloc_buffer((V,), dtype, scope="local")
+                acc = T.alloc_buffer((V,), dtype)
                 plane(X, w, bias, Y, i // OC, i % OC, acc)
         else:
-            acc = T.alloc_buffer((V,), dtype, scope="local")
+            acc = T.alloc_buffer((V,), dtype)
             for n, oc in T.grid(N, OC):
                 plane(X, w, bias, Y, n, oc, acc)
 
@@ -1246,13 +1264,13 @@ def layer_norm_kernel(D: int, eps: float, V: int = BATCH_VEC, rows_per_chunk: in
         Y = T.match_buffer(y_h, (R, D), dtype)
         if R * (8 * D) >= threshold:
             for ch in T.parallel((R + rows_per_chunk - 1) // rows_per_chunk):
-                acc = T.alloc_buffer((V,), dtype, scope="local")
-                st = T.alloc_buffer((2,), dtype, scope="local")
+                acc = T.alloc_buffer((V,), dtype)
+                st = T.alloc_buffer((2,), dtype)
                 for rr in range(T.min(rows_per_chunk, R - ch * rows_per_chunk)):
                     row(X, gamma, beta, Y, ch * rows_per_chunk + rr, acc, st)
         else:
-            acc = T.alloc_buffer((V,), dtype, scope="local")
-            st = T.alloc_buffer((2,), dtype, scope="local")
+            acc = T.alloc_buffer((V,), dtype)
+            st = T.alloc_buffer((2,), dtype)
             for r in range(R):
                 row(X, gamma, beta, Y, r, acc, st)
 
