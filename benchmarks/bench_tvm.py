@@ -52,13 +52,20 @@ OUT, IN = 3072, 768
 
 # --------------------------------------------------------------------------- helpers
 def timeit_interleaved(fns: dict, rounds: int = 7, calls: int = 20) -> dict:
-    """Median seconds per call of each fn, timed in interleaved rounds."""
+    """Median seconds per call of each fn, timed in interleaved rounds.
+
+    Each sample starts with one untimed call: the candidate before (the 64 MiB stream above all)
+    evicts the next one's code and small hot data from L2 / L3, and that first call's misses are a
+    cost of switching workloads, not of the candidate. Weights stay cold, each call taking the next
+    copy. Without it, whichever candidate ran right after the stream lost ~5 us per 30 us call (the
+    same 1x16 kernel at 95 %, batch 1: 33.6 us first after the stream, 27.9 us second)."""
     samples = {k: [] for k in fns}
     for f in fns.values():
         for _ in range(3):
             f()
     for _ in range(rounds):
         for k, f in fns.items():
+            f()
             t0 = time.perf_counter()
             for _ in range(calls):
                 f()
@@ -82,6 +89,7 @@ def timeit_adaptive(fns: dict, rounds: int = 9, sample_s: float = 0.02) -> dict:
     samples = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
+            f()  # untimed, as in timeit_interleaved
             t0 = time.perf_counter()
             for _ in range(calls[k]):
                 f()
