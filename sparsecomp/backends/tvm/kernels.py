@@ -63,6 +63,12 @@ SELL_R = 8
 SELL_SIGMA = 128
 # rows of x per batch tile of the 1xC BSR kernel: x^T [K, 8] (24 KiB at K = 768) stays in L1
 BSR_BATCH_TILE = 8
+# BSR rows of x run alone (batch 1) walk the weights as this many interleaved streams, each a
+# contiguous part of the block rows (the first and the second half): one core reads DRAM faster from
+# several sequential streams than from one (a plain TIR read of 256 MiB: ~1.14x the bandwidth with
+# 4). 3072x768 at 70-95 %, cold, against one stream: 1x16 0.85-0.91x the time, 4x4 0.86-0.94x; 4
+# streams were worse than 2. CSR keeps one (compute-bound at 90-95 %; 2 / 4 streams: 1.0 / 1.25x).
+READ_STREAMS = 2
 
 
 def _scheduled(func):
@@ -205,11 +211,15 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     # blocks narrower than a vector (4x4, 2x2...): batch tiles of x^T at full vector width
     tiled = int(r % 8 != 0)
+    single_from = lambda B: B // TB * TB * tiled + (B - B // TB * TB * tiled) // MB * MB  # noqa: E731
+    # blocks a vector tall or more (16x1, 8x8) keep one stream: 16x1 took 0.98-1.07x the time of one
+    # stream with two (70-90 %), while 4x4 took 0.86-0.94x
+    RS = READ_STREAMS if r < 8 else 1
     TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda val, j, i, cc: val[j, cc, i])
 
     @T.macro
-    def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct):
-        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; then single rows
+    def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct):
+        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; the rest: rows()
         t_end: T.let = B // TB * TB * tiled
         m_end: T.let = t_end + (B - t_end) // MB * MB
         # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
@@ -231,27 +241,33 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                 for mi in T.unroll(MB):
                     for i in T.vectorized(r):
                         Y[t_end + bo * MB + mi, br * r + i] = acc[mi, i]
-        for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-            br: T.let = ch * per_chunk + bri
-            for bt in range(B - m_end):
-                b: T.let = m_end + bt
-                # one accumulator per block column: a block's c FMAs are independent (one shared
-                # accumulator made 4x4 / 8x8 blocks an FMA-latency chain of c per block)
-                for cc in T.unroll(c):
-                    for i in T.vectorized(r):
-                        acc1[cc, i] = T.Cast(dtype, 0)
-                for j in range(crow[br], crow[br + 1]):
-                    _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
-                    _prefetch(T.address_of(col[T.min(j + pd, last)]))
+
+    @T.macro
+    def rows(X, crow, col, val, bias, Y, b, br0, nb, acc1):
+        """Row ``b`` of ``x`` alone against block rows ``[br0, br0 + nb)``, as :data:`READ_STREAMS`
+        interleaved streams, weights prefetched."""
+        step: T.let = (nb + RS - 1) // RS
+        for bri in range(step):
+            for st in T.unroll(RS):
+                if st * step + bri < nb:
+                    br: T.let = br0 + st * step + bri
+                    # one accumulator per block column: a block's c FMAs are independent (one
+                    # shared accumulator made 4x4 / 8x8 blocks an FMA-latency chain of c per block)
                     for cc in T.unroll(c):
                         for i in T.vectorized(r):
-                            acc1[cc, i] = acc1[cc, i] + val[j, cc, i] * X[
-                                b, T.Cast("int64", col[j]) * c + cc]
-                for cc in T.unroll(1, c):
+                            acc1[cc, i] = T.Cast(dtype, 0)
+                    for j in range(crow[br], crow[br + 1]):
+                        _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
+                        _prefetch(T.address_of(col[T.min(j + pd, last)]))
+                        for cc in T.unroll(c):
+                            for i in T.vectorized(r):
+                                acc1[cc, i] = acc1[cc, i] + val[j, cc, i] * X[
+                                    b, T.Cast("int64", col[j]) * c + cc]
+                    for cc in T.unroll(1, c):
+                        for i in T.vectorized(r):
+                            acc1[0, i] = acc1[0, i] + acc1[cc, i]
                     for i in T.vectorized(r):
-                        acc1[0, i] = acc1[0, i] + acc1[cc, i]
-                for i in T.vectorized(r):
-                    Y[b, br * r + i] = acc1[0, i] + bias[br * r + i]
+                        Y[b, br * r + i] = acc1[0, i] + bias[br * r + i]
 
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), col: T.Buffer((nnzb,), idx),
@@ -267,13 +283,18 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                 acc = T.alloc_buffer((MB, r), dtype)
                 acc1 = T.alloc_buffer((c, r), dtype)
                 acct = T.alloc_buffer((RA, r, TB), dtype)
-                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct)
+                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct)
+                for b in range(single_from(B), B):
+                    rows(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk),
+                         acc1)
         else:
             acc = T.alloc_buffer((MB, r), dtype)
             acc1 = T.alloc_buffer((c, r), dtype)
             acct = T.alloc_buffer((RA, r, TB), dtype)
             for ch in range(nch):
-                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct)
+                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct)
+            for b in range(single_from(B), B):
+                rows(X, crow, col, val, bias, Y, b, 0, nbr, acc1)
 
     return _scheduled(bsr)
 
@@ -319,6 +340,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     hsum = hsum_tree if c % 8 == 0 else hsum_scalar
     cv = 8 if c % 8 == 0 else c  # vector width over a block's columns: one AVX2 register
+    RS = READ_STREAMS
     TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda val, j, i, cc: val[j, i, cc])
 
     @T.macro
@@ -351,27 +373,32 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     @T.macro
     def rows(X, crow, col, val, bias, Y, b, br0, nb, acc1, s):
-        """Row ``b`` of ``x`` alone against block rows ``[br0, br0 + nb)``, weights prefetched.
+        """Row ``b`` of ``x`` alone against block rows ``[br0, br0 + nb)``, as :data:`READ_STREAMS`
+        interleaved streams, weights prefetched.
 
-        Kept out of :func:`chunk` so that the serial kernel walks every block row in one loop, with
-        the row of ``x`` outside it: at 90-95 % a block row has 2-5 blocks, so the loop levels around
-        them count (1x16 at 95 %, batch 1, measured before the ``T.let`` bindings: 31 -> 24 us hot)."""
-        for bri in range(nb):
-            br: T.let = br0 + bri
-            for i in T.unroll(r):
-                for cb in T.unroll(c // cv):
-                    for q in T.vectorized(cv):
-                        acc1[0, i, cb * cv + q] = T.Cast(dtype, 0)
-            for j in range(crow[br], crow[br + 1]):
-                _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
-                _prefetch(T.address_of(col[T.min(j + pd, last)]))
-                for i in T.unroll(r):
-                    for cb in T.unroll(c // cv):
-                        for q in T.vectorized(cv):
-                            acc1[0, i, cb * cv + q] = acc1[0, i, cb * cv + q] + val[j, i, cb * cv + q] * X[
-                                b, T.Cast("int64", col[j]) * c + cb * cv + q]
-            for i in range(r):
-                hsum(acc1, 0, i, bias, Y, b, br * r + i, s)
+        Kept out of :func:`chunk` so that the serial kernel walks every block row in one loop (and
+        its streams are halves of the whole matrix), with the row of ``x`` outside it: at 90-95 % a
+        block row has 2-5 blocks, so the loop levels around them count (1x16 at 95 %, batch 1,
+        measured before the ``T.let`` bindings: 31 -> 24 us hot)."""
+        step: T.let = (nb + RS - 1) // RS
+        for bri in range(step):
+            for st in T.unroll(RS):
+                if st * step + bri < nb:
+                    br: T.let = br0 + st * step + bri
+                    for i in T.unroll(r):
+                        for cb in T.unroll(c // cv):
+                            for q in T.vectorized(cv):
+                                acc1[0, i, cb * cv + q] = T.Cast(dtype, 0)
+                    for j in range(crow[br], crow[br + 1]):
+                        _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
+                        _prefetch(T.address_of(col[T.min(j + pd, last)]))
+                        for i in T.unroll(r):
+                            for cb in T.unroll(c // cv):
+                                for q in T.vectorized(cv):
+                                    acc1[0, i, cb * cv + q] = acc1[0, i, cb * cv + q] + val[j, i, cb * cv + q] * X[
+                                        b, T.Cast("int64", col[j]) * c + cb * cv + q]
+                    for i in range(r):
+                        hsum(acc1, 0, i, bias, Y, b, br * r + i, s)
 
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), col: T.Buffer((nnzb,), idx),
