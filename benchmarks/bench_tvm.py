@@ -15,15 +15,16 @@ reported, so a noisy shared machine shifts rows less than columns)::
 
 Tables are printed as markdown.
 
-*Cold weights*: every candidate cycles through enough copies of its weights (> 2x the L3 cache) that
-each call streams them from DRAM. Our kernels' copies are held as ``lower`` holds a model's weights: in
-a huge-page arena (``backends/tvm/weights.py``). The bandwidth bound is ``format bytes / DRAM read
-bandwidth``, with the bandwidth of a single-core torch streaming sum over 64 MiB, on huge pages too,
-timed in the same interleaved rounds as each row (torch's sum, not numpy's: numpy's pairwise float32 sum
-is compute-bound at ~14 GB/s where torch streams ~18-20). "Cold read" (also on huge pages) is the
-practical floor for the same bytes: a torch sum over a float32 array of the format's size, cycling over
-cold copies exactly like the kernels, timed in the same interleaved rounds, less torch's per-call cost
-(a 1-element sum in the same rounds, ~4 us; ours keep their ~1 us call from Python into TVM).
+*Cold weights*: every candidate cycles, in a shuffled order, through copies of its weights that add up
+to 8x the L3 cache (256 MiB), so each call streams them from DRAM (with 2x, part of a copy could still
+be in L3 when its turn came again). Our kernels' copies are held as ``lower`` holds a model's weights:
+in a huge-page arena (``backends/tvm/weights.py``), back to back. The bandwidth bound is ``format bytes
+/ DRAM read bandwidth``, with the bandwidth of the fastest single-core read we have: a TIR sum of a
+256 MiB huge-page buffer as 4 interleaved sequential streams (:func:`read_kernel`; ~1.14x a single-stream
+torch sum, whose 64 MiB version earlier versions of this bench used), timed in the same interleaved
+rounds as each row. "Cold read" is the practical floor for the same bytes: that read over a buffer of the
+format's size, cycling over cold copies exactly like the kernels, timed in the same rounds (a call
+from Python into TVM, like ours). Every interleaved sample starts with one untimed call.
 """
 
 from __future__ import annotations
@@ -45,8 +46,11 @@ from sparsecomp.backends.tvm.weights import WeightArena
 from sparsecomp.ops.formats import pack
 
 import tvm
+from tvm.script import tirx as T
 
 L3_BYTES = 32 << 20
+COLD_BYTES = 8 * L3_BYTES
+READ_STREAMS = 4
 OUT, IN = 3072, 768
 
 
@@ -97,37 +101,78 @@ def timeit_adaptive(fns: dict, rounds: int = 9, sample_s: float = 0.02) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def cold_read_candidate(nbytes: int):
-    """torch sum (1 thread) over ``nbytes`` of float32, cycling over cold copies like the kernels.
+def read_kernel(nbytes: int, streams: int = READ_STREAMS):
+    """``(fn, shape)``: the sum of a ``shape = (streams, L)`` float32 buffer of about ``nbytes``, read
+    as ``streams`` interleaved sequential streams (one per row). The fastest way we found for one
+    core to read DRAM: 4 streams over a 256 MiB buffer reach ~1.14x the bandwidth of one stream (a
+    torch sum), and a 0.5-1 MiB read gains more (0.85-0.9 -> 1.0-1.1 of the 256 MiB bandwidth)."""
+    per = max(16, nbytes // 4 // streams // 16 * 16)
+    f32 = "float32"
 
-    The practical floor for streaming a weight of that size from DRAM once per call, once torch's own
-    per-call cost is taken off (:func:`sum_overhead_candidate`, ~4 us: 10 % of a 40 us read).
-    """
+    @T.prim_func(private=True)
+    def read(x: T.Buffer((streams, per), f32), y: T.Buffer((8,), f32)):
+        T.func_attr({"tirx.noalias": True})
+        acc = T.alloc_buffer((8, 8), f32)
+        for a in range(8):
+            for q in T.vectorized(8):
+                acc[a, q] = T.float32(0)
+        for i in range(per // 16):
+            for s in T.unroll(streams):
+                for u in T.unroll(2):
+                    for q in T.vectorized(8):
+                        acc[s % 4 * 2 + u, q] = acc[s % 4 * 2 + u, q] + x[s, i * 16 + u * 8 + q]
+        for a in range(1, 8):
+            for q in T.vectorized(8):
+                acc[0, q] = acc[0, q] + acc[a, q]
+        for q in T.vectorized(8):
+            y[q] = acc[0, q]
+
+    return _compile(read.with_attr("tirx.is_scheduled", True)), (streams, per)
+
+
+def read_candidate(nbytes: int):
+    """Cold read of ``nbytes``: :func:`read_kernel` over copies in one huge-page arena, cycling like
+    the kernels: the practical floor for streaming that many bytes once per call."""
+    f, shape = read_kernel(nbytes)
     n = copies_for(nbytes)
-    arrs = [_page_backed(nbytes, True) for _ in range(n)]  # the kernels' huge pages
-    return Rotating(lambda i: arrs[i].sum(), n)
+    bufs = [c[0] for c in arena_copies([np.ones(shape, np.float32)], n)]
+    y = tvm.runtime.tensor(np.zeros(8, np.float32), tvm.cpu())
+    return Rotating(lambda i: f(bufs[i], y), n)
+
+
+def stream_candidate(nbytes: int = 256 << 20):
+    """``(fn, nbytes)``: one :func:`read_kernel` read of a ``nbytes`` huge-page buffer, whose bandwidth
+    is the bound's. 256 MiB = 8x the L3: at 64 MiB a 4-stream read kept part of the buffer in L3
+    between calls (37 vs 24 GB/s)."""
+    f, shape = read_kernel(nbytes)
+    buf = arena_copies([np.ones(shape, np.float32)], 1)[0][0]
+    y = tvm.runtime.tensor(np.zeros(8, np.float32), tvm.cpu())
+    return (lambda: f(buf, y)), shape[0] * shape[1] * 4
 
 
 def sum_overhead_candidate():
     """torch's per-call cost of a sum (dispatch, reduction set-up) on a 1-element tensor, subtracted
-    from the cold read: ours pay a ~1 us call from Python into TVM, torch ~4 us."""
+    from the torch cold reads of ``--only coldread``: ours pay a ~1 us call from Python into TVM."""
     one = torch.ones(1)
     return lambda: one.sum()
 
 
 def copies_for(nbytes: int) -> int:
-    return max(2, -(-2 * L3_BYTES // max(nbytes, 1)))
+    """Copies of a weight that add up to :data:`COLD_BYTES` (8x the L3), so each call reads DRAM."""
+    return max(2, -(-COLD_BYTES // max(nbytes, 1)))
 
 
 class Rotating:
-    """Call ``fn(i)`` with i cycling over ``n`` weight copies."""
+    """Call ``fn(i)`` over ``n`` weight copies, in a fixed shuffled order: copies sit back to back in
+    one arena, and walking them in memory order let the hardware prefetcher run into the next one."""
 
     def __init__(self, fn, n):
         self.fn, self.n, self.i = fn, n, 0
+        self.order = np.random.default_rng(0).permutation(n)
 
     def __call__(self):
         self.i = (self.i + 1) % self.n
-        return self.fn(self.i)
+        return self.fn(int(self.order[self.i]))
 
 
 def prune_blocks(w: torch.Tensor, sparsity: float, block, seed=0) -> torch.Tensor:
@@ -149,15 +194,18 @@ def _compile(func):
                        target=host_target())["main"]
 
 
-def arena(*arrays) -> list:
-    """Weights held as ``lower`` holds them: one huge-page arena per copy (:class:`WeightArena`)."""
-    return WeightArena(list(arrays)).tensors
+def arena_copies(arrays: list, n: int) -> list[list]:
+    """``n`` copies of ``arrays`` held as ``lower`` holds a model's weights: back to back in one
+    huge-page :class:`WeightArena` (one arena per copy would round each up to 2 MiB)."""
+    ts = WeightArena(list(arrays) * n).tensors
+    k = len(arrays)
+    return [ts[i * k:(i + 1) * k] for i in range(n)]
 
 
-def _page_backed(nbytes: int, huge: bool) -> torch.Tensor:
-    """A float32 tensor of ``nbytes`` (ones) in a :class:`WeightArena` of its own, on huge pages or not."""
+def _page_backed_copies(nbytes: int, n: int, huge: bool) -> list[torch.Tensor]:
+    """``n`` float32 tensors of ``nbytes`` (ones) in one :class:`WeightArena`, on huge pages or not."""
     ones = np.ones(max(1, nbytes // 4), np.float32)
-    return torch.from_dlpack(WeightArena([ones], huge_pages=huge).tensors[0])
+    return [torch.from_dlpack(t) for t in WeightArena([ones] * n, huge_pages=huge).tensors]
 
 
 def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1):
@@ -177,7 +225,7 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1
             vals = p.values.numpy()
         nbytes = p.nbytes
         n = copies_for(nbytes)
-        ws = [arena(p.crow_indices.numpy(), p.col_indices.numpy(), vals) for _ in range(n)]
+        ws = arena_copies([p.crow_indices.numpy(), p.col_indices.numpy(), vals], n)
         transpose = False
     elif fmt == "csr":
         p = pack(w, "csr")
@@ -186,7 +234,7 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1
         f = _compile(kernels.csr_kernel(OUT, IN, len(sptr) - 1, col.shape[0], "int16", parallel=False))
         nbytes = sptr.nbytes + col.nbytes + vals.nbytes + perm.nbytes  # streamed, padding included
         n = copies_for(nbytes)
-        ws = [arena(sptr, col, vals, perm) for _ in range(n)]
+        ws = arena_copies([sptr, col, vals, perm], n)
         transpose = True
     else:
         nn_, m = nm
@@ -195,7 +243,7 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1
         f = _compile(kernels.nm_lanes_kernel(OUT, IN, nn_, m, parallel=False))
         nbytes = vals.nbytes + pos.nbytes
         n = copies_for(nbytes)
-        ws = [arena(vals, pos) for _ in range(n)]
+        ws = arena_copies([vals, pos], n)
         transpose = False
     x = torch.randn(batch, IN)
     xt = T((x.T if transpose else x).contiguous().numpy())
@@ -241,7 +289,7 @@ def dense_candidates(w: torch.Tensor, batch: int, with_ort=True):
     out = {"torch dense": Rotating(lambda i: torch.nn.functional.linear(x, ws[i]), n)}
     dev = tvm.cpu()
     f = _compile(kernels.dense_kernel(IN, OUT, parallel=False))
-    packs = [arena(wi.reshape(OUT // 16, 16, IN).permute(0, 2, 1).contiguous().numpy())[0] for wi in ws]
+    packs = [c[0] for c in arena_copies([w.reshape(OUT // 16, 16, IN).permute(0, 2, 1).contiguous().numpy()], n)]
     xt = tvm.runtime.tensor(x.numpy(), dev)
     b = tvm.runtime.tensor(np.zeros(OUT, np.float32), dev)
     y = tvm.runtime.tensor(np.zeros((batch, OUT), np.float32), dev)
@@ -280,13 +328,14 @@ def ort_matmul(ws, batch):
 
 # --------------------------------------------------------------------------- sections
 def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95), rounds: int = 7) -> None:
-    """``bw`` fixes the bound's bandwidth (bytes/s); ``None``: a 64 MiB streaming sum timed in each row's
-    interleaved rounds (a shared host's bandwidth drifts within a run; the bound follows it)."""
+    """``bw`` fixes the bound's bandwidth (bytes/s); ``None``: a 256 MiB read (:func:`stream_candidate`)
+    timed in each row's interleaved rounds (a shared host's bandwidth drifts within a run; the bound
+    follows it)."""
     print("\n### Sparse linear 3072x768, batch 1, weights cold, 1 thread\n")
     if bw is None:
-        print("Bound bandwidth: a 64 MiB single-core streaming sum timed in each row's rounds "
-              "(column GB/s)\n")
-        stream = _page_backed(64 << 20, True)
+        print("Bound bandwidth: a 256 MiB single-core read (4 interleaved streams) timed in each row's "
+              "rounds (column GB/s)\n")
+        stream, stream_bytes = stream_candidate()
     else:
         print(f"DRAM read bandwidth used for the bound: {bw / 1e9:.1f} GB/s\n")
     print("| sparsity | format | ours us | GB/s | bound us | of bound | cold read us | of cold read | "
@@ -303,16 +352,16 @@ def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95), roun
             wp = (prune_blocks(w, s, block) if fmt == "bsr" else
                   prune_nm(w, *nm) if fmt == "nm" else prune_blocks(w, s, (1, 1)))
             ours, nbytes = tvm_sparse_candidate(fmt, wp, block=block, nm=nm)
-            fns = {"ours": ours, "cold read": cold_read_candidate(nbytes), "sum overhead": sum_overhead_candidate(),
-                   "scipy": scipy_candidate(wp), "dense": dense}
+            fns = {"ours": ours, "cold read": read_candidate(nbytes), "scipy": scipy_candidate(wp),
+                   "dense": dense}
             if bw is None:
-                fns["stream"] = lambda: stream.sum()
+                fns["stream"] = stream
             fns.update(torch_sparse_candidates(wp, 1, block if fmt == "bsr" else None))
             t = timeit_interleaved(fns, rounds)
             best_other = min(v for k, v in t.items()
-                             if k not in ("ours", "dense", "cold read", "sum overhead", "stream"))
-            cold = t["cold read"] - t["sum overhead"]
-            row_bw = bw if bw is not None else stream.numel() * 4 / t["stream"]
+                             if k not in ("ours", "dense", "cold read", "stream"))
+            cold = t["cold read"]
+            row_bw = bw if bw is not None else stream_bytes / t["stream"]
             bound = nbytes / row_bw
             label = f"bsr{block[0]}x{block[1]}" if fmt == "bsr" else f"nm{nm[0]}:{nm[1]}" if nm else fmt
             print(f"| {s:.0%} | {label} | {t['ours'] * 1e6:.1f} | {row_bw / 1e9:.1f} | {bound * 1e6:.1f} | "
@@ -432,8 +481,8 @@ def bench_cold_read(sizes=(512 << 10, 1 << 20, 3 << 20), rounds: int = 7) -> Non
     stream = torch.ones(16 << 20)  # 4 KiB pages, like any torch tensor
     for nb in sizes:
         n = copies_for(nb)
-        small = [_page_backed(nb, False) for _ in range(n)]
-        huge = [_page_backed(nb, True) for _ in range(n)]
+        small = _page_backed_copies(nb, n, False)
+        huge = _page_backed_copies(nb, n, True)
         fns = {"4k": Rotating(lambda i: small[i].sum(), n), "2m": Rotating(lambda i: huge[i].sum(), n),
                "overhead": sum_overhead_candidate(), "stream": lambda: stream.sum()}
         t = timeit_interleaved(fns, rounds)
@@ -453,7 +502,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sparsities", default="0.7,0.8,0.9,0.95",
                     help="batch-1 sparsities; 0.75 and 0.875 add N:M 1:4 / 1:8 rows")
     ap.add_argument("--bandwidth", type=float, default=None,
-                    help="DRAM read bandwidth in GB/s for the bound (default: a 64 MiB streaming sum "
+                    help="DRAM read bandwidth in GB/s for the bound (default: a 256 MiB 4-stream read "
                          "timed in each row's interleaved rounds)")
     ap.add_argument("--rounds", type=int, default=7,
                     help="interleaved rounds per sparse row (more: steadier medians on a shared machine)")
