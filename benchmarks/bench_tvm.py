@@ -345,7 +345,8 @@ def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95), roun
     w = torch.randn(OUT, IN)
     dense = dense_candidates(w, 1, with_ort=False)["torch dense"]
     for s in sparsities:
-        cases = [("bsr", (16, 1), None), ("bsr", (4, 4), None), ("bsr", (1, 16), None), ("csr", None, None)]
+        cases = [("bsr", (16, 1), None), ("bsr", (8, 8), None), ("bsr", (4, 4), None), ("bsr", (1, 16), None),
+                 ("csr", None, None)]
         if s in (0.75, 0.875):
             cases.append(("nm", None, (1, 4) if s == 0.75 else (1, 8)))
         for fmt, block, nm in cases:

@@ -184,12 +184,14 @@ def test_csr_kernel_batch_paths_and_partial_window(idx):
                                    msg=f"batch {batch}")
 
 
-@pytest.mark.parametrize("block", [(4, 4), (1, 16), (16, 1)])
-def test_bsr_kernels_batch_tiles_and_remainders(block):
-    """BSR kernels at batch 1, the 8-row x^T tiles (4x4, 1x16), row tiles and single-row remainders."""
+@pytest.mark.parametrize("block, n_out", [((4, 4), 64), ((1, 16), 64), ((16, 1), 64),
+                                          ((4, 4), 60), ((1, 16), 63), ((16, 1), 48), ((8, 8), 72)])
+def test_bsr_kernels_batch_tiles_and_remainders(block, n_out):
+    """BSR kernels at batch 1, the 8-row x^T tiles (4x4, 1x16), row tiles and single-row remainders;
+    an odd number of block rows leaves the second of the two batch-1 streams one row short."""
     torch.manual_seed(6)
     r, c = block
-    n_out, k = 64, 64
+    k = 64
     w = _prune(torch.randn(n_out, k), 0.3, block)
     bias = torch.randn(n_out)
     p = pack(w, "bsr", block=block)

@@ -66,8 +66,9 @@ BSR_BATCH_TILE = 8
 # BSR rows of x run alone (batch 1) walk the weights as this many interleaved streams, each a
 # contiguous part of the block rows (the first and the second half): one core reads DRAM faster from
 # several sequential streams than from one (a plain TIR read of 256 MiB: ~1.14x the bandwidth with
-# 4). 3072x768 at 70-95 %, cold, against one stream: 1x16 0.85-0.91x the time, 4x4 0.86-0.94x; 4
-# streams were worse than 2. CSR keeps one (compute-bound at 90-95 %; 2 / 4 streams: 1.0 / 1.25x).
+# 4). 3072x768 at 70-95 %, cold, against one stream: 1x16 0.85-0.91x the time, 4x4 0.86-0.94x,
+# 16x1 0.90-0.92x (blocks paired, ``rows_pair``); 4 streams were worse than 2. CSR keeps one
+# (compute-bound at 90-95 %; 2 / 4 streams: 1.0 / 1.25x).
 READ_STREAMS = 2
 
 
@@ -81,6 +82,12 @@ def _prefetch(addr):
     Into L2 rather than L1 (``prefetcht0``): 1-13 % faster on the cold 3072x768 kernels (16x1 and CSR
     at 90 %, 4x4 at 95 %, N:M 1:8; same-run A/B), the weights being used once, shortly after."""
     return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", addr, 0, 2, 1))
+
+
+def _prefetch_lines(block_bytes: int) -> int:
+    """Cache lines (64 B) per stored block: each is prefetched (an 8x8 block is 4 lines; prefetching
+    its first line only left 8x8 at 0.5-0.65 of the bound at batch 1)."""
+    return max(1, block_bytes // 64)
 
 
 def _parallel_threshold(parallel: bool) -> int:
@@ -212,9 +219,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     # blocks narrower than a vector (4x4, 2x2...): batch tiles of x^T at full vector width
     tiled = int(r % 8 != 0)
     single_from = lambda B: B // TB * TB * tiled + (B - B // TB * TB * tiled) // MB * MB  # noqa: E731
-    # blocks a vector tall or more (16x1, 8x8) keep one stream: 16x1 took 0.98-1.07x the time of one
-    # stream with two (70-90 %), while 4x4 took 0.86-0.94x
-    RS = READ_STREAMS if r < 8 else 1
+    RS = READ_STREAMS  # rows(); blocks a vector tall or more pair their streams (rows_pair)
     TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda val, j, i, cc: val[j, cc, i])
 
     @T.macro
@@ -243,6 +248,26 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                         Y[t_end + bo * MB + mi, br * r + i] = acc[mi, i]
 
     @T.macro
+    def prefetch_block(val, col, j):
+        for ln in T.unroll(_prefetch_lines(4 * r * c)):
+            _prefetch(T.address_of(val[T.min(j + pd, last), ln * 16 // r, ln * 16 % r]))
+        _prefetch(T.address_of(col[T.min(j + pd, last)]))
+
+    @T.macro
+    def block_fma(X, col, val, acc1, b, j, a0):
+        for cc in T.unroll(c):
+            for i in T.vectorized(r):
+                acc1[a0 + cc, i] = acc1[a0 + cc, i] + val[j, cc, i] * X[b, T.Cast("int64", col[j]) * c + cc]
+
+    @T.macro
+    def store(acc1, bias, Y, b, br, a0):
+        for cc in T.unroll(1, c):
+            for i in T.vectorized(r):
+                acc1[a0, i] = acc1[a0, i] + acc1[a0 + cc, i]
+        for i in T.vectorized(r):
+            Y[b, br * r + i] = acc1[a0, i] + bias[br * r + i]
+
+    @T.macro
     def rows(X, crow, col, val, bias, Y, b, br0, nb, acc1):
         """Row ``b`` of ``x`` alone against block rows ``[br0, br0 + nb)``, as :data:`READ_STREAMS`
         interleaved streams, weights prefetched."""
@@ -257,17 +282,47 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                         for i in T.vectorized(r):
                             acc1[cc, i] = T.Cast(dtype, 0)
                     for j in range(crow[br], crow[br + 1]):
-                        _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
-                        _prefetch(T.address_of(col[T.min(j + pd, last)]))
-                        for cc in T.unroll(c):
-                            for i in T.vectorized(r):
-                                acc1[cc, i] = acc1[cc, i] + val[j, cc, i] * X[
-                                    b, T.Cast("int64", col[j]) * c + cc]
+                        prefetch_block(val, col, j)
+                        block_fma(X, col, val, acc1, b, j, 0)
                     for cc in T.unroll(1, c):
                         for i in T.vectorized(r):
                             acc1[0, i] = acc1[0, i] + acc1[cc, i]
                     for i in T.vectorized(r):
                         Y[b, br * r + i] = acc1[0, i] + bias[br * r + i]
+
+    @T.macro
+    def rows_pair(X, crow, col, val, bias, Y, b, br0, nb, acc1):
+        """:func:`rows` for blocks a vector tall or more (16x1, 8x8): block row ``bri`` of the first
+        half and its partner in the second half walked block by block together, two accumulator sets.
+        Their block rows are long (16 output rows each), and alternating whole rows between two
+        streams gained nothing for 16x1 (0.98-1.07x the time); pairing the blocks: 0.90-0.92x, and
+        8x8 0.69-0.88x with every line of its 256-byte blocks prefetched (same-run A/B, cold)."""
+        step: T.let = (nb + 1) // 2
+        for bri in range(step):
+            ja: T.let = crow[br0 + bri]
+            na: T.let = crow[br0 + bri + 1] - ja
+            jb: T.let = crow[br0 + step + bri]
+            nbb: T.let = T.if_then_else(step + bri < nb, crow[T.min(br0 + step + bri + 1, nbr)] - jb, 0)
+            m: T.let = T.min(na, nbb)
+            for a in T.unroll(2 * c):
+                for i in T.vectorized(r):
+                    acc1[a, i] = T.Cast(dtype, 0)
+            for t in range(m):
+                prefetch_block(val, col, ja + t)
+                prefetch_block(val, col, jb + t)
+                block_fma(X, col, val, acc1, b, ja + t, 0)
+                block_fma(X, col, val, acc1, b, jb + t, c)
+            for t in range(na - m):
+                prefetch_block(val, col, ja + m + t)
+                block_fma(X, col, val, acc1, b, ja + m + t, 0)
+            for t in range(nbb - m):
+                prefetch_block(val, col, jb + m + t)
+                block_fma(X, col, val, acc1, b, jb + m + t, c)
+            store(acc1, bias, Y, b, br0 + bri, 0)
+            if step + bri < nb:
+                store(acc1, bias, Y, b, br0 + step + bri, c)
+
+    single = rows_pair if r >= 8 else rows
 
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), col: T.Buffer((nnzb,), idx),
@@ -281,20 +336,20 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
                 acc = T.alloc_buffer((MB, r), dtype)
-                acc1 = T.alloc_buffer((c, r), dtype)
+                acc1 = T.alloc_buffer((2 * c, r), dtype)
                 acct = T.alloc_buffer((RA, r, TB), dtype)
                 chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct)
                 for b in range(single_from(B), B):
-                    rows(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk),
+                    single(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk),
                          acc1)
         else:
             acc = T.alloc_buffer((MB, r), dtype)
-            acc1 = T.alloc_buffer((c, r), dtype)
+            acc1 = T.alloc_buffer((2 * c, r), dtype)
             acct = T.alloc_buffer((RA, r, TB), dtype)
             for ch in range(nch):
                 chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct)
             for b in range(single_from(B), B):
-                rows(X, crow, col, val, bias, Y, b, 0, nbr, acc1)
+                single(X, crow, col, val, bias, Y, b, 0, nbr, acc1)
 
     return _scheduled(bsr)
 
@@ -390,7 +445,8 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                             for q in T.vectorized(cv):
                                 acc1[0, i, cb * cv + q] = T.Cast(dtype, 0)
                     for j in range(crow[br], crow[br + 1]):
-                        _prefetch(T.address_of(val[T.min(j + pd, last), 0, 0]))
+                        for ln in T.unroll(_prefetch_lines(4 * r * c)):
+                            _prefetch(T.address_of(val[T.min(j + pd, last), ln * 16 // c, ln * 16 % c]))
                         _prefetch(T.address_of(col[T.min(j + pd, last)]))
                         for i in T.unroll(r):
                             for cb in T.unroll(c // cv):
