@@ -204,7 +204,8 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     Register tile ``MB`` rows of ``x`` x ``r`` outputs, ``MB`` chosen so that 8 accumulator vectors
     are in flight (4x4 / 8x8 blocks: 8 rows; 16x1: 4); rows of ``x`` past the tiles (all of them at
-    batch 1) run one at a time with the weight stream prefetched :data:`PREFETCH_BYTES` ahead.
+    batch 1) run one at a time, the weights read as two streams (:func:`rows`, :func:`rows_pair`)
+    prefetched :data:`PREFETCH_BYTES` ahead.
     """
     if MB is None:
         MB = _bsr_rows_per_tile(-(-r // 8))
