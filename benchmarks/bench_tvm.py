@@ -58,7 +58,7 @@ OUT, IN = 3072, 768
 def timeit_interleaved(fns: dict, rounds: int = 7, calls: int = 20) -> dict:
     """Median seconds per call of each fn, timed in interleaved rounds.
 
-    Each sample starts with one untimed call: the candidate before (the 64 MiB stream above all)
+    Each sample starts with one untimed call: the candidate before (the 256 MiB stream above all)
     evicts the next one's code and small hot data from L2 / L3, and that first call's misses are a
     cost of switching workloads, not of the candidate. Weights stay cold, each call taking the next
     copy. Without it, whichever candidate ran right after the stream lost ~5 us per 30 us call (the
@@ -211,8 +211,8 @@ def _page_backed_copies(nbytes: int, n: int, huge: bool) -> list[torch.Tensor]:
 def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1):
     """(callable over copies, format bytes) for our kernel on ``w`` (already pruned)."""
     dev = tvm.cpu()
-    T = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), dev)  # noqa: E731
-    bias = T(np.zeros(w.shape[0], np.float32))
+    tensor = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), dev)  # noqa: E731
+    bias = tensor(np.zeros(w.shape[0], np.float32))
     if fmt == "bsr":
         p = pack(w, "bsr", block=block)
         r, c = block
@@ -246,8 +246,8 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1
         ws = arena_copies([vals, pos], n)
         transpose = False
     x = torch.randn(batch, IN)
-    xt = T((x.T if transpose else x).contiguous().numpy())
-    y = T(np.zeros((batch, OUT), np.float32))
+    xt = tensor((x.T if transpose else x).contiguous().numpy())
+    y = tensor(np.zeros((batch, OUT), np.float32))
     f(xt, *ws[0], bias, y)
     ref = x @ w.T
     err = float((torch.from_numpy(y.numpy()) - ref).abs().max() / ref.abs().max())

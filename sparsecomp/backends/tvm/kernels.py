@@ -227,7 +227,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct):
         # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; the rest: rows()
         t_end: T.let = B // TB * TB * tiled
-        m_end: T.let = t_end + (B - t_end) // MB * MB
+        m_end: T.let = single_from(B)
         # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
         for t in range(t_end // TB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
@@ -285,11 +285,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                     for j in range(crow[br], crow[br + 1]):
                         prefetch_block(val, col, j)
                         block_fma(X, col, val, acc1, b, j, 0)
-                    for cc in T.unroll(1, c):
-                        for i in T.vectorized(r):
-                            acc1[0, i] = acc1[0, i] + acc1[cc, i]
-                    for i in T.vectorized(r):
-                        Y[b, br * r + i] = acc1[0, i] + bias[br * r + i]
+                    store(acc1, bias, Y, b, br, 0)
 
     @T.macro
     def rows_pair(X, crow, col, val, bias, Y, b, br0, nb, acc1):
@@ -397,13 +393,15 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     hsum = hsum_tree if c % 8 == 0 else hsum_scalar
     cv = 8 if c % 8 == 0 else c  # vector width over a block's columns: one AVX2 register
     RS = READ_STREAMS
+    # rows of x from here on run alone (rows()): after the x^T batch tiles and the MB-row tiles
+    single_from = lambda B: B // TB * TB + B % TB // MB * MB  # noqa: E731
     TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda val, j, i, cc: val[j, i, cc])
 
     @T.macro
     def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s):
         # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; the rest: rows()
         t_end: T.let = B // TB * TB
-        m_end: T.let = t_end + (B - t_end) // MB * MB
+        m_end: T.let = single_from(B)
         # tiles outside the chunk's block rows: a tile's rows of x stay in L1 / L2 across the chunk
         for t in range(t_end // TB):
             for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
@@ -465,25 +463,25 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         X = T.match_buffer(x_h, (B, K), dtype)
         Y = T.match_buffer(y_h, (B, N), dtype)
         XP = T.alloc_buffer((B // TB * TB * K,), dtype)
-        acc = T.alloc_buffer((MB, r, c), dtype)
-        acc1 = T.alloc_buffer((1, r, c), dtype)
-        acct = T.alloc_buffer((RA, r, TB), dtype)
-        s = T.alloc_buffer((8,), dtype)
         repack(X, XP, B)
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
-                pacc = T.alloc_buffer((MB, r, c), dtype)
-                pacc1 = T.alloc_buffer((1, r, c), dtype)
-                pacct = T.alloc_buffer((RA, r, TB), dtype)
-                ps = T.alloc_buffer((8,), dtype)
-                chunk(X, XP, crow, col, val, bias, Y, B, ch, pacc, pacct, ps)
-                for b in range(B // TB * TB + B % TB // MB * MB, B):
+                acc = T.alloc_buffer((MB, r, c), dtype)
+                acc1 = T.alloc_buffer((1, r, c), dtype)
+                acct = T.alloc_buffer((RA, r, TB), dtype)
+                s = T.alloc_buffer((8,), dtype)
+                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s)
+                for b in range(single_from(B), B):
                     rows(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk),
-                         pacc1, ps)
+                         acc1, s)
         else:
+            acc = T.alloc_buffer((MB, r, c), dtype)
+            acc1 = T.alloc_buffer((1, r, c), dtype)
+            acct = T.alloc_buffer((RA, r, TB), dtype)
+            s = T.alloc_buffer((8,), dtype)
             for ch in range(nch):
                 chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s)
-            for b in range(B // TB * TB + B % TB // MB * MB, B):
+            for b in range(single_from(B), B):
                 rows(X, crow, col, val, bias, Y, b, 0, nbr, acc1, s)
 
     return _scheduled(bsr)
