@@ -66,10 +66,14 @@ BSR_BATCH_TILE = 8
 # BSR rows of x run alone (batch 1) walk the weights as this many interleaved streams, each a
 # contiguous part of the block rows (the first and the second half): one core reads DRAM faster from
 # several sequential streams than from one (a plain TIR read of 256 MiB: ~1.14x the bandwidth with
-# 4). 3072x768 at 70-95 %, cold, against one stream: 1x16 0.85-0.91x the time, 4x4 0.86-0.94x,
-# 16x1 0.90-0.92x (blocks paired, ``rows_pair``); 4 streams were worse than 2. CSR keeps one
+# 4). 3072x768 at 70-95 %, cold, against one stream: 1x16 0.85-0.91x the time (rows alternate between
+# the streams), 4x4 0.86-0.94x, 16x1 0.90-0.92x (block rows paired and walked block by block in
+# lockstep: ``rows_pair`` of the ``r >= c`` kernel); 4 streams were worse than 2. CSR keeps one
 # (compute-bound at 90-95 %; 2 / 4 streams: 1.0 / 1.25x).
 READ_STREAMS = 2
+# accumulator vectors per stream of the paired batch-1 walk (``rows_pair``): 2 x 4 leave half the
+# 16 AVX2 registers for the broadcasts of x and the loop's addresses
+PAIR_ACC_VECTORS = 4
 
 
 def _scheduled(func):
@@ -204,8 +208,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     Register tile ``MB`` rows of ``x`` x ``r`` outputs, ``MB`` chosen so that 8 accumulator vectors
     are in flight (4x4 / 8x8 blocks: 8 rows; 16x1: 4); rows of ``x`` past the tiles (all of them at
-    batch 1) run one at a time, the weights read as two streams (:func:`rows`, :func:`rows_pair`)
-    prefetched :data:`PREFETCH_BYTES` ahead.
+    batch 1) run one at a time, the weights read as two streams in lockstep (:func:`rows_pair`).
     """
     if MB is None:
         MB = _bsr_rows_per_tile(-(-r // 8))
@@ -216,11 +219,25 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     threshold = _parallel_threshold(parallel)
     pd = max(1, PREFETCH_BYTES // (4 * r * c))  # blocks ahead
     last = max(nnzb - 1, 0)
+    # software prefetch (:data:`PREFETCH_BYTES` ahead) in the batch-1 walk only for blocks narrower
+    # than a vector: 4x4 reached 0.88-0.97 of the bound with it, 0.84-0.94 without (70-90 %). Taller
+    # blocks stream in lockstep like a plain read, and the hardware prefetcher alone does better:
+    # 16x1 0.83-1.02 without vs 0.74-0.89 with, 8x8 0.75-0.95 vs 0.68-0.84 (3072x768 at 70-95 %,
+    # cold, batch 1; three same-run A/Bs)
+    PF = r < 8
 
     # blocks narrower than a vector (4x4, 2x2...): batch tiles of x^T at full vector width
     tiled = int(r % 8 != 0)
     single_from = lambda B: B // TB * TB * tiled + (B - B // TB * TB * tiled) // MB * MB  # noqa: E731
-    RS = READ_STREAMS  # rows(); blocks a vector tall or more pair their streams (rows_pair)
+    # batch 1: blocks narrower than a vector (4x4, 4x2, 2x4...) share one: P block columns per
+    # vector, lane l = row l % r of column l // r (4x4: 2 FMAs a block instead of 4 half-width ones)
+    P = 8 // r if r < 8 and 8 % r == 0 and c % (8 // r) == 0 else 1
+    VW = r * P           # accumulator width
+    VB = c // P          # FMAs (accumulator vectors) per block
+    # accumulators per stream: one per FMA of a block breaks its FMA chain, capped at
+    # :data:`PAIR_ACC_VECTORS` registers (8x8: the 2 x 8 of both streams filled all 16 AVX2
+    # registers, and LLVM spilled and shuffled ~30 registers per block pair)
+    A = max(1, min(VB, PAIR_ACC_VECTORS // -(-VW // 8)))
     TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda val, j, i, cc: val[j, cc, i])
 
     @T.macro
@@ -255,45 +272,38 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         _prefetch(T.address_of(col[T.min(j + pd, last)]))
 
     @T.macro
-    def block_fma(X, col, val, acc1, b, j, a0):
-        for cc in T.unroll(c):
+    def fma_plain(X, col, VF, acc1, b, j, a0):
+        for q in T.unroll(c):
             for i in T.vectorized(r):
-                acc1[a0 + cc, i] = acc1[a0 + cc, i] + val[j, cc, i] * X[b, T.Cast("int64", col[j]) * c + cc]
+                acc1[a0 + q % A, i] = acc1[a0 + q % A, i] + VF[(j * c + q) * r + i] * X[
+                    b, T.Cast("int64", col[j]) * c + q]
+
+    @T.macro
+    def fma_packed(X, col, VF, acc1, b, j, a0):
+        for q in T.unroll(VB):
+            acc1[a0 + q % A, T.ramp(0, 1, VW)] = acc1[a0 + q % A, T.ramp(0, 1, VW)] + VF[
+                T.ramp((j * c + q * P) * r, 1, VW)] * tirx.Shuffle(
+                    [X[b, T.ramp(T.Cast("int64", col[j]) * c + q * P, 1, P)]] * r,  # >= VW lanes in
+                    [tirx.IntImm("int32", v // r) for v in range(VW)])
+
+    block_fma = fma_packed if P > 1 else fma_plain
 
     @T.macro
     def store(acc1, bias, Y, b, br, a0):
-        for cc in T.unroll(1, c):
+        for a in T.unroll(1, A):
+            for i in T.vectorized(VW):
+                acc1[a0, i] = acc1[a0, i] + acc1[a0 + a, i]
+        for p in T.unroll(1, P):
             for i in T.vectorized(r):
-                acc1[a0, i] = acc1[a0, i] + acc1[a0 + cc, i]
+                acc1[a0, i] = acc1[a0, i] + acc1[a0, p * r + i]
         for i in T.vectorized(r):
             Y[b, br * r + i] = acc1[a0, i] + bias[br * r + i]
 
     @T.macro
-    def rows(X, crow, col, val, bias, Y, b, br0, nb, acc1):
-        """Row ``b`` of ``x`` alone against block rows ``[br0, br0 + nb)``, as :data:`READ_STREAMS`
-        interleaved streams, weights prefetched."""
-        step: T.let = (nb + RS - 1) // RS
-        for bri in range(step):
-            for st in T.unroll(RS):
-                if st * step + bri < nb:
-                    br: T.let = br0 + st * step + bri
-                    # one accumulator per block column: a block's c FMAs are independent (one
-                    # shared accumulator made 4x4 / 8x8 blocks an FMA-latency chain of c per block)
-                    for cc in T.unroll(c):
-                        for i in T.vectorized(r):
-                            acc1[cc, i] = T.Cast(dtype, 0)
-                    for j in range(crow[br], crow[br + 1]):
-                        prefetch_block(val, col, j)
-                        block_fma(X, col, val, acc1, b, j, 0)
-                    store(acc1, bias, Y, b, br, 0)
-
-    @T.macro
-    def rows_pair(X, crow, col, val, bias, Y, b, br0, nb, acc1):
-        """:func:`rows` for blocks a vector tall or more (16x1, 8x8): block row ``bri`` of the first
-        half and its partner in the second half walked block by block together, two accumulator sets.
-        Their block rows are long (16 output rows each), and alternating whole rows between two
-        streams gained nothing for 16x1 (0.98-1.07x the time); pairing the blocks: 0.90-0.92x, and
-        8x8 0.69-0.88x with every line of its 256-byte blocks prefetched (same-run A/B, cold)."""
+    def rows_pair(X, crow, col, val, VF, bias, Y, b, br0, nb, acc1):
+        """Row ``b`` of ``x`` alone against block rows ``[br0, br0 + nb)``: block row ``bri`` of the
+        first half and its partner in the second half walked block by block together (two
+        accumulator sets), so the weights are read as two sequential streams in lockstep."""
         step: T.let = (nb + 1) // 2
         for bri in range(step):
             ja: T.let = crow[br0 + bri]
@@ -301,25 +311,26 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
             jb: T.let = crow[br0 + step + bri]
             nbb: T.let = T.if_then_else(step + bri < nb, crow[T.min(br0 + step + bri + 1, nbr)] - jb, 0)
             m: T.let = T.min(na, nbb)
-            for a in T.unroll(2 * c):
-                for i in T.vectorized(r):
+            for a in T.unroll(2 * A):
+                for i in T.vectorized(VW):
                     acc1[a, i] = T.Cast(dtype, 0)
             for t in range(m):
-                prefetch_block(val, col, ja + t)
-                prefetch_block(val, col, jb + t)
-                block_fma(X, col, val, acc1, b, ja + t, 0)
-                block_fma(X, col, val, acc1, b, jb + t, c)
+                if PF:
+                    prefetch_block(val, col, ja + t)
+                    prefetch_block(val, col, jb + t)
+                block_fma(X, col, VF, acc1, b, ja + t, 0)
+                block_fma(X, col, VF, acc1, b, jb + t, A)
             for t in range(na - m):
-                prefetch_block(val, col, ja + m + t)
-                block_fma(X, col, val, acc1, b, ja + m + t, 0)
+                if PF:
+                    prefetch_block(val, col, ja + m + t)
+                block_fma(X, col, VF, acc1, b, ja + m + t, 0)
             for t in range(nbb - m):
-                prefetch_block(val, col, jb + m + t)
-                block_fma(X, col, val, acc1, b, jb + m + t, c)
+                if PF:
+                    prefetch_block(val, col, jb + m + t)
+                block_fma(X, col, VF, acc1, b, jb + m + t, A)
             store(acc1, bias, Y, b, br0 + bri, 0)
             if step + bri < nb:
-                store(acc1, bias, Y, b, br0 + step + bri, c)
-
-    single = rows_pair if r >= 8 else rows
+                store(acc1, bias, Y, b, br0 + step + bri, A)
 
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), col: T.Buffer((nnzb,), idx),
@@ -328,25 +339,26 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         B = T.int64()
         X = T.match_buffer(x_h, (B, K), dtype)
         Y = T.match_buffer(y_h, (B, N), dtype)
+        VF = T.decl_buffer((nnzb * c * r,), dtype, data=val.data)
         XP = T.alloc_buffer((B // TB * TB * tiled * K,), dtype)
         repack(X, XP, B * tiled)
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
                 acc = T.alloc_buffer((MB, r), dtype)
-                acc1 = T.alloc_buffer((2 * c, r), dtype)
+                acc1 = T.alloc_buffer((2 * A, VW), dtype)
                 acct = T.alloc_buffer((RA, r, TB), dtype)
                 chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct)
                 for b in range(single_from(B), B):
-                    single(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk),
-                         acc1)
+                    rows_pair(X, crow, col, val, VF, bias, Y, b, ch * per_chunk,
+                              T.min(per_chunk, nbr - ch * per_chunk), acc1)
         else:
             acc = T.alloc_buffer((MB, r), dtype)
-            acc1 = T.alloc_buffer((2 * c, r), dtype)
+            acc1 = T.alloc_buffer((2 * A, VW), dtype)
             acct = T.alloc_buffer((RA, r, TB), dtype)
             for ch in range(nch):
                 chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct)
             for b in range(single_from(B), B):
-                single(X, crow, col, val, bias, Y, b, 0, nbr, acc1)
+                rows_pair(X, crow, col, val, VF, bias, Y, b, 0, nbr, acc1)
 
     return _scheduled(bsr)
 
