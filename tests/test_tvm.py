@@ -233,6 +233,34 @@ def test_nm_lanes_kernel_only_with_avx2_and_small_m():
                 assert _rel_err(low(x), layer(x)) < RTOL
 
 
+@pytest.mark.parametrize("n, m, n_out", [(1, 4, 20), (1, 8, 40), (2, 4, 16), (3, 4, 24), (1, 2, 8)])
+def test_nm_lanes_kernel_directly(n, m, n_out):
+    """The serial N:M lanes kernel walks two groups of 8 rows in lockstep (an odd group count leaves
+    one alone; window counts that do not divide the step leave a tail); 3:4 (6 entries a window)
+    keeps one group at a time. Checked against torch at batches 1, 3 and 10."""
+    if not _host_has_avx2():
+        pytest.skip("the lanes kernel needs AVX2")
+    torch.manual_seed(7)
+    k = 48
+    w = _prune_nm(torch.randn(n_out, k), n, m)
+    bias = torch.randn(n_out)
+    p = pack(w, "nm", n=n, m=m)
+    vals, pos = kernels.nm_lane_layout(p.values.numpy(), p.indices.numpy())
+    func = kernels.nm_lanes_kernel(n_out, k, n, m, parallel=False)
+    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=target.host_target())
+    dev = tvm.cpu()
+    np_out = vals.shape[0] * kernels.SELL_R
+    bias_p = torch.zeros(np_out)
+    bias_p[:n_out] = bias
+    for batch in (1, 3, 10):
+        x = torch.randn(batch, k)
+        out = tvm.runtime.tensor(torch.zeros(batch, np_out).numpy(), dev)
+        exe["main"](*[tvm.runtime.tensor(a, dev) for a in (x.numpy(), vals, pos, bias_p.numpy())], out)
+        torch.testing.assert_close(torch.from_numpy(out.numpy())[:, :n_out], x @ w.T + bias, rtol=1e-4,
+                                   atol=1e-4, msg=f"{n}:{m} batch {batch}")
+
+
 def _host_has_avx2() -> bool:
     return bool(tvm.target.codegen.target_has_features("avx2", target.host_target()))
 
