@@ -851,6 +851,11 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
             Y[b, T.ramp(g * R, 1, R)] = acc[0, T.ramp(0, 1, R)] + bias[T.ramp(g * R, 1, R)]
 
     @T.macro
+    def entry_fma(X, val, pos, acc, a, b, g, w, e):
+        acc[a, T.ramp(0, 1, R)] = acc[a, T.ramp(0, 1, R)] + val[g, w * E + e, T.ramp(0, 1, R)] * select(
+            X, pos, b, g, w, e)
+
+    @T.macro
     def group_pair(X, val, pos, bias, Y, B, g, g2, acc):
         """Groups ``g`` and ``g2`` walked window by window together: the weights read as two
         sequential streams in lockstep, on the hardware prefetcher alone."""
@@ -860,16 +865,12 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
             for wo in range(W // WP):
                 for wu in T.unroll(WP):
                     for e in T.unroll(E):
-                        acc[wu * E + e, T.ramp(0, 1, R)] = acc[wu * E + e, T.ramp(0, 1, R)] + val[
-                            g, (wo * WP + wu) * E + e, T.ramp(0, 1, R)] * select(X, pos, b, g, wo * WP + wu, e)
-                        acc[AP + wu * E + e, T.ramp(0, 1, R)] = acc[AP + wu * E + e, T.ramp(0, 1, R)] + val[
-                            g2, (wo * WP + wu) * E + e, T.ramp(0, 1, R)] * select(X, pos, b, g2, wo * WP + wu, e)
+                        entry_fma(X, val, pos, acc, wu * E + e, b, g, wo * WP + wu, e)
+                        entry_fma(X, val, pos, acc, AP + wu * E + e, b, g2, wo * WP + wu, e)
             for wt in range(W - W // WP * WP):
                 for e in T.unroll(E):
-                    acc[e, T.ramp(0, 1, R)] = acc[e, T.ramp(0, 1, R)] + val[
-                        g, (W // WP * WP + wt) * E + e, T.ramp(0, 1, R)] * select(X, pos, b, g, W // WP * WP + wt, e)
-                    acc[AP + e, T.ramp(0, 1, R)] = acc[AP + e, T.ramp(0, 1, R)] + val[
-                        g2, (W // WP * WP + wt) * E + e, T.ramp(0, 1, R)] * select(X, pos, b, g2, W // WP * WP + wt, e)
+                    entry_fma(X, val, pos, acc, e, b, g, W // WP * WP + wt, e)
+                    entry_fma(X, val, pos, acc, AP + e, b, g2, W // WP * WP + wt, e)
             for a in range(1, AP):
                 acc[0, T.ramp(0, 1, R)] = acc[0, T.ramp(0, 1, R)] + acc[a, T.ramp(0, 1, R)]
                 acc[AP, T.ramp(0, 1, R)] = acc[AP, T.ramp(0, 1, R)] + acc[AP + a, T.ramp(0, 1, R)]
