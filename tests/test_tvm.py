@@ -525,6 +525,46 @@ def test_weight_arena_copies_and_aligns():
     assert not plain.huge and float(torch.from_dlpack(plain.tensors[0])[0]) == 42.0
 
 
+def test_weight_arena_reads_npz_members_one_at_a_time(tmp_path, monkeypatch):
+    """``load`` fills the arena from ``weights.npz`` member by member (shapes from the headers): no
+    list of every weight is materialised beside the arena."""
+    from sparsecomp.backends.tvm.weights import WeightArena
+    import numpy as np
+
+    arrays = [np.arange(12, dtype=np.float32).reshape(3, 4), np.arange(5, dtype=np.int32),
+              np.zeros((0, 3), np.float32), np.ones(9, np.uint8)]
+    np.savez(tmp_path / "w.npz", *arrays)
+    live, peak = set(), [0]
+    real_getitem = np.lib.npyio.NpzFile.__getitem__
+
+    class Tracked(np.ndarray):
+        def __del__(self):
+            live.discard(id(self))
+
+    def getitem(self, key):
+        a = real_getitem(self, key).view(Tracked)
+        live.add(id(a))
+        peak[0] = max(peak[0], len(live))
+        return a
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", getitem)
+    arena = WeightArena.from_npz(tmp_path / "w.npz")
+    assert peak[0] == 1
+    assert arena.nbytes == 64 + 64 + 64 + 64
+    for a, t in zip(arrays, arena.tensors):
+        view = torch.from_dlpack(t)
+        assert view.data_ptr() % 64 == 0 and tuple(view.shape) == a.shape
+        np.testing.assert_array_equal(view.numpy(), a)
+    assert WeightArena.from_npz(_empty_npz(tmp_path)).tensors == []
+
+
+def _empty_npz(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "empty.npz")
+    return tmp_path / "empty.npz"
+
+
 def test_threads_give_same_result():
     model, args, kwargs, low = _compiled("all_formats")
     x = torch.randn(4, 5, 20)

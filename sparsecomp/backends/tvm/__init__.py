@@ -103,10 +103,10 @@ class TVMModel:
     """
 
     def __init__(self, module, in_spec, out_spec, num_threads: int, kernels: dict, target: str,
-                 static_shapes: list | None = None, weights: list | None = None):
+                 static_shapes: list | None = None, weights: list | WeightArena | None = None):
         self._module = module  # Executable or loaded runtime Module (kept alive for the VM)
         # the kernels' large weights, passed after the inputs on every call (huge-page arena)
-        self._arena = WeightArena(weights or [])
+        self._arena = weights if isinstance(weights, WeightArena) else WeightArena(weights or [])
         self._weights = self._arena.tensors
         self._vm = relax.VirtualMachine(module, tvm.cpu())
         self._main = self._vm["main"]
@@ -177,7 +177,8 @@ class TVMModel:
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         self._module.export_library(os.path.join(path, _LIBRARY))
-        np.savez(os.path.join(path, _WEIGHTS), *[t.numpy() for t in self._weights])
+        # views of the arena, not copies
+        np.savez(os.path.join(path, _WEIGHTS), *[torch.from_dlpack(t).numpy() for t in self._weights])
         meta = {
             "backend": "tvm",
             "library": _LIBRARY,
@@ -240,9 +241,8 @@ def load(path: str | os.PathLike, *, num_threads: int | None = None) -> TVMModel
         raise ConfigError(f"{path} holds a {meta.get('backend')!r} model, not a TVM one")
     module = tvm.runtime.load_module(os.path.join(path, meta["library"]))
     weights = []
-    if meta.get("weights"):
-        with np.load(os.path.join(path, meta["weights"])) as saved:
-            weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    if meta.get("weights"):  # straight into the huge-page arena, one array at a time
+        weights = WeightArena.from_npz(os.path.join(path, meta["weights"]))
     return TVMModel(
         module,
         torch.utils._pytree.treespec_loads(meta["in_spec"]),

@@ -32,6 +32,20 @@ _HUGE_PAGE = 2 << 20
 _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
+def _npy_spec(saved, name: str) -> tuple:
+    """``(shape, dtype)`` of member ``name`` of an open ``.npz``, from its header alone."""
+    with saved.zip.open(name + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            return shape, dtype
+        if version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            return shape, dtype
+    array = saved[name]  # another header version: read the array for its spec
+    return array.shape, array.dtype
+
+
 def _nbytes(const) -> int:
     return int(np.prod([int(d) for d in const.value.shape])) * np.dtype(str(const.value.dtype)).itemsize
 
@@ -85,20 +99,39 @@ class WeightArena:
 
     def __init__(self, arrays, huge_pages: bool = True):
         arrays = [a if isinstance(a, np.ndarray) else a.numpy() for a in arrays]
+        views = self._views([(a.shape, a.dtype) for a in arrays], huge_pages)
+        for view, a in zip(views, arrays):
+            view[...] = a
+        self.tensors = [tvm.runtime.from_dlpack(v) for v in views]
+
+    @classmethod
+    def from_npz(cls, path, huge_pages: bool = True) -> "WeightArena":
+        """The arrays ``arr_0, arr_1, ...`` of an ``.npz`` (as ``TVMModel.save`` writes them), read one
+        at a time straight into the arena: loading holds the arena plus one array, not a second copy
+        of every weight."""
+        arena = cls.__new__(cls)
+        with np.load(path) as saved:
+            names = [f"arr_{i}" for i in range(len(saved.files))]
+            views = arena._views([_npy_spec(saved, n) for n in names], huge_pages)
+            for view, name in zip(views, names):
+                view[...] = saved[name]
+        arena.tensors = [tvm.runtime.from_dlpack(v) for v in views]
+        return arena
+
+    def _views(self, specs, huge_pages: bool) -> list:
+        """Map the arena for ``(shape, dtype)`` specs; one 64-byte aligned view per spec."""
+        sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in specs]
         offsets, total = [], 0
-        for a in arrays:
+        for size in sizes:
             offsets.append(total)
-            total += -(-max(a.nbytes, 1) // _ALIGN) * _ALIGN
+            total += -(-max(size, 1) // _ALIGN) * _ALIGN
         self.nbytes = total
         self.huge = False
-        self.tensors = []
-        if not arrays:  # a model with nothing lifted maps nothing
-            return
+        if not specs:  # a model with nothing lifted maps nothing
+            return []
         raw = self._map(total, huge_pages)
-        for a, off in zip(arrays, offsets):
-            view = raw[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
-            view[...] = a
-            self.tensors.append(tvm.runtime.from_dlpack(view))
+        return [raw[off:off + size].view(dtype).reshape(shape)
+                for (shape, dtype), off, size in zip(specs, offsets, sizes)]
 
     def _map(self, nbytes: int, huge_pages: bool) -> np.ndarray:
         anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
