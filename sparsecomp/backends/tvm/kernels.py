@@ -10,7 +10,9 @@ Layouts are chosen at compile time from the constant weights (see :mod:`.fronten
 * dense: ``W`` packed ``[N/NB, K, NB]`` (NB = 16 outputs, two AVX2 vectors) so a column panel streams
   contiguously; register tile ``MB x NB`` over (rows of x, outputs).
 * BSR ``r x c`` with ``r >= c`` (``16x1``, ``4x4``, ``8x8``...): blocks stored ``[nnzb, c, r]`` (transposed
-  at compile time) so the inner loop is an ``r``-wide vector FMA; register tile ``MB x r``.
+  at compile time) so the inner loop is an ``r``-wide vector FMA; register tile ``MB x r``. Single rows
+  of ``x`` (batch 1) read two block rows in lockstep, blocks narrower than a vector packed two
+  columns to a vector.
 * BSR with ``c > r`` (``1x16``...): blocks ``[nnzb, r, c]``; vector over the block's columns, horizontal sum.
   At batch >= 8, 1xC blocks and blocks narrower than a vector (``4x4``) run 8 rows of the batch as
   one vector on a per-tile ``x^T`` (:func:`_bsr_batch_tiles`).
@@ -19,7 +21,8 @@ Layouts are chosen at compile time from the constant weights (see :mod:`.fronten
   rows run as vectors over the batch on a per-tile repacked ``x^T``; a parallel chunk is one sorting
   window, whose batch-tile results are buffered and written to ``Y`` row-contiguously.
 * N:M: with AVX2 and ``m`` in 2/4/8, 8 output rows in lanes, ``vpermps`` picks each entry's column
-  from an 8-column window of ``x`` (:func:`nm_lanes_kernel`); otherwise a row kernel computes the
+  from an 8-column window of ``x`` (:func:`nm_lanes_kernel`; serially two groups in lockstep);
+  otherwise a row kernel computes the
   column ``group*m + position`` from the uint8 positions (tiles of 8 rows of ``x`` as vectors over
   the batch, ``U`` independent accumulators per output row for the rest).
 * convolutions (NCHW in and out, inputs already padded): direct kernel with weights packed
@@ -242,7 +245,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     @T.macro
     def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct):
-        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; the rest: rows()
+        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; the rest: rows_pair()
         t_end: T.let = B // TB * TB * tiled
         m_end: T.let = single_from(B)
         # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
