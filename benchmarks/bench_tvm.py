@@ -130,24 +130,29 @@ def read_kernel(nbytes: int, streams: int = READ_STREAMS):
     return _compile(read.with_attr("tirx.is_scheduled", True)), (streams, per)
 
 
+def _read_copies(nbytes: int, n: int):
+    """``(read, copies)``: :func:`read_kernel` for ``nbytes`` and ``n`` buffers for it in one huge-page
+    arena; ``read(i)`` reads copy ``i``."""
+    f, shape = read_kernel(nbytes)
+    bufs = [c[0] for c in arena_copies([np.ones(shape, np.float32)], n)]
+    y = tvm.runtime.tensor(np.zeros(8, np.float32), tvm.cpu())
+    return (lambda i: f(bufs[i], y)), shape[0] * shape[1] * 4
+
+
 def read_candidate(nbytes: int):
     """Cold read of ``nbytes``: :func:`read_kernel` over copies in one huge-page arena, cycling like
     the kernels: the practical floor for streaming that many bytes once per call."""
-    f, shape = read_kernel(nbytes)
     n = copies_for(nbytes)
-    bufs = [c[0] for c in arena_copies([np.ones(shape, np.float32)], n)]
-    y = tvm.runtime.tensor(np.zeros(8, np.float32), tvm.cpu())
-    return Rotating(lambda i: f(bufs[i], y), n)
+    read, _ = _read_copies(nbytes, n)
+    return Rotating(read, n)
 
 
 def stream_candidate(nbytes: int = 256 << 20):
     """``(fn, nbytes)``: one :func:`read_kernel` read of a ``nbytes`` huge-page buffer, whose bandwidth
     is the bound's. 256 MiB = 8x the L3: at 64 MiB a 4-stream read kept part of the buffer in L3
     between calls (37 vs 24 GB/s)."""
-    f, shape = read_kernel(nbytes)
-    buf = arena_copies([np.ones(shape, np.float32)], 1)[0][0]
-    y = tvm.runtime.tensor(np.zeros(8, np.float32), tvm.cpu())
-    return (lambda: f(buf, y)), shape[0] * shape[1] * 4
+    read, nread = _read_copies(nbytes, 1)
+    return (lambda: read(0)), nread
 
 
 def sum_overhead_candidate():
@@ -289,7 +294,8 @@ def dense_candidates(w: torch.Tensor, batch: int, with_ort=True):
     out = {"torch dense": Rotating(lambda i: torch.nn.functional.linear(x, ws[i]), n)}
     dev = tvm.cpu()
     f = _compile(kernels.dense_kernel(IN, OUT, parallel=False))
-    packs = [c[0] for c in arena_copies([w.reshape(OUT // 16, 16, IN).permute(0, 2, 1).contiguous().numpy()], n)]
+    packed = w.reshape(OUT // 16, 16, IN).permute(0, 2, 1).contiguous().numpy()
+    packs = [c[0] for c in arena_copies([packed], n)]
     xt = tvm.runtime.tensor(x.numpy(), dev)
     b = tvm.runtime.tensor(np.zeros(OUT, np.float32), dev)
     y = tvm.runtime.tensor(np.zeros((batch, OUT), np.float32), dev)

@@ -173,8 +173,7 @@ def test_csr_kernel_batch_paths_and_partial_window(idx):
                                csr.values.numpy())
     assert all(int(n) % kernels.ROW_UNROLL == 0 for n in (sell[0][1:] - sell[0][:-1]))  # aligned slices
     func = kernels.csr_kernel(n_out, k, len(sell[0]) - 1, sell[1].shape[0], idx, parallel=False)
-    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=target.host_target())
+    exe = _compile_kernel(func)
     dev = tvm.cpu()
     for batch in (1, 3, 8, 16, 29):
         x = torch.randn(batch, k)
@@ -199,8 +198,7 @@ def test_bsr_kernels_batch_tiles_and_remainders(block, n_out):
     gen, vals = ((kernels.bsr_row_vector_kernel, p.values.permute(0, 2, 1)) if r >= c else
                  (kernels.bsr_col_vector_kernel, p.values))
     func = gen(n_out, k, r, c, p.values.shape[0], "int32", parallel=False)
-    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=target.host_target())
+    exe = _compile_kernel(func)
     dev = tvm.cpu()
     for batch in (1, 5, 8, 13, 19):
         x = torch.randn(batch, k)
@@ -247,8 +245,7 @@ def test_nm_lanes_kernel_directly(n, m, n_out):
     p = pack(w, "nm", n=n, m=m)
     vals, pos = kernels.nm_lane_layout(p.values.numpy(), p.indices.numpy())
     func = kernels.nm_lanes_kernel(n_out, k, n, m, parallel=False)
-    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=target.host_target())
+    exe = _compile_kernel(func)
     dev = tvm.cpu()
     np_out = vals.shape[0] * kernels.SELL_R
     bias_p = torch.zeros(np_out)
@@ -259,6 +256,12 @@ def test_nm_lanes_kernel_directly(n, m, n_out):
         exe["main"](*[tvm.runtime.tensor(a, dev) for a in (x.numpy(), vals, pos, bias_p.numpy())], out)
         torch.testing.assert_close(torch.from_numpy(out.numpy())[:, :n_out], x @ w.T + bias, rtol=1e-4,
                                    atol=1e-4, msg=f"{n}:{m} batch {batch}")
+
+
+def _compile_kernel(func):
+    """One of our prim_funcs compiled alone for the host, as ``main``."""
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                       target=target.host_target())
 
 
 def _host_has_avx2() -> bool:
@@ -274,7 +277,6 @@ def test_sparse_op_with_other_dtype_is_refused():
 
 def test_kernel_variants_directly():
     """The kernels alone, at shapes that exercise every remainder loop, against torch."""
-    tgt = target.host_target()
     dev = tvm.cpu()
     torch.manual_seed(1)
     n_out, k = 40, 24  # 40 outputs: dense panel padding (48); 24 = 3 N:M groups of 8
@@ -282,7 +284,7 @@ def test_kernel_variants_directly():
     bias = torch.randn(48)
 
     def run(func, *arrays, rows):
-        exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
+        exe = _compile_kernel(func)
         out = tvm.runtime.tensor(torch.zeros(rows, arrays[-1]).numpy(), dev)
         exe["main"](*[tvm.runtime.tensor(a.contiguous().numpy(), dev) for a in arrays[:-1]], out)
         return torch.from_numpy(out.numpy())
@@ -294,8 +296,7 @@ def test_kernel_variants_directly():
         torch.testing.assert_close(y[:, :n_out], x @ w.T + bias[:n_out], rtol=1e-5, atol=1e-4)
     for n in (16, 65, 7):  # 65 / 7: a narrower trailing panel (and no full panel at all)
         a, b = torch.randn(3, 7, 24), torch.randn(3, 24, n)
-        exe = tvm.compile(tvm.IRModule({"main": kernels.bmm_kernel(7, 24, n).with_attr("global_symbol", "main")}),
-                          target=tgt)
+        exe = _compile_kernel(kernels.bmm_kernel(7, 24, n))
         c = tvm.runtime.tensor(torch.zeros(3, 7, n).numpy(), dev)
         exe["main"](tvm.runtime.tensor(a.numpy(), dev), tvm.runtime.tensor(b.numpy(), dev), c)
         torch.testing.assert_close(torch.from_numpy(c.numpy()), a @ b, rtol=1e-5, atol=1e-4)
@@ -305,8 +306,7 @@ def _workspace_blocks(func) -> list[str]:
     """Names of the buffers a kernel allocates through ``TVMBackendAllocWorkspace`` (heap, not stack)."""
     import re
 
-    exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                      target=target.host_target())
+    exe = _compile_kernel(func)
     ir = exe.mod.inspect_source("ll")
     # ``%acc = tail call ptr %7(i32 1, i32 %dev_id, i64 32, ...)``; ``%acc.i`` once inlined
     return re.findall(r"%([A-Za-z_]\w*)(?:\.\w+)? = tail call ptr %\d+\(i32 1, i32 %dev_id, i64 \d+", ir)
@@ -351,7 +351,6 @@ def test_kernels_keep_registers_and_scalars_off_the_heap():
 
 def test_parallel_and_serial_kernel_paths_agree():
     """Work above MIN_PARALLEL_FLOPS takes the T.parallel path (unless parallel=False): same result."""
-    tgt = target.host_target()
     dev = tvm.cpu()
     torch.manual_seed(2)
     n_out, k, rows = 256, 256, 24
@@ -381,7 +380,7 @@ def test_parallel_and_serial_kernel_paths_agree():
             func = make(par)
             # the parallel branch is taken iff rows * work >= the threshold baked into the kernel
             assert (str(kernels.MIN_PARALLEL_FLOPS) in func.script()) == par
-            exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
+            exe = _compile_kernel(func)
             out = tvm.runtime.tensor(torch.zeros(ref.shape).numpy(), dev)
             exe["main"](*[tvm.runtime.tensor(t.contiguous().numpy(), dev) for t in arrays], out)
             torch.testing.assert_close(torch.from_numpy(out.numpy()), ref, rtol=1e-4, atol=1e-4,
@@ -555,14 +554,8 @@ def test_weight_arena_reads_npz_members_one_at_a_time(tmp_path, monkeypatch):
         view = torch.from_dlpack(t)
         assert view.data_ptr() % 64 == 0 and tuple(view.shape) == a.shape
         np.testing.assert_array_equal(view.numpy(), a)
-    assert WeightArena.from_npz(_empty_npz(tmp_path)).tensors == []
-
-
-def _empty_npz(tmp_path):
-    import numpy as np
-
     np.savez(tmp_path / "empty.npz")
-    return tmp_path / "empty.npz"
+    assert WeightArena.from_npz(tmp_path / "empty.npz").tensors == []
 
 
 def test_threads_give_same_result():
@@ -729,12 +722,11 @@ def test_unsupported_convolutions_fall_back_to_the_importer():
 
 def test_conv_kernels_directly():
     """conv / pointwise / depthwise kernels alone against torch, with remainder tiles and padding."""
-    tgt = target.host_target()
     dev = tvm.cpu()
     torch.manual_seed(7)
 
     def run(func, out_shape, *arrays):
-        exe = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tgt)
+        exe = _compile_kernel(func)
         out = tvm.runtime.tensor(torch.zeros(out_shape).numpy(), dev)
         exe["main"](*[tvm.runtime.tensor(a.contiguous().numpy(), dev) for a in arrays], out)
         return torch.from_numpy(out.numpy())

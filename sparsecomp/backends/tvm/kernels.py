@@ -97,6 +97,20 @@ def _prefetch_lines(block_bytes: int) -> int:
     return max(1, block_bytes // 64)
 
 
+def _block_prefetch(r: int, c: int, pd: int, last: int):
+    """Macro ``prefetch_block(val, col, j)``: every cache line of stored block ``j + pd`` (clamped to
+    the last block) and its column index, for values stored ``[nnzb, r, c]`` (``c`` contiguous; the
+    ``r >= c`` kernel passes its transposed ``[nnzb, c, r]`` as ``(c, r)``)."""
+
+    @T.macro
+    def prefetch_block(val, col, j):
+        for ln in T.unroll(_prefetch_lines(4 * r * c)):
+            _prefetch(T.address_of(val[T.min(j + pd, last), ln * 16 // c, ln * 16 % c]))
+        _prefetch(T.address_of(col[T.min(j + pd, last)]))
+
+    return prefetch_block
+
+
 def _parallel_threshold(parallel: bool) -> int:
     """Work (flops) from which the outer loop runs ``T.parallel``; never when ``parallel`` is off."""
     return MIN_PARALLEL_FLOPS if parallel else 1 << 62
@@ -268,11 +282,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                     for i in T.vectorized(r):
                         Y[t_end + bo * MB + mi, br * r + i] = acc[mi, i]
 
-    @T.macro
-    def prefetch_block(val, col, j):
-        for ln in T.unroll(_prefetch_lines(4 * r * c)):
-            _prefetch(T.address_of(val[T.min(j + pd, last), ln * 16 // r, ln * 16 % r]))
-        _prefetch(T.address_of(col[T.min(j + pd, last)]))
+    prefetch_block = _block_prefetch(c, r, pd, last)  # values stored [nnzb, c, r]
 
     @T.macro
     def fma_plain(X, col, VF, acc1, b, j, a0):
@@ -406,6 +416,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         Y[b, o] = red[0]
 
     hsum = hsum_tree if c % 8 == 0 else hsum_scalar
+    prefetch_block = _block_prefetch(r, c, pd, last)
     cv = 8 if c % 8 == 0 else c  # vector width over a block's columns: one AVX2 register
     RS = READ_STREAMS
     # rows of x from here on run alone (rows()): after the x^T batch tiles and the MB-row tiles
@@ -459,9 +470,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                             for q in T.vectorized(cv):
                                 acc1[0, i, cb * cv + q] = T.Cast(dtype, 0)
                     for j in range(crow[br], crow[br + 1]):
-                        for ln in T.unroll(_prefetch_lines(4 * r * c)):
-                            _prefetch(T.address_of(val[T.min(j + pd, last), ln * 16 // c, ln * 16 % c]))
-                        _prefetch(T.address_of(col[T.min(j + pd, last)]))
+                        prefetch_block(val, col, j)
                         for i in T.unroll(r):
                             for cb in T.unroll(c // cv):
                                 for q in T.vectorized(cv):
@@ -831,6 +840,18 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
                                        X[b, T.ramp(w * 8, 1, R)], idx)
 
     @T.macro
+    def entry_fma(X, val, pos, acc, a, b, g, w, e):
+        acc[a, T.ramp(0, 1, R)] = acc[a, T.ramp(0, 1, R)] + val[g, w * E + e, T.ramp(0, 1, R)] * select(
+            X, pos, b, g, w, e)
+
+    @T.macro
+    def finish(acc, a0, n, bias, Y, b, g):
+        """Sum accumulators ``a0 .. a0 + n`` and store group ``g``'s 8 outputs of row ``b``."""
+        for a in range(1, n):
+            acc[a0, T.ramp(0, 1, R)] = acc[a0, T.ramp(0, 1, R)] + acc[a0 + a, T.ramp(0, 1, R)]
+        Y[b, T.ramp(g * R, 1, R)] = acc[a0, T.ramp(0, 1, R)] + bias[T.ramp(g * R, 1, R)]
+
+    @T.macro
     def group(X, val, pos, VF, PF, bias, Y, B, g, acc):
         for b in range(B):
             for a in T.unroll(A):
@@ -843,20 +864,11 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
                 _prefetch(T.address_of(PF[T.min((g * L + wo * A + pd * 4) * R, G * L * R - 1)]))
                 for wu in T.unroll(WU):
                     for e in T.unroll(E):
-                        acc[wu * E + e, T.ramp(0, 1, R)] = acc[wu * E + e, T.ramp(0, 1, R)] + val[
-                            g, (wo * WU + wu) * E + e, T.ramp(0, 1, R)] * select(X, pos, b, g, wo * WU + wu, e)
+                        entry_fma(X, val, pos, acc, wu * E + e, b, g, wo * WU + wu, e)
             for wt in range(W - W // WU * WU):
                 for e in T.unroll(E):
-                    acc[e, T.ramp(0, 1, R)] = acc[e, T.ramp(0, 1, R)] + val[
-                        g, (W // WU * WU + wt) * E + e, T.ramp(0, 1, R)] * select(X, pos, b, g, W // WU * WU + wt, e)
-            for a in range(1, A):
-                acc[0, T.ramp(0, 1, R)] = acc[0, T.ramp(0, 1, R)] + acc[a, T.ramp(0, 1, R)]
-            Y[b, T.ramp(g * R, 1, R)] = acc[0, T.ramp(0, 1, R)] + bias[T.ramp(g * R, 1, R)]
-
-    @T.macro
-    def entry_fma(X, val, pos, acc, a, b, g, w, e):
-        acc[a, T.ramp(0, 1, R)] = acc[a, T.ramp(0, 1, R)] + val[g, w * E + e, T.ramp(0, 1, R)] * select(
-            X, pos, b, g, w, e)
+                    entry_fma(X, val, pos, acc, e, b, g, W // WU * WU + wt, e)
+            finish(acc, 0, A, bias, Y, b, g)
 
     @T.macro
     def group_pair(X, val, pos, bias, Y, B, g, g2, acc):
@@ -874,11 +886,8 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
                 for e in T.unroll(E):
                     entry_fma(X, val, pos, acc, e, b, g, W // WP * WP + wt, e)
                     entry_fma(X, val, pos, acc, AP + e, b, g2, W // WP * WP + wt, e)
-            for a in range(1, AP):
-                acc[0, T.ramp(0, 1, R)] = acc[0, T.ramp(0, 1, R)] + acc[a, T.ramp(0, 1, R)]
-                acc[AP, T.ramp(0, 1, R)] = acc[AP, T.ramp(0, 1, R)] + acc[AP + a, T.ramp(0, 1, R)]
-            Y[b, T.ramp(g * R, 1, R)] = acc[0, T.ramp(0, 1, R)] + bias[T.ramp(g * R, 1, R)]
-            Y[b, T.ramp(g2 * R, 1, R)] = acc[AP, T.ramp(0, 1, R)] + bias[T.ramp(g2 * R, 1, R)]
+            finish(acc, 0, AP, bias, Y, b, g)
+            finish(acc, AP, AP, bias, Y, b, g2)
 
     @T.prim_func(private=True)
     def nm(x_h: T.handle, val: T.Buffer((G, L, R), dtype), pos: T.Buffer((G, L, R), u8),
