@@ -185,10 +185,12 @@ def test_csr_kernel_batch_paths_and_partial_window(idx):
 
 @pytest.mark.parametrize("block, n_out", [((4, 4), 64), ((1, 16), 64), ((16, 1), 64),
                                           ((4, 4), 60), ((1, 16), 63), ((16, 1), 48), ((8, 8), 72),
-                                          ((16, 16), 48), ((2, 2), 62), ((4, 2), 64), ((8, 4), 64)])
+                                          ((16, 16), 48), ((2, 2), 62), ((4, 2), 64), ((8, 4), 64),
+                                          ((2, 8), 70), ((1, 8), 57)])
 def test_bsr_kernels_batch_tiles_and_remainders(block, n_out):
     """BSR kernels at batch 1, the 8-row x^T tiles (4x4, 1x16), row tiles and single-row remainders;
-    an odd number of block rows leaves the second of the two batch-1 streams one row short."""
+    an odd number of block rows leaves the second of the two batch-1 streams one row short, and 1xC /
+    2x8 block rows past the streams' full groups of 8 outputs take the one-row path."""
     torch.manual_seed(6)
     r, c = block
     k = 64

@@ -59,6 +59,7 @@ MIN_PARALLEL_FLOPS = 1 << 20
 SPARSE_FLOP_COST = 4
 # Sparse kernels prefetch their weight stream this many bytes ahead: the hardware prefetcher alone
 # left the CSR kernel at 0.64 of the bandwidth bound (3072x768, 90 %, cold); 2 KiB ahead: 0.78.
+# Walks that read several streams split it between them (:func:`_stream_prefetch_blocks`).
 PREFETCH_BYTES = 2048
 # SELL slices: rows per slice (one AVX2 vector of outputs); rows are sorted by length within
 # windows of SELL_SIGMA rows.
@@ -95,6 +96,15 @@ def _prefetch_lines(block_bytes: int) -> int:
     """Cache lines (64 B) per stored block: each is prefetched (an 8x8 block is 4 lines; prefetching
     its first line only left 8x8 at 0.5-0.65 of the bound at batch 1)."""
     return max(1, block_bytes // 64)
+
+
+def _stream_prefetch_blocks(r: int, c: int, streams: int) -> int:
+    """Blocks of ``r x c`` each of ``streams`` interleaved weight streams prefetches ahead:
+    :data:`PREFETCH_BYTES` in total. With the two streams of the batch-1 BSR walks, 1 KiB each
+    instead of 2 KiB took 4x4 to 0.87-0.98x the time at 70-95 % (four same-run A/Bs) and 1x16 to
+    0.93-0.95x at 70-80 % (equal within noise at 90-95 %; 3072x768, cold). 512 B / 1.5 KiB per stream
+    were no better than 1 KiB; CSR (one stream) keeps 2 KiB: 1 KiB and 512 B were slower there."""
+    return max(1, PREFETCH_BYTES // streams // (4 * r * c))
 
 
 def _block_prefetch(r: int, c: int, pd: int, last: int):
@@ -234,7 +244,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     nch = _chunks(nbr, per_chunk)
     flops_per_row = 2 * nnzb * r * c * SPARSE_FLOP_COST
     threshold = _parallel_threshold(parallel)
-    pd = max(1, PREFETCH_BYTES // (4 * r * c))  # blocks ahead
+    pd = _stream_prefetch_blocks(r, c, 2)  # blocks ahead, per stream of rows_pair
     last = max(nnzb - 1, 0)
     # software prefetch (:data:`PREFETCH_BYTES` ahead) in the batch-1 walk only for blocks narrower
     # than a vector: 4x4 reached 0.88-0.97 of the bound with it, 0.84-0.94 without (70-90 %). Taller
@@ -390,7 +400,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     nch = _chunks(nbr, per_chunk)
     flops_per_row = 2 * nnzb * r * c * SPARSE_FLOP_COST
     threshold = _parallel_threshold(parallel)
-    pd = max(1, PREFETCH_BYTES // (4 * r * c))
+    pd = _stream_prefetch_blocks(r, c, READ_STREAMS)
     last = max(nnzb - 1, 0)
 
     @T.macro
