@@ -236,7 +236,8 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1
         p = pack(w, "csr")
         sptr, col, vals, perm = kernels.sell_layout(p.crow_indices.numpy(),
                                                     p.col_indices.numpy().astype(np.int16), p.values.numpy())
-        f = _compile(kernels.csr_kernel(OUT, IN, len(sptr) - 1, col.shape[0], "int16", parallel=False))
+        bmi = bool(tvm.target.codegen.target_has_features("bmi", host_target()))
+        f = _compile(kernels.csr_kernel(OUT, IN, len(sptr) - 1, col.shape[0], "int16", parallel=False, bmi=bmi))
         nbytes = sptr.nbytes + col.nbytes + vals.nbytes + perm.nbytes  # streamed, padding included
         n = copies_for(nbytes)
         ws = arena_copies([sptr, col, vals, perm], n)

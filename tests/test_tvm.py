@@ -159,10 +159,13 @@ def test_sell_layout_sorts_rows_into_padded_slices():
     assert torch.all(lens[:-1] >= lens[1:])  # longest rows first: slices of similar lengths
 
 
-@pytest.mark.parametrize("idx", ["int16", "int32"])
-def test_csr_kernel_batch_paths_and_partial_window(idx):
+@pytest.mark.parametrize("idx, bmi", [("int16", False), ("int16", True), ("int32", False)])
+def test_csr_kernel_batch_paths_and_partial_window(idx, bmi):
     """SELL CSR kernel at batch 1 (lanes), 8 / 16-row tiles, tiles + lane remainder; 300 rows = two
-    full 128-row windows (chunks) + a partial one, whose tile results are flushed row by row."""
+    full 128-row windows (chunks) + a partial one, whose tile results are flushed row by row. With
+    ``bmi``, int16 columns come out of their index words by ``bextr`` (and only then)."""
+    if bmi and not tvm.target.codegen.target_has_features("bmi", target.host_target()):
+        pytest.skip("the host has no BMI")
     torch.manual_seed(5)
     n_out, k = 300, 72
     w = _prune(torch.randn(n_out, k), 0.2)
@@ -172,8 +175,13 @@ def test_csr_kernel_batch_paths_and_partial_window(idx):
     sell = kernels.sell_layout(csr.crow_indices.numpy(), csr.col_indices.numpy().astype(idx),
                                csr.values.numpy())
     assert all(int(n) % kernels.ROW_UNROLL == 0 for n in (sell[0][1:] - sell[0][:-1]))  # aligned slices
-    func = kernels.csr_kernel(n_out, k, len(sell[0]) - 1, sell[1].shape[0], idx, parallel=False)
+    func = kernels.csr_kernel(n_out, k, len(sell[0]) - 1, sell[1].shape[0], idx, parallel=False, bmi=bmi)
     exe = _compile_kernel(func)
+    if bmi:  # LLVM uses bextr of its own elsewhere: ours add 2 per index word in the batch-1 loop
+        plain = _compile_kernel(kernels.csr_kernel(n_out, k, len(sell[0]) - 1, sell[1].shape[0], idx,
+                                                   parallel=False))
+        count = lambda m: m.mod.inspect_source("s").count("bextr")  # noqa: E731
+        assert count(exe) >= count(plain) + 4 * kernels.ROW_UNROLL
     dev = tvm.cpu()
     for batch in (1, 3, 8, 16, 29):
         x = torch.randn(batch, k)

@@ -77,10 +77,12 @@ def _constants(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
 class _Lowering:
     """Converters bound to one exported program (to read its constant tensors)."""
 
-    def __init__(self, ep: torch.export.ExportedProgram, parallel: bool = True, avx2: bool = False):
+    def __init__(self, ep: torch.export.ExportedProgram, parallel: bool = True, avx2: bool = False,
+                 bmi: bool = False):
         self.consts = _constants(ep)
         self.parallel = parallel
         self.avx2 = avx2  # the target has AVX2 (x86 permute kernels)
+        self.bmi = bmi  # ... and BMI (bextr in the CSR kernel)
         self.fired: dict[str, int] = {}
         # nodes folded into one of our kernels -> the node whose (kernel) output they equal
         self.identity: dict[fx.Node, fx.Node] = {}
@@ -244,7 +246,7 @@ class _Lowering:
         sptr, cols, vals, perm = kernels.sell_layout(
             crow.numpy(), col.numpy().astype(np.int16 if narrow else np.int32), values.numpy())
         kernel = kernels.csr_kernel(n_out, k, len(sptr) - 1, cols.shape[0], "int16" if narrow else "int32",
-                                    parallel=self.parallel)
+                                    parallel=self.parallel, bmi=self.bmi)
         self._count("csr")
         name = f"sc_csr_{n_out}x{k}"
         consts = [relax.const(sptr), relax.const(cols), relax.const(vals), relax.const(perm),
@@ -778,13 +780,14 @@ def import_program(ep: torch.export.ExportedProgram, parallel: bool = True,
     """Relax module of ``ep`` and how many times each of our kernels was used (``{"dense": 3, ...}``).
 
     ``parallel=False`` generates single-threaded kernels (for models lowered with one thread).
-    ``target`` (the compilation target) enables ISA-specific kernels (AVX2 N:M); ``None``: generic ones.
+    ``target`` (the compilation target) enables ISA-specific kernels (AVX2 N:M, BMI in CSR); ``None``:
+    generic ones.
     """
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = _decompose(ep)
-    avx2 = target is not None and bool(tvm.target.codegen.target_has_features("avx2", target))
-    lowering = _Lowering(ep, parallel, avx2)
+    has = lambda feature: target is not None and bool(tvm.target.codegen.target_has_features(feature, target))  # noqa: E731
+    lowering = _Lowering(ep, parallel, has("avx2"), has("bmi"))
     try:
         mod = from_exported_program(
             ep, custom_convert_map=lowering.convert_map(), run_ep_decomposition=False
