@@ -241,6 +241,19 @@ def test_nm_lanes_kernel_only_with_avx2_and_small_m():
                 assert _rel_err(low(x), layer(x)) < RTOL
 
 
+def test_csr_uses_bextr_only_on_bmi_targets():
+    """The frontend passes the target's BMI to the CSR kernel: bextr for the host (when it has BMI),
+    plain shifts for a generic x86 target."""
+    layer = SparseLinear.from_dense(_prune(torch.randn(24, 40), 0.7), torch.randn(24), format="csr")
+    ep = sparsecomp.capture(layer, (torch.randn(2, 40),)).exported
+    generic = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
+    host_bmi = bool(tvm.target.codegen.target_has_features("bmi", target.host_target()))
+    for tgt, bextr in ((target.host_target(), host_bmi), (generic, False)):
+        mod, fired = tvm_backend.frontend.import_program(ep, target=tgt)
+        assert fired == {"csr": 1}
+        assert ("llvm.x86.bmi.bextr" in mod.script()) == bextr
+
+
 @pytest.mark.parametrize("n, m, n_out", [(1, 4, 20), (1, 8, 40), (2, 4, 16), (3, 4, 24), (1, 2, 8)])
 def test_nm_lanes_kernel_directly(n, m, n_out):
     """The serial N:M lanes kernel walks two groups of 8 rows in lockstep (an odd group count leaves

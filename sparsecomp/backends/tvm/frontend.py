@@ -786,7 +786,9 @@ def import_program(ep: torch.export.ExportedProgram, parallel: bool = True,
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = _decompose(ep)
-    has = lambda feature: target is not None and bool(tvm.target.codegen.target_has_features(feature, target))  # noqa: E731
+    def has(feature: str) -> bool:
+        return target is not None and bool(tvm.target.codegen.target_has_features(feature, target))
+
     lowering = _Lowering(ep, parallel, has("avx2"), has("bmi"))
     try:
         mod = from_exported_program(
