@@ -164,7 +164,7 @@ def test_csr_kernel_batch_paths_and_partial_window(idx, bmi):
     """SELL CSR kernel at batch 1 (lanes), 8 / 16-row tiles, tiles + lane remainder; 300 rows = two
     full 128-row windows (chunks) + a partial one, whose tile results are flushed row by row. With
     ``bmi``, int16 columns come out of their index words by ``bextr`` (and only then)."""
-    if bmi and not tvm.target.codegen.target_has_features("bmi", target.host_target()):
+    if bmi and not _host_has("bmi"):
         pytest.skip("the host has no BMI")
     torch.manual_seed(5)
     n_out, k = 300, 72
@@ -197,8 +197,8 @@ def test_csr_kernel_batch_paths_and_partial_window(idx, bmi):
                                           ((2, 8), 70), ((1, 8), 57)])
 def test_bsr_kernels_batch_tiles_and_remainders(block, n_out):
     """BSR kernels at batch 1, the 8-row x^T tiles (4x4, 1x16), row tiles and single-row remainders;
-    an odd number of block rows leaves the second of the two batch-1 streams one row short, and 1xC /
-    2x8 block rows past the streams' full groups of 8 outputs take the one-row path."""
+    an odd number of block rows leaves the second of the two batch-1 streams one row short (2x8 /
+    1x8: the 1xC kernel with two rows per block, and with an odd block-row count)."""
     torch.manual_seed(6)
     r, c = block
     k = 64
@@ -229,11 +229,11 @@ def test_nm_lanes_kernel_only_with_avx2_and_small_m():
                                     format="nm", n=1, m=4)  # 20 rows: padded to 24 lanes
     ep = sparsecomp.capture(layer, (torch.randn(3, 24),)).exported
     generic = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})  # no AVX2 promised
-    for tgt, lanes in ((target.host_target(), _host_has_avx2()), (generic, False)):
+    for tgt, lanes in ((target.host_target(), _host_has("avx2")), (generic, False)):
         mod, fired = tvm_backend.frontend.import_program(ep, target=tgt)
         assert fired == {"nm1:4": 1}
         assert any("lanes" in gv.name_hint for gv in mod.functions) == lanes
-    if _host_has_avx2():
+    if _host_has("avx2"):
         low = sparsecomp.lower(layer, (torch.randn(3, 24),), backend="tvm")
         with torch.no_grad():
             for batch in (1, 3, 10):
@@ -247,8 +247,7 @@ def test_csr_uses_bextr_only_on_bmi_targets():
     layer = SparseLinear.from_dense(_prune(torch.randn(24, 40), 0.7), torch.randn(24), format="csr")
     ep = sparsecomp.capture(layer, (torch.randn(2, 40),)).exported
     generic = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
-    host_bmi = bool(tvm.target.codegen.target_has_features("bmi", target.host_target()))
-    for tgt, bextr in ((target.host_target(), host_bmi), (generic, False)):
+    for tgt, bextr in ((target.host_target(), _host_has("bmi")), (generic, False)):
         mod, fired = tvm_backend.frontend.import_program(ep, target=tgt)
         assert fired == {"csr": 1}
         assert ("llvm.x86.bmi.bextr" in mod.script()) == bextr
@@ -259,7 +258,7 @@ def test_nm_lanes_kernel_directly(n, m, n_out):
     """The serial N:M lanes kernel walks two groups of 8 rows in lockstep (an odd group count leaves
     one alone; window counts that do not divide the step leave a tail); 3:4 (6 entries a window)
     keeps one group at a time. Checked against torch at batches 1, 3 and 10."""
-    if not _host_has_avx2():
+    if not _host_has("avx2"):
         pytest.skip("the lanes kernel needs AVX2")
     torch.manual_seed(7)
     k = 48
@@ -287,8 +286,9 @@ def _compile_kernel(func):
                        target=target.host_target())
 
 
-def _host_has_avx2() -> bool:
-    return bool(tvm.target.codegen.target_has_features("avx2", target.host_target()))
+def _host_has(feature: str) -> bool:
+    """The host target has the ISA ``feature`` (``"avx2"``, ``"bmi"``...)."""
+    return bool(tvm.target.codegen.target_has_features(feature, target.host_target()))
 
 
 def test_sparse_op_with_other_dtype_is_refused():
