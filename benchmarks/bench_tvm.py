@@ -23,13 +23,20 @@ in a huge-page arena (``backends/tvm/weights.py``), back to back. The bandwidth 
 256 MiB huge-page buffer as 4 interleaved sequential streams (:func:`read_kernel`; ~1.14x a single-stream
 torch sum, whose 64 MiB version earlier versions of this bench used), timed in the same interleaved
 rounds as each row. "Cold read" is the practical floor for the same bytes: that read over a buffer of the
-format's size, cycling over cold copies exactly like the kernels, timed in the same rounds (a call
-from Python into TVM, like ours). Every interleaved sample starts with one untimed call.
+format's size, cycling over cold copies exactly like the kernels, timed in the same rounds. Every
+interleaved sample starts with one untimed call.
+
+*Calls*: in the batch-1 table our kernels and the cold read are called from a compiled loop
+(:class:`KernelLoop`), as the Relax VM calls them in a lowered model; a call from Python cost a 20 us
+kernel 2-4 us more (the call, and the interpreter's own state that the weights of the call before
+evicted). The comparisons with scipy / torch, which can only be called from Python, use our kernels
+called from Python too.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -46,6 +53,7 @@ from sparsecomp.backends.tvm.weights import WeightArena
 from sparsecomp.ops.formats import pack
 
 import tvm
+import tvm_ffi
 from tvm.script import tirx as T
 
 L3_BYTES = 32 << 20
@@ -62,7 +70,9 @@ def timeit_interleaved(fns: dict, rounds: int = 7, calls: int = 20) -> dict:
     evicts the next one's code and small hot data from L2 / L3, and that first call's misses are a
     cost of switching workloads, not of the candidate. Weights stay cold, each call taking the next
     copy. Without it, whichever candidate ran right after the stream lost ~5 us per 30 us call (the
-    same 1x16 kernel at 95 %, batch 1: 33.6 us first after the stream, 27.9 us second)."""
+    same 1x16 kernel at 95 %, batch 1: 33.6 us first after the stream, 27.9 us second). A fn that
+    makes several kernel calls itself (:class:`KernelLoop`) has ``kernel_calls``: its time is per
+    kernel call."""
     samples = {k: [] for k in fns}
     for f in fns.values():
         for _ in range(3):
@@ -73,7 +83,7 @@ def timeit_interleaved(fns: dict, rounds: int = 7, calls: int = 20) -> dict:
             t0 = time.perf_counter()
             for _ in range(calls):
                 f()
-            samples[k].append((time.perf_counter() - t0) / calls)
+            samples[k].append((time.perf_counter() - t0) / calls / getattr(f, "kernel_calls", 1))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -130,21 +140,18 @@ def read_kernel(nbytes: int, streams: int = READ_STREAMS):
     return _compile(read.with_attr("tirx.is_scheduled", True)), (streams, per)
 
 
-def _read_copies(nbytes: int, n: int):
-    """``(read, copies)``: :func:`read_kernel` for ``nbytes`` and ``n`` buffers for it in one huge-page
-    arena; ``read(i)`` reads copy ``i``."""
+def _read_copies(nbytes: int, n: int) -> tuple[KernelCopies, int]:
+    """``(read, bytes read)``: :func:`read_kernel` for ``nbytes`` over ``n`` buffers for it in one
+    huge-page arena."""
     f, shape = read_kernel(nbytes)
-    bufs = [c[0] for c in arena_copies([np.ones(shape, np.float32)], n)]
-    y = tvm.runtime.tensor(np.zeros(8, np.float32), tvm.cpu())
-    return (lambda i: f(bufs[i], y)), shape[0] * shape[1] * 4
+    copies = arena_copies([np.ones(shape, np.float32)], n)
+    return KernelCopies(f, WeightArena([np.zeros(8, np.float32)]).tensors, 0, copies), shape[0] * shape[1] * 4
 
 
-def read_candidate(nbytes: int):
+def read_candidate(nbytes: int) -> KernelCopies:
     """Cold read of ``nbytes``: :func:`read_kernel` over copies in one huge-page arena, cycling like
     the kernels: the practical floor for streaming that many bytes once per call."""
-    n = copies_for(nbytes)
-    read, _ = _read_copies(nbytes, n)
-    return Rotating(read, n)
+    return _read_copies(nbytes, copies_for(nbytes))[0]
 
 
 def stream_candidate(nbytes: int = 256 << 20):
@@ -152,7 +159,7 @@ def stream_candidate(nbytes: int = 256 << 20):
     is the bound's. 256 MiB = 8x the L3: at 64 MiB a 4-stream read kept part of the buffer in L3
     between calls (37 vs 24 GB/s)."""
     read, nread = _read_copies(nbytes, 1)
-    return (lambda: read(0)), nread
+    return (lambda: read.fn(0)), nread
 
 
 def sum_overhead_candidate():
@@ -178,6 +185,97 @@ class Rotating:
     def __call__(self):
         self.i = (self.i + 1) % self.n
         return self.fn(int(self.order[self.i]))
+
+
+class KernelCopies(Rotating):
+    """A compiled kernel over weight copies, ``f(*fixed[:split], *copies[i], *fixed[split:])``, called
+    from Python like :class:`Rotating`. ``copies`` (from :func:`arena_copies`) and ``fixed`` (one
+    :class:`WeightArena` of the other arguments, the output last) let :class:`KernelLoop` make the
+    same calls from a compiled loop."""
+
+    def __init__(self, f, fixed: list, split: int, copies: list):
+        self.f, self.fixed, self.split, self.copies = f, fixed, split, copies
+        head, tail = fixed[:split], fixed[split:]
+        super().__init__(lambda i: f(*head, *copies[i], *tail), len(copies))
+
+    def loop(self, calls: int = 20) -> "KernelLoop":
+        return KernelLoop(self, calls)
+
+
+def _arena_span(tensors: list):
+    """``(uint8 tensor over the arena bytes spanned by tensors, byte offset of each)``; the tensors
+    (views of one :class:`WeightArena`) keep the memory alive, and the caller keeps them."""
+    import ctypes
+
+    ptrs = [torch.from_dlpack(t).data_ptr() for t in tensors]
+    base = min(ptrs)
+    end = max(p + torch.from_dlpack(t).nbytes for p, t in zip(ptrs, tensors))
+    raw = np.ctypeslib.as_array((ctypes.c_uint8 * (end - base)).from_address(base))
+    return tvm.runtime.from_dlpack(raw), [p - base for p in ptrs]
+
+
+class KernelLoop:
+    """``calls`` calls of a :class:`KernelCopies` kernel per ``__call__``, each on the next copy of a
+    shuffled order, made by a compiled TIR loop (``tvm_call_packed`` of the kernel, its arguments
+    built on the stack): no Python between the calls, as when the Relax VM runs a lowered model.
+    From Python, each call of a 20 us kernel also paid ~2 us: the call itself, and the interpreter's
+    own state, evicted by the weights the call before streamed (a 472 KiB cold read: 16.6-17.7 us
+    from Python, 14.6-15.6 us from the loop). Time per ``__call__`` / ``calls`` = one kernel call."""
+
+    _names = iter(range(1 << 30))
+
+    def __init__(self, kc: KernelCopies, calls: int = 20, seed: int = 0):
+        self.kc, self.kernel_calls = kc, calls
+        flat = [t for c in kc.copies for t in c]
+        self.arena, offs = _arena_span(flat)
+        self.fixed_arena, fixed_offs = _arena_span(kc.fixed)
+        J = len(kc.copies[0])
+        self.offs = tvm.runtime.tensor(np.array(offs, np.int64).reshape(len(kc.copies), J), tvm.cpu())
+        # one shuffled order of the copies, walked ``calls`` at a time and wrapping around: a copy comes
+        # back only after all the others (as in :class:`Rotating`)
+        n = len(kc.copies)
+        self.cycle = math.lcm(n, calls)
+        seq = np.tile(np.random.default_rng(seed).permutation(n), self.cycle // n).astype(np.int32)
+        self.order = tvm.runtime.tensor(seq, tvm.cpu())
+        self.start = 0
+        name = f"sparsecomp.bench.kernel{next(self._names)}"
+        tvm_ffi.register_global_func(name, kc.f, override=True)
+        spec = lambda t: (tuple(int(d) for d in t.shape), str(t.dtype))  # noqa: E731
+        slots = [spec(t) for t in kc.copies[0]]
+        fixed = [(spec(t), off) for t, off in zip(kc.fixed, fixed_offs)]
+        args = ([("fixed", i) for i in range(kc.split)] + [("copy", j) for j in range(J)]
+                + [("fixed", i) for i in range(kc.split, len(fixed))])
+        A, F, L = int(self.arena.shape[0]), int(self.fixed_arena.shape[0]), self.cycle
+
+        def make(buf, byte_off, shape, dtype):
+            return T.tvm_stack_make_array(T.address_of(buf[byte_off], dtype="handle"),
+                                          T.tvm_stack_make_shape(*shape, dtype="handle"), 0, len(shape),
+                                          tvm.tirx.const(0, dtype), 0, dtype="handle")
+
+        u8, i64, i32 = "uint8", "int64", "int32"
+
+        @T.prim_func(private=True)
+        def loop(arena: T.Buffer((A,), u8), offs: T.Buffer((n, J), i64),
+                 order: T.Buffer((L,), i32), start: T.int32, fixed_arena: T.Buffer((F,), u8)):
+            for k in range(calls):
+                T.evaluate(T.tvm_call_packed(name, *[
+                    make(arena, offs[order[start + k], i], *slots[i]) if kind == "copy" else
+                    make(fixed_arena, fixed[i][1], *fixed[i][0]) for kind, i in args], dtype="int32"))
+
+        self.fn = _compile(loop.with_attr("tirx.is_scheduled", True))
+        # the loop must make the calls: the copies are equal, so the output (the last fixed argument)
+        # after a loop is the one a call from Python gave
+        out = kc.fixed[-1]
+        kc.fn(0)
+        want = out.numpy().copy()
+        out.copyfrom(np.full_like(want, np.nan))
+        self()
+        assert np.array_equal(out.numpy(), want), "KernelLoop: the loop did not call the kernel"
+        self.start = 0
+
+    def __call__(self):
+        self.fn(self.arena, self.offs, self.order, self.start, self.fixed_arena)
+        self.start = (self.start + self.kernel_calls) % self.cycle
 
 
 def prune_blocks(w: torch.Tensor, sparsity: float, block, seed=0) -> torch.Tensor:
@@ -213,11 +311,8 @@ def _page_backed_copies(nbytes: int, n: int, huge: bool) -> list[torch.Tensor]:
     return [torch.from_dlpack(t) for t in WeightArena([ones] * n, huge_pages=huge).tensors]
 
 
-def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1):
-    """(callable over copies, format bytes) for our kernel on ``w`` (already pruned)."""
-    dev = tvm.cpu()
-    tensor = lambda a: tvm.runtime.tensor(np.ascontiguousarray(a), dev)  # noqa: E731
-    bias = tensor(np.zeros(w.shape[0], np.float32))
+def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1) -> tuple[KernelCopies, int]:
+    """(our kernel on ``w`` (already pruned) over weight copies, format bytes)."""
     if fmt == "bsr":
         p = pack(w, "bsr", block=block)
         r, c = block
@@ -252,13 +347,13 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1
         ws = arena_copies([vals, pos], n)
         transpose = False
     x = torch.randn(batch, IN)
-    xt = tensor((x.T if transpose else x).contiguous().numpy())
-    y = tensor(np.zeros((batch, OUT), np.float32))
+    xt, bias, y = WeightArena([(x.T if transpose else x).contiguous().numpy(), np.zeros(w.shape[0], np.float32),
+                               np.zeros((batch, OUT), np.float32)]).tensors
     f(xt, *ws[0], bias, y)
     ref = x @ w.T
     err = float((torch.from_numpy(y.numpy()) - ref).abs().max() / ref.abs().max())
     assert err < 1e-4, f"{fmt} kernel wrong: rel err {err}"
-    return Rotating(lambda i: f(xt, *ws[i], bias, y), n), nbytes
+    return KernelCopies(f, [xt, bias, y], 1, ws), nbytes
 
 
 def scipy_candidate(w: torch.Tensor, batch=1):
@@ -345,9 +440,12 @@ def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95), roun
         stream, stream_bytes = stream_candidate()
     else:
         print(f"DRAM read bandwidth used for the bound: {bw / 1e9:.1f} GB/s\n")
+    print("Ours and the cold read: called from a compiled loop (`KernelLoop`), as the Relax VM calls "
+          "kernels in a lowered model. The last five columns: ours called from Python, like scipy and "
+          "torch.\n")
     print("| sparsity | format | ours us | GB/s | bound us | of bound | cold read us | of cold read | "
-          "best scipy/torch us | vs best | torch dense us | vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "ours from Python us | best scipy/torch us | vs best | torch dense us | vs dense |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     w = torch.randn(OUT, IN)
     dense = dense_candidates(w, 1, with_ort=False)["torch dense"]
@@ -360,22 +458,22 @@ def bench_sparse_batch1(bw: float | None, sparsities=(0.7, 0.8, 0.9, 0.95), roun
             wp = (prune_blocks(w, s, block) if fmt == "bsr" else
                   prune_nm(w, *nm) if fmt == "nm" else prune_blocks(w, s, (1, 1)))
             ours, nbytes = tvm_sparse_candidate(fmt, wp, block=block, nm=nm)
-            fns = {"ours": ours, "cold read": read_candidate(nbytes), "scipy": scipy_candidate(wp),
-                   "dense": dense}
+            fns = {"ours": ours.loop(), "cold read": read_candidate(nbytes).loop(), "ours py": ours,
+                   "scipy": scipy_candidate(wp), "dense": dense}
             if bw is None:
                 fns["stream"] = stream
             fns.update(torch_sparse_candidates(wp, 1, block if fmt == "bsr" else None))
             t = timeit_interleaved(fns, rounds)
             best_other = min(v for k, v in t.items()
-                             if k not in ("ours", "dense", "cold read", "stream"))
-            cold = t["cold read"]
+                             if k not in ("ours", "ours py", "dense", "cold read", "stream"))
+            cold, py = t["cold read"], t["ours py"]
             row_bw = bw if bw is not None else stream_bytes / t["stream"]
             bound = nbytes / row_bw
             label = f"bsr{block[0]}x{block[1]}" if fmt == "bsr" else f"nm{nm[0]}:{nm[1]}" if nm else fmt
             print(f"| {s:.0%} | {label} | {t['ours'] * 1e6:.1f} | {row_bw / 1e9:.1f} | {bound * 1e6:.1f} | "
-                  f"{bound / t['ours']:.2f} | {cold * 1e6:.1f} | {cold / t['ours']:.2f} | "
-                  f"{best_other * 1e6:.1f} | {best_other / t['ours']:.2f}x | "
-                  f"{t['dense'] * 1e6:.1f} | {t['dense'] / t['ours']:.2f}x |", flush=True)
+                  f"{bound / t['ours']:.2f} | {cold * 1e6:.1f} | {cold / t['ours']:.2f} | {py * 1e6:.1f} | "
+                  f"{best_other * 1e6:.1f} | {best_other / py:.2f}x | "
+                  f"{t['dense'] * 1e6:.1f} | {t['dense'] / py:.2f}x |", flush=True)
 
 
 def bench_batched(batches=(8, 64), sparsity=0.9, rounds: int = 7) -> None:
