@@ -28,9 +28,8 @@ interleaved sample starts with one untimed call.
 
 *Calls*: in the batch-1 table our kernels and the cold read are called from a compiled loop
 (:class:`KernelLoop`), as the Relax VM calls them in a lowered model; a call from Python cost a 20 us
-kernel 2-4 us more (the call, and the interpreter's own state that the weights of the call before
-evicted). The comparisons with scipy / torch, which can only be called from Python, use our kernels
-called from Python too.
+kernel 2.4-4.4 us more (docs/BENCHMARKS.md). The comparisons with scipy / torch, which can only be
+called from Python, use our kernels called from Python too.
 """
 
 from __future__ import annotations
@@ -218,9 +217,10 @@ class KernelLoop:
     """``calls`` calls of a :class:`KernelCopies` kernel per ``__call__``, each on the next copy of a
     shuffled order, made by a compiled TIR loop (``tvm_call_packed`` of the kernel, its arguments
     built on the stack): no Python between the calls, as when the Relax VM runs a lowered model.
-    From Python, each call of a 20 us kernel also paid ~2 us: the call itself, and the interpreter's
-    own state, evicted by the weights the call before streamed (a 472 KiB cold read: 16.6-17.7 us
-    from Python, 14.6-15.6 us from the loop). Time per ``__call__`` / ``calls`` = one kernel call."""
+    From Python, each call of a ~20 us kernel paid 2.4-4.4 us more, of which an empty call over the
+    same cold copies explains 1.1-1.8 us (a 472 KiB cold read: 16.6-17.7 us from Python, 14.6-15.6
+    us from the loop). :func:`timeit_interleaved` divides by ``kernel_calls``: its times are per
+    kernel call."""
 
     _names = iter(range(1 << 30))
 
@@ -347,8 +347,8 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1
         ws = arena_copies([vals, pos], n)
         transpose = False
     x = torch.randn(batch, IN)
-    xt, bias, y = WeightArena([(x.T if transpose else x).contiguous().numpy(), np.zeros(w.shape[0], np.float32),
-                               np.zeros((batch, OUT), np.float32)]).tensors
+    xt, bias, y = WeightArena([(x.T if transpose else x).contiguous().numpy(),
+                               np.zeros(w.shape[0], np.float32), np.zeros((batch, OUT), np.float32)]).tensors
     f(xt, *ws[0], bias, y)
     ref = x @ w.T
     err = float((torch.from_numpy(y.numpy()) - ref).abs().max() / ref.abs().max())
