@@ -35,6 +35,7 @@ called from Python, use our kernels called from Python too.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import statistics
@@ -144,7 +145,8 @@ def _read_copies(nbytes: int, n: int) -> tuple[KernelCopies, int]:
     huge-page arena."""
     f, shape = read_kernel(nbytes)
     copies = arena_copies([np.ones(shape, np.float32)], n)
-    return KernelCopies(f, WeightArena([np.zeros(8, np.float32)]).tensors, 0, copies), shape[0] * shape[1] * 4
+    out = WeightArena([np.zeros(8, np.float32)]).tensors
+    return KernelCopies(f, out, 0, copies), shape[0] * shape[1] * 4
 
 
 def read_candidate(nbytes: int) -> KernelCopies:
@@ -222,7 +224,7 @@ class KernelLoop:
     us from the loop). :func:`timeit_interleaved` divides by ``kernel_calls``: its times are per
     kernel call."""
 
-    _names = iter(range(1 << 30))
+    _names = itertools.count()
 
     def __init__(self, kc: KernelCopies, calls: int = 20, seed: int = 0):
         self.kc, self.kernel_calls = kc, calls
@@ -311,7 +313,8 @@ def _page_backed_copies(nbytes: int, n: int, huge: bool) -> list[torch.Tensor]:
     return [torch.from_dlpack(t) for t in WeightArena([ones] * n, huge_pages=huge).tensors]
 
 
-def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None, batch=1) -> tuple[KernelCopies, int]:
+def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None,
+                         batch=1) -> tuple[KernelCopies, int]:
     """(our kernel on ``w`` (already pruned) over weight copies, format bytes)."""
     if fmt == "bsr":
         p = pack(w, "bsr", block=block)
