@@ -872,3 +872,63 @@ def test_constant_powers_match_torch():
     make = lambda b: (torch.randn(b, 6, 40),)  # noqa: E731
     low = sparsecomp.lower(model, make(2), backend="tvm", num_threads=1)
     _check_batches(low, model, make)
+
+
+class Lookups(nn.Module):
+    """Token embedding, ``index_select`` along dim 1, and ``x[:, j]`` indexing (negatives allowed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.table = nn.Parameter(torch.randn(3, 7, 2))
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, ids, cols, picks):
+        return self.proj(self.emb(ids)), torch.index_select(self.table, 1, cols), self.table[:, picks]
+
+
+def _lookup_inputs(ids=((1, 10, 0), (4, 4, 2)), cols=(6, 0, 3), picks=((-1, 2), (0, -7))):
+    return torch.tensor(ids), torch.tensor(cols), torch.tensor(picks)
+
+
+@pytest.mark.filterwarnings("ignore:Lookups. a dynamic batch dimension was refused")
+def test_lookups_match_torch_and_check_bounds():
+    model = Lookups().eval()
+    low = sparsecomp.lower(model, _lookup_inputs(), backend="tvm", num_threads=1)
+    assert low.kernels.get("take") == 3
+    with torch.no_grad():
+        for args in (_lookup_inputs(), _lookup_inputs(ids=((0, 3, 10), (10, 9, 8)), cols=(1, 2, 5),
+                                                      picks=((3, -3), (6, -6)))):
+            for got, want in zip(low(*args), model(*args)):
+                assert _rel_err(got, want) < RTOL
+        # torch raises on each of these; TVM's own take read past the table (garbage, or a segfault)
+        for bad, op in (({"ids": ((1, 11, 0), (4, 4, 2))}, "embedding"),
+                        ({"ids": ((1, 10**9, 0), (4, 4, 2))}, "embedding"),
+                        ({"ids": ((1, -1, 0), (4, 4, 2))}, "embedding"),
+                        ({"cols": (6, 7, 3)}, "index_select"),
+                        ({"cols": (6, -1, 3)}, "index_select"),
+                        ({"picks": ((-8, 2), (0, 1))}, "index"),
+                        ({"picks": ((7, 2), (0, 1))}, "index")):
+            args = _lookup_inputs(**bad)
+            with pytest.raises((IndexError, RuntimeError)):  # torch's type depends on the op
+                model(*args)
+            with pytest.raises(RuntimeError, match=f"{op} at node .*index out of range"):
+                low(*args)
+
+
+class PairIndex(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 4))
+
+    def forward(self, i, j):
+        return self.table[i, j] * 2
+
+
+def test_two_index_tensors_go_to_the_importer():
+    model = PairIndex().eval()
+    args = (torch.tensor([0, 4, 2]), torch.tensor([3, 0, 1]))
+    low = sparsecomp.lower(model, args, backend="tvm", num_threads=1)
+    assert "take" not in low.kernels
+    with torch.no_grad():
+        assert _rel_err(low(*args), model(*args)) < RTOL

@@ -27,6 +27,9 @@ only binds them after conversion), pack them for our kernels at compile time, an
                                    pointwise to ``OC*k^d`` channels + pixel shuffle
 ``aten.native_group_norm``         group-norm kernel (+ a following ReLU fused)
 ``aten.native_layer_norm``         layer-norm kernel on ``[rows, D]``
+``aten.embedding``,                take kernel with torch's bounds check (an index out of range raises
+``aten.index_select``,             instead of being read); ``x[..., i, ...]`` keeps negative indices.
+``aten.index.Tensor`` (one index)  Other dtypes, several index tensors, masks: the importer
 =================================  =====================================================================
 
 Anything else (and a ``linear``/``mm``/``bmm``/convolution/norm outside those conditions) goes to the
@@ -594,8 +597,60 @@ class _Lowering:
         target = imp._convert_data_type(dtype)
         return x if target == x.ty.dtype else imp.block_builder.emit(relax.op.astype(x, target))
 
+    # ------------------------------------------------------- take with torch's bounds check
+    def _default(self, imp, key: str, node: fx.Node) -> relax.Var:
+        if self._defaults is None:
+            self._defaults = imp.create_convert_map()
+        return self._defaults[key](node)
+
+    def _checked_take(self, imp, node: fx.Node, data: relax.Expr, index: relax.Expr, axis: int,
+                      wrap: bool) -> relax.Var | None:
+        """``take(data, index, axis)`` through :func:`.kernels.take_kernel`, which raises on an index
+        out of range as torch does (TVM's ``take`` reads past the end: garbage or a segfault);
+        ``None`` (the caller defers to the importer) for dtypes the kernel does not take."""
+        if (data.ty.ndim < 1 or data.ty.dtype not in _TAKE_DATA
+                or index.ty.dtype not in _TAKE_INDEX):
+            return None
+        bb = imp.block_builder
+        shape = list(data.ty.shape.values)
+        ishape = list(index.ty.shape.values)
+        axis %= len(shape)
+        if index.ty.dtype not in ("int32", "int64"):
+            index = bb.emit(relax.op.astype(index, "int64"))
+        pre, post, m = _prod(shape[:axis]), _prod(shape[axis + 1:]), _prod(ishape)
+        x3 = bb.emit(relax.op.reshape(data, [pre, shape[axis], post]))
+        i1 = bb.emit(relax.op.reshape(index, [m]))
+        op = str(node.target).split(".")[-2]  # aten.embedding.default -> embedding
+        gv = bb.add_func(kernels.take_kernel(data.ty.dtype, index.ty.dtype, wrap,
+                                             f"{op} at node {node.name!r}"), f"sc_take_{op}")
+        y = bb.emit(relax.call_tir(gv, [x3, i1], relax.TensorType([pre, m, post], data.ty.dtype)))
+        self._count("take")
+        return bb.emit(relax.op.reshape(y, [*shape[:axis], *ishape, *shape[axis + 1:]]))
+
+    def embedding(self, node: fx.Node, imp) -> relax.Var:
+        out = self._checked_take(imp, node, imp.env[node.args[0]], imp.env[node.args[1]], 0, False)
+        return out if out is not None else self._default(imp, "embedding.default", node)
+
+    def index_select(self, node: fx.Node, imp) -> relax.Var:
+        out = self._checked_take(imp, node, imp.env[node.args[0]], imp.env[node.args[2]],
+                                 node.args[1], False)
+        return out if out is not None else self._default(imp, "index_select.default", node)
+
+    def index(self, node: fx.Node, imp) -> relax.Var:
+        """``x[..., i, ...]`` with one integer index tensor (negative indices count from the end);
+        several index tensors or a boolean mask go to the importer."""
+        given = [(axis, i) for axis, i in enumerate(node.args[1]) if i is not None]
+        out = None
+        if len(given) == 1:
+            axis, i = given[0]
+            out = self._checked_take(imp, node, imp.env[node.args[0]], imp.env[i], axis, True)
+        return out if out is not None else self._default(imp, "index.Tensor", node)
+
     def convert_map(self) -> dict[str, Callable]:
         return {
+            "embedding.default": self.embedding,
+            "index_select.default": self.index_select,
+            "index.Tensor": self.index,
             "to.device": self.to_device,
             "bmm.default": self.bmm,
             "addmm.default": self.addmm,
@@ -609,6 +664,25 @@ class _Lowering:
             "sparse_linear_csr.default": self.sparse_csr,
             "sparse_linear_nm.default": self.sparse_nm,
         }
+
+
+# dtypes :meth:`_Lowering._checked_take` copies / indexes with (a boolean index is a mask: importer)
+_TAKE_DATA = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64")
+_TAKE_INDEX = ("int8", "uint8", "int16", "int32", "int64")
+
+
+def _prod(dims: list):
+    """Product of shape dimensions: a Python int when all are static, else a ``PrimExpr``."""
+    static, symbolic = 1, []
+    for d in dims:
+        if isinstance(d, tvm.tirx.IntImm):
+            static *= int(d.value)
+        else:
+            symbolic.append(d)
+    out = tvm.tirx.IntImm("int64", static)
+    for d in symbolic:
+        out = out * d
+    return out
 
 
 # ops that can be folded into a convolution / group norm (BatchNorm, activations): their converters
