@@ -875,7 +875,8 @@ def test_constant_powers_match_torch():
 
 
 class Lookups(nn.Module):
-    """Token embedding, ``index_select`` along dim 1, and ``x[:, j]`` indexing (negatives allowed)."""
+    """Token embedding, ``index_select`` along dim 1, ``x[:, j]`` indexing (negatives allowed) and
+    ``gather`` along dim 1."""
 
     def __init__(self):
         super().__init__()
@@ -883,22 +884,25 @@ class Lookups(nn.Module):
         self.table = nn.Parameter(torch.randn(3, 7, 2))
         self.proj = nn.Linear(6, 4)
 
-    def forward(self, ids, cols, picks):
-        return self.proj(self.emb(ids)), torch.index_select(self.table, 1, cols), self.table[:, picks]
+    def forward(self, ids, cols, picks, where):
+        return (self.proj(self.emb(ids)), torch.index_select(self.table, 1, cols), self.table[:, picks],
+                torch.gather(self.table, 1, where))
 
 
-def _lookup_inputs(ids=((1, 10, 0), (4, 4, 2)), cols=(6, 0, 3), picks=((-1, 2), (0, -7))):
-    return torch.tensor(ids), torch.tensor(cols), torch.tensor(picks)
+def _lookup_inputs(ids=((1, 10, 0), (4, 4, 2)), cols=(6, 0, 3), picks=((-1, 2), (0, -7)),
+                   where=(((6, 0), (1, 1)), ((2, 5), (0, 3)))):
+    return torch.tensor(ids), torch.tensor(cols), torch.tensor(picks), torch.tensor(where)
 
 
 @pytest.mark.filterwarnings("ignore:Lookups. a dynamic batch dimension was refused")
 def test_lookups_match_torch_and_check_bounds():
     model = Lookups().eval()
     low = sparsecomp.lower(model, _lookup_inputs(), backend="tvm", num_threads=1)
-    assert low.kernels.get("take") == 3
+    assert low.kernels.get("index_check") == 4
     with torch.no_grad():
         for args in (_lookup_inputs(), _lookup_inputs(ids=((0, 3, 10), (10, 9, 8)), cols=(1, 2, 5),
-                                                      picks=((3, -3), (6, -6)))):
+                                                      picks=((3, -3), (6, -6)),
+                                                      where=(((0, 0), (6, 6)), ((3, 4), (5, 2))))):
             for got, want in zip(low(*args), model(*args)):
                 assert _rel_err(got, want) < RTOL
         # torch raises on each of these; TVM's own take read past the table (garbage, or a segfault)
@@ -908,7 +912,10 @@ def test_lookups_match_torch_and_check_bounds():
                         ({"cols": (6, 7, 3)}, "index_select"),
                         ({"cols": (6, -1, 3)}, "index_select"),
                         ({"picks": ((-8, 2), (0, 1))}, "index"),
-                        ({"picks": ((7, 2), (0, 1))}, "index")):
+                        ({"picks": ((7, 2), (0, 1))}, "index"),
+                        ({"where": (((6, 0), (1, 7)), ((2, 5), (0, 3)))}, "gather"),
+                        ({"where": (((6, 0), (1, 1)), ((2, -1), (0, 3)))}, "gather"),
+                        ({"where": (((6, 0), (1, 1)), ((2, 5), (0, 10**9)))}, "gather")):
             args = _lookup_inputs(**bad)
             with pytest.raises((IndexError, RuntimeError)):  # torch's type depends on the op
                 model(*args)
@@ -929,6 +936,6 @@ def test_two_index_tensors_go_to_the_importer():
     model = PairIndex().eval()
     args = (torch.tensor([0, 4, 2]), torch.tensor([3, 0, 1]))
     low = sparsecomp.lower(model, args, backend="tvm", num_threads=1)
-    assert "take" not in low.kernels
+    assert "index_check" not in low.kernels
     with torch.no_grad():
         assert _rel_err(low(*args), model(*args)) < RTOL

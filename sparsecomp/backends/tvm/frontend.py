@@ -27,9 +27,10 @@ only binds them after conversion), pack them for our kernels at compile time, an
                                    pointwise to ``OC*k^d`` channels + pixel shuffle
 ``aten.native_group_norm``         group-norm kernel (+ a following ReLU fused)
 ``aten.native_layer_norm``         layer-norm kernel on ``[rows, D]``
-``aten.embedding``,                take kernel with torch's bounds check (an index out of range raises
-``aten.index_select``,             instead of being read); ``x[..., i, ...]`` keeps negative indices.
-``aten.index.Tensor`` (one index)  Other dtypes, several index tensors, masks: the importer
+``aten.embedding``,                the importer's ``take`` / ``gather_elements``, after an index-check
+``aten.index_select``,             kernel: an index out of range raises as in torch instead of being
+``aten.index.Tensor`` (one index), read; ``x[..., i, ...]`` keeps negative indices. Several index
+``aten.gather``                    tensors or a boolean mask: the importer's, unchecked
 =================================  =====================================================================
 
 Anything else (and a ``linear``/``mm``/``bmm``/convolution/norm outside those conditions) goes to the
@@ -597,60 +598,72 @@ class _Lowering:
         target = imp._convert_data_type(dtype)
         return x if target == x.ty.dtype else imp.block_builder.emit(relax.op.astype(x, target))
 
-    # ------------------------------------------------------- take with torch's bounds check
+    # ------------------------------------------------ indices checked as torch checks them
     def _default(self, imp, key: str, node: fx.Node) -> relax.Var:
         if self._defaults is None:
             self._defaults = imp.create_convert_map()
         return self._defaults[key](node)
 
-    def _checked_take(self, imp, node: fx.Node, data: relax.Expr, index: relax.Expr, axis: int,
-                      wrap: bool) -> relax.Var | None:
-        """``take(data, index, axis)`` through :func:`.kernels.take_kernel`, which raises on an index
-        out of range as torch does (TVM's ``take`` reads past the end: garbage or a segfault);
-        ``None`` (the caller defers to the importer) for dtypes the kernel does not take."""
-        if (data.ty.ndim < 1 or data.ty.dtype not in _TAKE_DATA
-                or index.ty.dtype not in _TAKE_INDEX):
+    def _checked_index(self, imp, node: fx.Node, data: relax.Expr, index: relax.Expr, axis: int,
+                       wrap: bool) -> relax.Expr | None:
+        """``index`` (int64, same shape) after :func:`.kernels.index_check_kernel` against axis ``axis``
+        of ``data``: an index out of range raises as in torch, where Relax ``take`` /
+        ``gather_elements`` would read past the end (garbage or a segfault); negative indices come
+        out counted from the end when ``wrap``. ``None`` (the caller defers to the importer) for
+        dtypes this does not cover."""
+        if (data.ty.ndim < 1 or data.ty.dtype not in _INDEXED_DATA
+                or index.ty.dtype not in _INDEX_DTYPES):
             return None
         bb = imp.block_builder
         shape = list(data.ty.shape.values)
         ishape = list(index.ty.shape.values)
         axis %= len(shape)
-        if index.ty.dtype not in ("int32", "int64"):
-            index = bb.emit(relax.op.astype(index, "int64"))
-        pre, post, m = _prod(shape[:axis]), _prod(shape[axis + 1:]), _prod(ishape)
-        x3 = bb.emit(relax.op.reshape(data, [pre, shape[axis], post]))
-        i1 = bb.emit(relax.op.reshape(index, [m]))
+        x3 = bb.emit(relax.op.reshape(data, [_prod(shape[:axis]), shape[axis], _prod(shape[axis + 1:])]))
+        i1 = bb.emit(relax.op.reshape(index, [_prod(ishape)]))
         op = str(node.target).split(".")[-2]  # aten.embedding.default -> embedding
-        gv = bb.add_func(kernels.take_kernel(data.ty.dtype, index.ty.dtype, wrap,
-                                             f"{op} at node {node.name!r}"), f"sc_take_{op}")
-        y = bb.emit(relax.call_tir(gv, [x3, i1], relax.TensorType([pre, m, post], data.ty.dtype)))
-        self._count("take")
-        return bb.emit(relax.op.reshape(y, [*shape[:axis], *ishape, *shape[axis + 1:]]))
+        check = kernels.index_check_kernel(data.ty.dtype, index.ty.dtype, wrap, f"{op} at node {node.name!r}")
+        gv = bb.add_func(check, f"sc_index_check_{op}")
+        checked = bb.emit(relax.call_tir(gv, [x3, i1], relax.TensorType([_prod(ishape)], "int64")))
+        self._count("index_check")
+        return bb.emit(relax.op.reshape(checked, ishape))
+
+    def _take(self, imp, node: fx.Node, key: str, data: relax.Expr, index: relax.Expr, axis: int,
+              wrap: bool) -> relax.Var:
+        checked = self._checked_index(imp, node, data, index, axis, wrap)
+        if checked is None:
+            return self._default(imp, key, node)
+        return imp.block_builder.emit(relax.op.take(data, checked, axis=axis))
 
     def embedding(self, node: fx.Node, imp) -> relax.Var:
-        out = self._checked_take(imp, node, imp.env[node.args[0]], imp.env[node.args[1]], 0, False)
-        return out if out is not None else self._default(imp, "embedding.default", node)
+        return self._take(imp, node, "embedding.default", imp.env[node.args[0]], imp.env[node.args[1]],
+                          0, False)
 
     def index_select(self, node: fx.Node, imp) -> relax.Var:
-        out = self._checked_take(imp, node, imp.env[node.args[0]], imp.env[node.args[2]],
-                                 node.args[1], False)
-        return out if out is not None else self._default(imp, "index_select.default", node)
+        return self._take(imp, node, "index_select.default", imp.env[node.args[0]],
+                          imp.env[node.args[2]], node.args[1], False)
 
     def index(self, node: fx.Node, imp) -> relax.Var:
         """``x[..., i, ...]`` with one integer index tensor (negative indices count from the end);
-        several index tensors or a boolean mask go to the importer."""
+        several index tensors or a boolean mask go to the importer unchecked."""
         given = [(axis, i) for axis, i in enumerate(node.args[1]) if i is not None]
-        out = None
-        if len(given) == 1:
-            axis, i = given[0]
-            out = self._checked_take(imp, node, imp.env[node.args[0]], imp.env[i], axis, True)
-        return out if out is not None else self._default(imp, "index.Tensor", node)
+        if len(given) != 1:
+            return self._default(imp, "index.Tensor", node)
+        axis, i = given[0]
+        return self._take(imp, node, "index.Tensor", imp.env[node.args[0]], imp.env[i], axis, True)
+
+    def gather(self, node: fx.Node, imp) -> relax.Var:
+        x, axis = imp.env[node.args[0]], node.args[1]
+        checked = self._checked_index(imp, node, x, imp.env[node.args[2]], axis, False)
+        if checked is None:
+            return self._default(imp, "gather.default", node)
+        return imp.block_builder.emit(relax.op.gather_elements(x, checked, axis=axis))
 
     def convert_map(self) -> dict[str, Callable]:
         return {
             "embedding.default": self.embedding,
             "index_select.default": self.index_select,
             "index.Tensor": self.index,
+            "gather.default": self.gather,
             "to.device": self.to_device,
             "bmm.default": self.bmm,
             "addmm.default": self.addmm,
@@ -666,9 +679,10 @@ class _Lowering:
         }
 
 
-# dtypes :meth:`_Lowering._checked_take` copies / indexes with (a boolean index is a mask: importer)
-_TAKE_DATA = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64")
-_TAKE_INDEX = ("int8", "uint8", "int16", "int32", "int64")
+# dtypes :meth:`_Lowering._checked_index` covers (a boolean index is a mask: the importer's)
+_INDEXED_DATA = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64",
+                 "bool")
+_INDEX_DTYPES = ("int8", "uint8", "int16", "int32", "int64")
 
 
 def _prod(dims: list):

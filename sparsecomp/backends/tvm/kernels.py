@@ -31,8 +31,8 @@ Layouts are chosen at compile time from the constant weights (see :mod:`.fronten
   depthwise kernel vectorised along output rows. Activations (ReLU, hardswish, hardsigmoid) can be
   fused into the stores; BatchNorm is folded into the weights by the frontend.
 * GroupNorm / LayerNorm: two-pass statistics into 8-lane vectors, then one vectorised affine pass.
-* take (embedding, ``index_select``, one-tensor indexing): a row copy with torch's bounds check, an
-  index out of range raising an error (:func:`take_kernel`).
+* index check (before embedding, ``index_select``, one-tensor indexing, ``gather``): torch's bounds
+  check on indices that reach Relax ``take`` / ``gather_elements`` (:func:`index_check_kernel`).
 
 Parallelism: the outer loop (output panels / chunks of rows) runs ``T.parallel`` only when the call's
 work, known at run time from the batch, is at least :data:`MIN_PARALLEL_FLOPS`: a parallel launch costs
@@ -936,37 +936,37 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
     return _scheduled(nm)
 
 
-def take_kernel(dtype: str, idx_dtype: str, wrap: bool, what: str):
-    """``Y[a, m, p] = X[a, I[m], p]`` (``X [A, V, P]``, ``I [M]``, every size symbolic), with torch's
-    bounds: an index outside ``[0, V)`` -- ``[-V, V)`` with ``wrap``, a negative index counting from the
-    end -- raises ``RuntimeError("<what>: index out of range ...")`` instead of being read. TVM's own
-    ``take`` (``mode="fast"``) reads out of bounds: garbage for an index just past the end, a
-    segfault for a large one."""
+def index_check_kernel(dtype: str, idx_dtype: str, wrap: bool, what: str):
+    """``O[m] = I[m]`` as int64, checked against the indexed dimension ``V`` of ``X [A, V, P]`` (only
+    its shape is used; every size symbolic) with torch's bounds: an index outside ``[0, V)`` --
+    ``[-V, V)`` with ``wrap``, a negative index counting from the end and coming out as ``i + V`` --
+    raises ``RuntimeError("<what>: index out of range ...")``. Placed before Relax ``take`` /
+    ``gather_elements``, whose CPU code reads whatever an index points at (garbage just past the
+    end, a segfault further)."""
     valid = "-size <= index < size" if wrap else "0 <= index < size"
     msg = f"{what}: index out of range (valid: {valid} of the indexed dimension)"
     i64 = "int64"
 
-    @T.prim_func(private=True)
-    def take(x_h: T.handle, i_h: T.handle, y_h: T.handle):
-        # opaque to FuseOps (8 = kOpaque): analysed as a gather it was fused with the reshapes
-        # around it, and FuseTIR failed on the symbolic shapes
+    @T.prim_func(private=True, s_tir=True)
+    def index_check(x_h: T.handle, i_h: T.handle, o_h: T.handle):
+        # opaque to FuseOps (8 = kOpaque): as an elementwise op it was fused with the reshapes around
+        # it, and FuseTIR failed on the symbolic shapes
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         A = T.int64()
         V = T.int64()
         P = T.int64()
         M = T.int64()
-        X = T.match_buffer(x_h, (A, V, P), dtype)
+        T.match_buffer(x_h, (A, V, P), dtype)  # for V only
         ids = T.match_buffer(i_h, (M,), idx_dtype)
-        Y = T.match_buffer(y_h, (A, M, P), dtype)
-        for m in range(M):
-            raw: T.let = T.Cast(i64, ids[m])
-            i: T.let = T.if_then_else(raw < 0, raw + V, raw) if wrap else raw
-            T.Assert(0 <= i and i < V, msg)
-            for a in range(A):
-                for p in range(P):
-                    Y[a, m, p] = X[a, i, p]
+        out = T.match_buffer(o_h, (M,), i64)
+        with T.sblock("root"):  # Relax's reshape-pattern analysis requires a root block
+            for m in range(M):
+                raw: T.let = T.Cast(i64, ids[m])
+                i: T.let = T.if_then_else(raw < 0, raw + V, raw) if wrap else raw
+                T.Assert(0 <= i and i < V, msg)
+                out[m] = i
 
-    return _scheduled(take)
+    return _scheduled(index_check)
 
 
 def bmm_kernel(M: int, K: int, N: int, MB: int = DENSE_MB, dtype: str = "float32",
