@@ -939,3 +939,28 @@ def test_two_index_tensors_go_to_the_importer():
     assert "index_check" not in low.kernels
     with torch.no_grad():
         assert _rel_err(low(*args), model(*args)) < RTOL
+
+
+class ScalarIndex(nn.Module):
+    """``x[i]`` with a 0-d index tensor: exported as ``select(x, 0, _local_scalar_dense(i))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(5, 3))
+
+    def forward(self, i):
+        return self.table[i] * 2
+
+
+def test_scalar_tensor_index_lowers_and_checks_bounds():
+    model = ScalarIndex().eval()
+    low = sparsecomp.lower(model, (torch.tensor(3),), backend="tvm", num_threads=1)
+    assert low.kernels.get("index_check") == 1
+    with torch.no_grad():
+        for i in (0, 4, -1, -5):
+            assert _rel_err(low(torch.tensor(i)), model(torch.tensor(i))) < RTOL
+        for i in (5, -6, 10**9):
+            with pytest.raises(IndexError):
+                model(torch.tensor(i))
+            with pytest.raises(RuntimeError, match="select at node .*index out of range"):
+                low(torch.tensor(i))

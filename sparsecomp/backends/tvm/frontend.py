@@ -30,7 +30,8 @@ only binds them after conversion), pack them for our kernels at compile time, an
 ``aten.embedding``,                the importer's ``take`` / ``gather_elements``, after an index-check
 ``aten.index_select``,             kernel: an index out of range raises as in torch instead of being
 ``aten.index.Tensor`` (one index), read; ``x[..., i, ...]`` keeps negative indices. Several index
-``aten.gather``                    tensors or a boolean mask: the importer's, unchecked
+``aten.gather``,                   tensors or a boolean mask: the importer's, unchecked. ``select``
+``aten.select.int`` (tensor value) with a tensor's value (``x[i]``, ``i`` 0-d) is the same checked take
 =================================  =====================================================================
 
 Anything else (and a ``linear``/``mm``/``bmm``/convolution/norm outside those conditions) goes to the
@@ -651,6 +652,18 @@ class _Lowering:
         axis, i = given[0]
         return self._take(imp, node, "index.Tensor", imp.env[node.args[0]], imp.env[i], axis, True)
 
+    def select(self, node: fx.Node, imp) -> relax.Var:
+        """``x.select(dim, i)`` where ``i`` is a tensor's value (``x[i]`` with a 0-d index tensor
+        exports as ``select(x, dim, _local_scalar_dense(i))``): a checked ``take`` with the 0-d
+        index; the importer only takes a constant ``i`` (it failed with ``ValueError`` here)."""
+        src = node.args[2]
+        if not (isinstance(src, fx.Node) and _op(src) == "_local_scalar_dense.default"):
+            return self._default(imp, "select.int", node)
+        index = imp.env[src.args[0]]
+        if index.ty.ndim != 0:
+            index = imp.block_builder.emit(relax.op.reshape(index, []))
+        return self._take(imp, node, "select.int", imp.env[node.args[0]], index, node.args[1], True)
+
     def gather(self, node: fx.Node, imp) -> relax.Var:
         x, axis = imp.env[node.args[0]], node.args[1]
         checked = self._checked_index(imp, node, x, imp.env[node.args[2]], axis, False)
@@ -664,6 +677,7 @@ class _Lowering:
             "index_select.default": self.index_select,
             "index.Tensor": self.index,
             "gather.default": self.gather,
+            "select.int": self.select,
             "to.device": self.to_device,
             "bmm.default": self.bmm,
             "addmm.default": self.addmm,
