@@ -231,11 +231,10 @@ class KernelLoop:
         flat = [t for c in kc.copies for t in c]
         self.arena, offs = _arena_span(flat)
         self.fixed_arena, fixed_offs = _arena_span(kc.fixed)
-        J = len(kc.copies[0])
-        self.offs = tvm.runtime.tensor(np.array(offs, np.int64).reshape(len(kc.copies), J), tvm.cpu())
+        n, J = len(kc.copies), len(kc.copies[0])
+        self.offs = tvm.runtime.tensor(np.array(offs, np.int64).reshape(n, J), tvm.cpu())
         # one shuffled order of the copies, walked ``calls`` at a time and wrapping around: a copy comes
         # back only after all the others (as in :class:`Rotating`)
-        n = len(kc.copies)
         self.cycle = math.lcm(n, calls)
         seq = np.tile(np.random.default_rng(seed).permutation(n), self.cycle // n).astype(np.int32)
         self.order = tvm.runtime.tensor(seq, tvm.cpu())

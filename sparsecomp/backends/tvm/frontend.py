@@ -91,7 +91,7 @@ class _Lowering:
         self.fired: dict[str, int] = {}
         # nodes folded into one of our kernels -> the node whose (kernel) output they equal
         self.identity: dict[fx.Node, fx.Node] = {}
-        self._defaults: dict | None = None  # the importer's own converters (for passthrough)
+        self._defaults: dict | None = None  # the importer's own converters (see _default)
 
     # ----------------------------------------------------------------- helpers
     def const(self, arg) -> torch.Tensor | None:
@@ -486,9 +486,7 @@ class _Lowering:
         def convert(node: fx.Node, imp) -> relax.Var:
             if node in self.identity:
                 return imp.env[self.identity[node]]
-            if self._defaults is None:
-                self._defaults = imp.create_convert_map()
-            return self._defaults[key](node)
+            return self._default(imp, key, node)
 
         return convert
 
@@ -601,6 +599,7 @@ class _Lowering:
 
     # ------------------------------------------------ indices checked as torch checks them
     def _default(self, imp, key: str, node: fx.Node) -> relax.Var:
+        """``node`` converted by the importer's own converter for ``key``."""
         if self._defaults is None:
             self._defaults = imp.create_convert_map()
         return self._defaults[key](node)
@@ -619,12 +618,13 @@ class _Lowering:
         shape = list(data.ty.shape.values)
         ishape = list(index.ty.shape.values)
         axis %= len(shape)
+        m = _prod(ishape)
         x3 = bb.emit(relax.op.reshape(data, [_prod(shape[:axis]), shape[axis], _prod(shape[axis + 1:])]))
-        i1 = bb.emit(relax.op.reshape(index, [_prod(ishape)]))
+        i1 = bb.emit(relax.op.reshape(index, [m]))
         op = str(node.target).split(".")[-2]  # aten.embedding.default -> embedding
         check = kernels.index_check_kernel(data.ty.dtype, index.ty.dtype, wrap, f"{op} at node {node.name!r}")
         gv = bb.add_func(check, f"sc_index_check_{op}")
-        checked = bb.emit(relax.call_tir(gv, [x3, i1], relax.TensorType([_prod(ishape)], "int64")))
+        checked = bb.emit(relax.call_tir(gv, [x3, i1], relax.TensorType([m], "int64")))
         self._count("index_check")
         return bb.emit(relax.op.reshape(checked, ishape))
 
@@ -888,6 +888,7 @@ def import_program(ep: torch.export.ExportedProgram, parallel: bool = True,
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = _decompose(ep)
+
     def has(feature: str) -> bool:
         return target is not None and bool(tvm.target.codegen.target_has_features(feature, target))
 
