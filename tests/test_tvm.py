@@ -923,22 +923,107 @@ def test_lookups_match_torch_and_check_bounds():
                 low(*args)
 
 
-class PairIndex(nn.Module):
+class AdvancedReads(nn.Module):
+    """Several index tensors in each of torch's layouts: adjacent (kept in place), separated by a
+    slice (moved first), repeated on one axis, and broadcast against each other."""
+
     def __init__(self):
         super().__init__()
-        self.table = nn.Parameter(torch.randn(5, 4))
+        self.table = nn.Parameter(torch.randn(4, 5, 6))
 
     def forward(self, i, j):
-        return self.table[i, j] * 2
+        t = self.table
+        return t[i, :, j], t[:, i, j], t[i, j], t[i, j, j], t[i[:, None], j]
 
 
-def test_two_index_tensors_go_to_the_importer():
-    model = PairIndex().eval()
-    args = (torch.tensor([0, 4, 2]), torch.tensor([3, 0, 1]))
-    low = sparsecomp.lower(model, args, backend="tvm", num_threads=1)
-    assert "index_check" not in low.kernels
+def _read_inputs(i=(1, -1, 3), j=(0, 4, -5)):
+    return torch.tensor(i), torch.tensor(j)
+
+
+def test_several_index_tensors_match_torch_and_check_bounds():
+    model = AdvancedReads().eval()
+    low = sparsecomp.lower(model, _read_inputs(), backend="tvm", num_threads=1)
+    # the importer's converter returned (3, 5, 3) for t[i, :, j] and wrong values for t[i, j, j]
+    assert low.kernels.get("index_gather") == 5
     with torch.no_grad():
-        assert _rel_err(low(*args), model(*args)) < RTOL
+        for args in (_read_inputs(), _read_inputs(i=(0, 0, -4), j=(-1, 2, 3))):
+            assert _rel_err(low(*args), model(*args)) < RTOL
+        for i, j in (((4, 0, 0), (0, 0, 0)), ((0, -5, 0), (0, 0, 0)), ((0, 0, 0), (5, 0, 0)),
+                     ((0, 0, 0), (0, 0, -6)), ((0, 0, 0), (0, 0, 10**9))):
+            with pytest.raises(IndexError):
+                model(torch.tensor(i), torch.tensor(j))
+            with pytest.raises(RuntimeError, match="index at node .*index out of range"):
+                low(torch.tensor(i), torch.tensor(j))
+
+
+class Writes(nn.Module):
+    """``x[...] = v`` in each indexing layout, ``index_add`` (an accumulating ``index_put``) with
+    repeated indices, and scatters: ``src`` larger than the index, a scalar, ``scatter_add`` and
+    ``scatter_reduce`` along a middle and a last axis."""
+
+    def forward(self, x, i, j, v, w, k, s):
+        a = x.clone()
+        a[i] = v
+        b = x.clone()
+        b[:, :, j] = w
+        c = x.clone()
+        c[i, :, j] = 1.5
+        d = x.clone()
+        d[:, i, j] = 2.5
+        return (a, b, c, d, x.index_add(0, i.abs(), v),
+                x.scatter(2, k, s), x.scatter(2, k, -3.0), x.scatter_add(2, k, s[:, :, :2]),
+                x.scatter_reduce(1, k, s, "amax"), x.scatter_reduce(2, k, s, "prod"),
+                x.scatter_reduce(2, k, s, "amin"), x.scatter_reduce(2, k, s, "sum"))
+
+
+def _write_inputs(i=(1, -1, 0), j=(0, 4, -5), k=None):
+    if k is None:  # distinct positions per row: plain scatter with repeats is order-dependent
+        k = torch.stack([torch.randperm(4)[:2] for _ in range(16)]).reshape(4, 4, 2)
+    return (torch.randn(4, 5, 6), torch.tensor(i), torch.tensor(j), torch.randn(3, 5, 6),
+            torch.randn(4, 5, 3), torch.as_tensor(k), torch.randn(4, 4, 3))
+
+
+@pytest.mark.filterwarnings("ignore:Writes. a dynamic batch dimension was refused")
+def test_writes_match_torch_and_check_bounds():
+    model = Writes().eval()
+    torch.manual_seed(0)
+    low = sparsecomp.lower(model, _write_inputs(), backend="tvm", num_threads=2)
+    assert low.kernels.get("index_put") == 5 and low.kernels.get("scatter") == 7
+    with torch.no_grad():
+        for _ in range(2):
+            args = _write_inputs()
+            assert _rel_err(low(*args), model(*args)) < RTOL
+        # out-of-range writes: the importer's index_put / scatter_elements wrote past the tensor
+        ok = torch.zeros(4, 4, 2, dtype=torch.long)
+        for bad, op in (({"i": (1, 4, 0)}, "index_put"), ({"i": (1, -5, 0)}, "index_put"),
+                        ({"j": (0, 6, 0)}, "index_put"), ({"j": (0, -7, 0)}, "index_put"),
+                        ({"k": ok.index_fill(2, torch.tensor([1]), 6)}, "scatter"),
+                        ({"k": ok.index_fill(2, torch.tensor([0]), -1)}, "scatter")):
+            args = _write_inputs(**{"k": ok, **bad})
+            with pytest.raises((IndexError, RuntimeError)):
+                model(*args)
+            with pytest.raises(RuntimeError, match=f"{op} at node .*index out of range"):
+                low(*args)
+
+
+class MaskRead(nn.Module):
+    def forward(self, x, k):
+        return x[x > 0]
+
+
+class MeanScatter(nn.Module):
+    def forward(self, x, k):
+        return x.scatter_reduce(1, k, x[:, :1], "mean")
+
+
+@pytest.mark.parametrize("model, match", [
+    (MaskRead(), "node 'index' .*TypeError"),  # the importer's bare TypeError, now naming the node
+    (MeanScatter(), "scatter_reduce at node .*'mean'"),
+])
+def test_unconvertible_nodes_are_named(model, match):
+    with pytest.raises(UnsupportedError, match=match):
+        sparsecomp.lower(model, (torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long)), backend="tvm",
+                         num_threads=1)
 
 
 class ScalarIndex(nn.Module):

@@ -29,12 +29,21 @@ only binds them after conversion), pack them for our kernels at compile time, an
 ``aten.native_layer_norm``         layer-norm kernel on ``[rows, D]``
 ``aten.embedding``,                the importer's ``take`` / ``gather_elements``, after an index-check
 ``aten.index_select``,             kernel: an index out of range raises as in torch instead of being
-``aten.index.Tensor`` (one index), read; ``x[..., i, ...]`` keeps negative indices. Several index
-``aten.gather``,                   tensors or a boolean mask: the importer's, unchecked. ``select``
-``aten.select.int`` (tensor value) with a tensor's value (``x[i]``, ``i`` 0-d) is the same checked take
+``aten.index.Tensor`` (one index), read; ``x[..., i, ...]`` keeps negative indices. ``select`` with a
+``aten.gather``,                   tensor's value (``x[i]``, ``i`` 0-d) is the same checked take
+``aten.select.int`` (tensor value)
+``aten.index.Tensor`` (several)    each index checked, then one ``take`` of a flat index over the indexed
+                                   axes merged, in torch's advanced-indexing layout (the importer's was
+                                   wrong in shape and values for most layouts)
+``aten.index_put`` (index_add)     each index checked, expanded with ``arange`` to one flat index per
+                                   axis, Relax ``index_put`` (the importer's refused ``x[i] = v`` on 2-D+)
+``aten.scatter``, ``scatter_add``  index checked, ``scatter_elements`` on a flat view (Relax misplaced
+``aten.scatter_reduce`` (sum,      writes for an index smaller than ``self`` on a middle axis); ``src``
+prod, amax, amin; include_self)    cut to the index's shape. A boolean mask: the importer's
 =================================  =====================================================================
 
-Anything else (and a ``linear``/``mm``/``bmm``/convolution/norm outside those conditions) goes to the
+Every converter, ours and the importer's, runs behind :func:`_guarded`: a failure raises
+``UnsupportedError`` naming the node and op. Anything else (and a ``linear``/``mm``/``bmm``/convolution/norm outside those conditions) goes to the
 importer's own converter: a convolution our kernels refuse is still computed, only slower. Indices are narrowed at compile time (they were validated when packed, so the narrowing is
 exact). A sparse op whose packed tensors are not constants, or whose dtype is not float32, raises
 ``UnsupportedError`` naming the node: there is no silent fallback that could compute something else.
@@ -644,13 +653,46 @@ class _Lowering:
                           imp.env[node.args[2]], node.args[1], False)
 
     def index(self, node: fx.Node, imp) -> relax.Var:
-        """``x[..., i, ...]`` with one integer index tensor (negative indices count from the end);
-        several index tensors or a boolean mask go to the importer unchecked."""
+        """``x[..., i, ...]`` with integer index tensors (negative indices count from the end), each
+        checked against its axis. One: a ``take``. Several: one ``take`` of a flat index over the
+        indexed axes merged into one, laid out as torch lays out advanced indexing (adjacent index
+        tensors keep their place, separated ones go first). The importer's own converter got both
+        the shape (``x[i, :, j]``, ``x[:, i, j]``) and the values (``x[i, j, j]``) wrong. A boolean
+        mask goes to the importer."""
         given = [(axis, i) for axis, i in enumerate(node.args[1]) if i is not None]
-        if len(given) != 1:
+        data = imp.env[node.args[0]]
+        if any(imp.env[i].ty.dtype not in _INDEX_DTYPES for _, i in given):  # a boolean mask
             return self._default(imp, "index.Tensor", node)
-        axis, i = given[0]
-        return self._take(imp, node, "index.Tensor", imp.env[node.args[0]], imp.env[i], axis, True)
+        if len(given) == 1:
+            axis, i = given[0]
+            return self._take(imp, node, "index.Tensor", data, imp.env[i], axis, True)
+        if data.ty.dtype not in _INDEXED_DATA:
+            raise UnsupportedError(f"TVM backend: indexing {data.ty.dtype} data at node {node.name!r}")
+        bb = imp.block_builder
+        shape = list(data.ty.shape.values)
+        axes = [axis for axis, _ in given]
+        if any(not isinstance(shape[a], tvm.tirx.IntImm) for a in axes[1:]):
+            raise UnsupportedError(
+                f"TVM backend: indexing at node {node.name!r}: a symbolic size on an indexed axis "
+                f"after the first ({[shape[a] for a in axes]})")
+        flat = None
+        for (axis, i), stride in zip(given, _strides([shape[a] for a in axes])):
+            idx = self._checked_index(imp, node, data, imp.env[i], axis, True)
+            if stride != 1:
+                idx = bb.emit(relax.op.multiply(idx, relax.const(stride, "int64")))
+            flat = idx if flat is None else bb.emit(relax.op.add(flat, idx))
+        first, last = axes[0], axes[-1]
+        merged = [_prod([shape[a] for a in axes])]
+        if last - first + 1 == len(axes):  # adjacent: the merged axis stays in place
+            x = bb.emit(relax.op.reshape(data, shape[:first] + merged + shape[last + 1:]))
+            out = bb.emit(relax.op.take(x, flat, axis=first))
+        else:  # separated: the indexed axes go first
+            rest = [d for d in range(len(shape)) if d not in axes]
+            x = bb.emit(relax.op.permute_dims(data, axes + rest))
+            x = bb.emit(relax.op.reshape(x, merged + [shape[d] for d in rest]))
+            out = bb.emit(relax.op.take(x, flat, axis=0))
+        self._count("index_gather")
+        return out
 
     def select(self, node: fx.Node, imp) -> relax.Var:
         """``x.select(dim, i)`` where ``i`` is a tensor's value (``x[i]`` with a 0-d index tensor
@@ -664,6 +706,114 @@ class _Lowering:
             index = imp.block_builder.emit(relax.op.reshape(index, []))
         return self._take(imp, node, "select.int", imp.env[node.args[0]], index, node.args[1], True)
 
+    def index_put(self, node: fx.Node, imp) -> relax.Var:
+        """``x[indices] = values`` (``accumulate``: ``+=``, as ``index_add`` decomposes), integer index
+        tensors only: each checked against its axis (negative ones count from the end), then expanded
+        with ``arange`` over the sliced axes into one full index tensor per axis of ``x``, laid out as
+        torch lays out advanced indexing (adjacent index tensors keep their place, separated ones
+        go first). The importer's own converter refused fewer index tensors than dimensions and laid
+        out ``None`` (slice) axes wrongly where they follow an index tensor. A boolean mask or a
+        symbolic broadcast goes to the importer."""
+        key = "index_put_.default" if "index_put_" in str(node.target) else "index_put.default"
+        x, values = imp.env[node.args[0]], imp.env[node.args[2]]
+        accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+        given = [(axis, i) for axis, i in enumerate(node.args[1]) if i is not None]
+        exprs = [imp.env[i] for _, i in given]
+        if (not given or x.ty.ndim < 1 or x.ty.dtype not in _INDEXED_DATA
+                or any(e.ty.dtype not in _INDEX_DTYPES for e in exprs)):
+            return self._default(imp, key, node)
+        bshape = _broadcast_dims([list(e.ty.shape.values) for e in exprs])
+        if bshape is None:
+            return self._default(imp, key, node)
+        bb = imp.block_builder
+        shape = list(x.ty.shape.values)
+        axes = [axis for axis, _ in given]
+        first, last = axes[0], axes[-1]
+        adjacent = last - first + 1 == len(axes)
+        sliced = [d for d in range(len(shape)) if d not in axes]
+        pre = first if adjacent else 0
+        out = (shape[:first] + bshape + shape[last + 1:]) if adjacent else bshape + [shape[d] for d in sliced]
+        rank, nb, size = len(out), len(bshape), _prod(out)
+        full = []
+        for d in range(len(shape)):
+            if d in axes:
+                e = exprs[axes.index(d)]
+                checked = self._checked_index(imp, node, x, e, d, True)
+                dims = [1] * (nb - e.ty.ndim) + list(e.ty.shape.values)
+                idx = bb.emit(relax.op.reshape(checked, [1] * pre + dims + [1] * (rank - pre - nb)))
+            else:
+                p = (d if d < first else d - len(axes) + nb) if adjacent else nb + sliced.index(d)
+                idx = bb.emit(relax.op.arange(relax.prim_value(0), relax.prim_value(shape[d]),
+                                              relax.prim_value(1), "int64"))
+                idx = bb.emit(relax.op.reshape(idx, [1] * p + [shape[d]] + [1] * (rank - p - 1)))
+            # flat: Relax index_put takes any index rank, but logs each one above 1
+            full.append(bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(idx, out)), [size])))
+        values = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(values, out)), [size]))
+        self._count("index_put")
+        return bb.emit(relax.op.index_put(x, relax.Tuple(full), values, bool(accumulate)))
+
+    def scatter(self, node: fx.Node, imp) -> relax.Var:
+        """``scatter`` (``src`` or a scalar), ``scatter_add`` and ``scatter_reduce(...,
+        include_self=True)`` with ``sum`` / ``prod`` / ``amax`` / ``amin``: the index checked against
+        ``dim`` of ``self`` (Relax ``scatter_elements`` wrote wherever an index pointed), then
+        ``scatter_elements`` over ``src`` cut to the index's shape, as torch reads it. The importer
+        refused a ``src`` larger than the index and had no ``scatter_add`` / ``scatter_reduce``."""
+        op = _op(node)
+        x, axis, index, src = imp.env[node.args[0]], node.args[1], imp.env[node.args[2]], node.args[3]
+        reduce = {"scatter_add.default": "sum", "scatter_reduce.two": None}.get(op, "update")
+        if reduce is None:
+            reduce = src_reduce = node.args[4]
+            include_self = node.args[5] if len(node.args) > 5 else node.kwargs.get("include_self", True)
+            if not include_self or src_reduce not in _SCATTER_REDUCTIONS or src_reduce == "update":
+                raise UnsupportedError(
+                    f"TVM backend: scatter_reduce at node {node.name!r} with reduce={src_reduce!r}, "
+                    f"include_self={include_self} is not supported (supported: include_self=True with "
+                    f"sum, prod, amax, amin)")
+        checked = self._checked_index(imp, node, x, index, axis, False)
+        if checked is None:
+            raise UnsupportedError(
+                f"TVM backend: {op} at node {node.name!r} with a {index.ty.dtype} index into "
+                f"{x.ty.dtype} data")
+        bb = imp.block_builder
+        if isinstance(src, fx.Node):
+            src = imp.env[src]
+            ishape, sshape = list(index.ty.shape.values), list(src.ty.shape.values)
+            cut = [d for d, (a, b) in enumerate(zip(ishape, sshape)) if not _same_dim(a, b)]
+            if any(not isinstance(ishape[d], tvm.tirx.IntImm) for d in cut):
+                raise UnsupportedError(
+                    f"TVM backend: {op} at node {node.name!r}: src {src.ty} cut to the index's symbolic "
+                    f"shape {index.ty}")
+            if cut:
+                src = bb.emit(relax.op.strided_slice(src, cut, [0] * len(cut), [ishape[d] for d in cut]))
+        else:  # scatter.value: a Python scalar
+            src = bb.emit(relax.op.full_like(index, relax.const(src, x.ty.dtype), dtype=x.ty.dtype))
+        # on a flat view: Relax scatter_elements misplaced writes when the index was smaller than
+        # ``self`` on a middle axis (a (4, 4, 2) index into (4, 5, 6) along dim 2)
+        shape, ishape = list(x.ty.shape.values), list(index.ty.shape.values)
+        axis %= len(shape)
+        if any(not isinstance(d, tvm.tirx.IntImm) for d in shape[1:]):
+            raise UnsupportedError(
+                f"TVM backend: {op} at node {node.name!r}: symbolic sizes after the first in {x.ty}")
+        strides = _strides(shape)
+        pos = None
+        for d, stride in enumerate(strides):
+            if d == axis:
+                term = checked
+            else:
+                term = bb.emit(relax.op.arange(relax.prim_value(0), relax.prim_value(ishape[d]),
+                                               relax.prim_value(1), "int64"))
+                term = bb.emit(relax.op.reshape(term, [1] * d + [ishape[d]] + [1] * (len(shape) - d - 1)))
+            if stride != 1:
+                term = bb.emit(relax.op.multiply(term, relax.const(stride, "int64")))
+            pos = term if pos is None else bb.emit(relax.op.add(pos, term))
+        size = _prod(ishape)
+        pos = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(pos, ishape)), [size]))
+        flat = bb.emit(relax.op.scatter_elements(
+            bb.emit(relax.op.reshape(x, [_prod(shape)])), pos, bb.emit(relax.op.reshape(src, [size])),
+            axis=0, reduction=_SCATTER_REDUCTIONS[reduce]))
+        self._count("scatter")
+        return bb.emit(relax.op.reshape(flat, shape))
+
     def gather(self, node: fx.Node, imp) -> relax.Var:
         x, axis = imp.env[node.args[0]], node.args[1]
         checked = self._checked_index(imp, node, x, imp.env[node.args[2]], axis, False)
@@ -672,11 +822,28 @@ class _Lowering:
         return imp.block_builder.emit(relax.op.gather_elements(x, checked, axis=axis))
 
     def convert_map(self) -> dict[str, Callable]:
+        """Our converters, and the importer's for every other op, each behind :func:`_guarded`."""
+        from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+        ours = self._converters()
+        theirs = {key: self._deferred(key) for key in ExportedProgramImporter().create_convert_map()}
+        return {key: _guarded(key, convert) for key, convert in {**theirs, **ours}.items()}
+
+    def _deferred(self, key: str) -> Callable:
+        return lambda node, imp: self._default(imp, key, node)
+
+    def _converters(self) -> dict[str, Callable]:
         return {
             "embedding.default": self.embedding,
             "index_select.default": self.index_select,
             "index.Tensor": self.index,
             "gather.default": self.gather,
+            "index_put.default": self.index_put,
+            "index_put_.default": self.index_put,
+            "scatter.src": self.scatter,
+            "scatter.value": self.scatter,
+            "scatter_add.default": self.scatter,
+            "scatter_reduce.two": self.scatter,
             "select.int": self.select,
             "to.device": self.to_device,
             "bmm.default": self.bmm,
@@ -693,10 +860,66 @@ class _Lowering:
         }
 
 
+def _guarded(key: str, convert: Callable) -> Callable:
+    """``convert`` with any failure but our own ``UnsupportedError`` re-raised as one naming the node
+    and op: the importer raised bare ``ValueError`` / ``TypeError`` / TVM errors with neither."""
+
+    def run(node: fx.Node, imp) -> relax.Var:
+        try:
+            return convert(node, imp)
+        except UnsupportedError:
+            raise
+        except Exception as err:  # noqa: BLE001 - re-raised with the node named, cause chained
+            raise UnsupportedError(
+                f"TVM backend: cannot convert node {node.name!r} ({key}): {type(err).__name__}: {err}"
+            ) from err
+
+    return run
+
+
 # dtypes :meth:`_Lowering._checked_index` covers (a boolean index is a mask: the importer's)
 _INDEXED_DATA = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int16", "int32", "int64",
                  "bool")
 _INDEX_DTYPES = ("int8", "uint8", "int16", "int32", "int64")
+# torch's scatter reduction -> Relax scatter_elements reduction ("update": plain scatter;
+# scatter_reduce with include_self=True only)
+_SCATTER_REDUCTIONS = {"update": "update", "sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
+
+
+def _strides(sizes: list) -> list[int]:
+    """Row-major strides of an index over ``sizes`` (static except possibly the first)."""
+    out, step = [], 1
+    for size in reversed(sizes[1:]):
+        out.append(step)
+        step *= int(size)
+    return [step] + out[::-1]
+
+
+def _same_dim(a, b) -> bool:
+    """Two shape dimensions known equal: the same static size, or the same symbol."""
+    if isinstance(a, tvm.tirx.IntImm) and isinstance(b, tvm.tirx.IntImm):
+        return int(a) == int(b)
+    return a.same_as(b)
+
+
+def _broadcast_dims(shapes: list[list]) -> list | None:
+    """Broadcast of shape dimension lists as torch broadcasts; ``None`` where a symbolic dimension
+    meets anything but 1 or the same symbol."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for pos in range(rank):
+        dims = [s[pos - rank + len(s)] for s in shapes if pos - rank + len(s) >= 0]
+        static = {int(d) for d in dims if isinstance(d, tvm.tirx.IntImm)} - {1}
+        symbolic = [d for d in dims if not isinstance(d, tvm.tirx.IntImm)]
+        if symbolic:
+            if static or any(not d.same_as(symbolic[0]) for d in symbolic):
+                return None
+            out.append(symbolic[0])
+        elif len(static) > 1:
+            return None
+        else:
+            out.append(tvm.tirx.IntImm("int64", static.pop() if static else 1))
+    return out
 
 
 def _prod(dims: list):
