@@ -1049,3 +1049,105 @@ def test_scalar_tensor_index_lowers_and_checks_bounds():
                 model(torch.tensor(i))
             with pytest.raises(RuntimeError, match="select at node .*index out of range"):
                 low(torch.tensor(i))
+
+
+class IntegerMath(nn.Module):
+    """torch's type promotion on integer tensors (a float scalar or a true division makes floats),
+    integer floor / trunc division and remainders with negative operands, one-sided integer clamps,
+    and positions computed from ``arange`` (``linspace`` decomposes to it)."""
+
+    def forward(self, i, d, x):
+        return (i * 0.5, i + 0.25, i < 2.5, 1.5 - i, i / 2, i / d, torch.true_divide(i, 4),
+                i // 3, i // d, torch.div(i, d, rounding_mode="trunc"), torch.div(i, -3, rounding_mode="trunc"),
+                i % d, torch.fmod(i, d), i.clamp(min=1), i.clamp(max=-2),
+                x // 0.6, torch.div(x, -0.6, rounding_mode="trunc"),
+                x + torch.arange(x.shape[-1]) * 0.5 + torch.linspace(0, 1, x.shape[-1]))
+
+
+def _int_inputs(d=(3, -2, 5, 1, -4)):
+    return torch.arange(-10, 10).reshape(4, 5), torch.tensor(d), torch.randn(4, 5) * 3
+
+
+@pytest.mark.filterwarnings("ignore:IntegerMath. a dynamic batch dimension was refused")
+def test_integer_promotion_division_and_clamp_match_torch():
+    model = IntegerMath().eval()
+    low = sparsecomp.lower(model, _int_inputs(), backend="tvm", num_threads=1)
+    assert low.kernels.get("zero_check") == 4  # the tensor divisors of i // d, trunc, %, fmod
+    with torch.no_grad():
+        args = _int_inputs()
+        for got, want in zip(low(*args), model(*args)):
+            assert got.dtype == want.dtype, (got.dtype, want.dtype)
+            if want.is_floating_point():
+                assert _rel_err(got, want) < RTOL
+            else:
+                assert torch.equal(got, want)
+        # an integer division by 0 trapped (SIGFPE killed the process); torch raises
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            model(*_int_inputs(d=(3, 0, 5, 1, -4)))
+        with pytest.raises(RuntimeError, match="at node .*ZeroDivisionError"):
+            low(*_int_inputs(d=(3, 0, 5, 1, -4)))
+
+
+class ConstantZeroDivisor(nn.Module):
+    def forward(self, i):
+        return i // 0
+
+
+def test_integer_division_by_constant_zero_is_refused():
+    with pytest.raises(UnsupportedError, match="division by the constant 0"):
+        sparsecomp.lower(ConstantZeroDivisor(), (torch.arange(4),), backend="tvm", num_threads=1)
+
+
+class ScaledElu(nn.Module):
+    def forward(self, x):
+        return F.selu(x), F.elu(x, 0.7), F.celu(x, 0.5), torch.ops.aten.elu(x, 1.2, 0.9, 1.5)
+
+
+class Nearest(nn.Module):
+    """Nearest resizes whose ratio is not an integer (and one with a scale factor) in 1-3 dims."""
+
+    def forward(self, x1, x2, x3):
+        return (F.interpolate(x1, size=11, mode="nearest"), F.interpolate(x2, size=(5, 13), mode="nearest"),
+                F.interpolate(x2, scale_factor=(1.5, 0.75), mode="nearest"),
+                F.interpolate(x3, size=(3, 7, 2), mode="nearest"), F.interpolate(x2, scale_factor=2))
+
+
+@pytest.mark.filterwarnings("ignore:Nearest. a dynamic batch dimension was refused")
+def test_scaled_elu_and_nearest_resize_match_torch():
+    for model, args in ((ScaledElu(), (torch.randn(3, 40),)),
+                        (Nearest(), (torch.randn(2, 3, 8), torch.randn(2, 3, 8, 8), torch.randn(1, 2, 4, 5, 6)))):
+        low = sparsecomp.lower(model.eval(), args, backend="tvm", num_threads=1, verify=False)
+        with torch.no_grad():
+            assert _rel_err(low(*args), model(*args)) < RTOL  # selu was 5 % off, 5 x 13 nearest 1.7x
+
+
+def test_a_model_tvm_cannot_build_raises_unsupported(monkeypatch):
+    # TVM's passes and LLVM raise assorted errors (a bare AssertionError for F.cosine_similarity, an
+    # LLVM verifier failure for boolean selects): each becomes an UnsupportedError
+    import sparsecomp.backends.tvm as tvm_backend
+
+    def failing(*args, **kwargs):
+        raise AssertionError("Traceback (most recent call last):\n  File x\nsome pass: check failed")
+
+    monkeypatch.setattr(tvm_backend.tvm, "compile", failing)
+    with pytest.raises(UnsupportedError, match=r"building the imported module failed \(AssertionError: some pass"):
+        sparsecomp.lower(ScaledElu(), (torch.randn(3, 40),), backend="tvm", num_threads=1)
+
+
+def test_lower_verifies_against_torch(monkeypatch):
+    from sparsecomp.backends.tvm import frontend
+    from sparsecomp.errors import VerificationError
+
+    model, args = ScaledElu().eval(), (torch.randn(3, 40),)
+
+    def wrong(node, imp):  # an elu converter that forgets the scale, as the importer's did
+        return imp.block_builder.emit(tvm.relax.op.nn.relu(imp.env[node.args[0]]))
+
+    monkeypatch.setattr(frontend._Lowering, "elu", staticmethod(wrong))
+    with pytest.raises(VerificationError, match="output 0 .* differs from torch .*verify=False"):
+        sparsecomp.lower(model, args, backend="tvm", num_threads=1)
+    low = sparsecomp.lower(model, args, backend="tvm", num_threads=1, verify=False)  # the check is skippable
+    with torch.no_grad():
+        assert _rel_err(low(*args), model(*args)) > 0.01
+    with pytest.raises(ConfigError, match="verify"):
+        sparsecomp.lower(model, args, backend="tvm", verify=2.0)

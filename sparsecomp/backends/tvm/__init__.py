@@ -37,7 +37,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
     ) from _err
 
 from ...capture.export import Captured, capture
-from ...errors import ConfigError
+from ...errors import ConfigError, UnsupportedError
 from ...lower import MANIFEST
 from . import frontend, schedule
 from .target import default_threads, resolve_target, set_threads
@@ -87,7 +87,15 @@ def compile_captured(captured: Captured, target: Any = None, parallel: bool = Tr
         example = [t for t in torch.utils._pytree.tree_leaves(
             (captured.example_args, captured.example_kwargs)) if isinstance(t, torch.Tensor)]
         static = frontend.specialize_example(mod, example)
-    exe = tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt, parallel))
+    try:
+        exe = tvm.compile(mod, target=tgt, relax_pipeline=_pipeline(tgt, parallel))
+    except Exception as err:  # noqa: BLE001 - TVM raises assorted errors from its passes and LLVM
+        first = [line for line in str(err).splitlines()
+                 if line.strip() and not line.startswith(("Traceback", " ", "\t"))]
+        raise UnsupportedError(
+            f"TVM backend: building the imported module failed ({type(err).__name__}: "
+            f"{first[0] if first else ''}); an op of this model is not supported by TVM's pipeline"
+        ) from err
     return exe, fired, tgt, static, lifted
 
 

@@ -40,6 +40,14 @@ only binds them after conversion), pack them for our kernels at compile time, an
 ``aten.scatter``, ``scatter_add``  index checked, ``scatter_elements`` on a flat view (Relax misplaced
 ``aten.scatter_reduce`` (sum,      writes for an index smaller than ``self`` on a middle axis); ``src``
 prod, amax, amin; include_self)    cut to the index's shape. A boolean mask: the importer's
+``aten.div`` (all modes)           torch's result dtype (integer true division is float32); integer
+                                   ``trunc`` is ``|a| // |b|`` with the sign of ``a * b``
+binary elementwise ops             operands cast to torch's result dtype first (``_PROMOTED``; the
+                                   importer made ``i * 0.5`` on integers an integer product)
+integer divisions by a tensor      divisor through ``nonzero_check_kernel`` (division by 0 trapped)
+``aten.clamp`` (integer result)    ``maximum`` / ``minimum`` (the importer's infinite bound failed)
+``aten.elu``                       with ``scale`` / ``input_scale`` (``selu``; the importer dropped them)
+``aten.upsample_nearest*.vec``     one ``take`` per axis with torch's ``floor(i * scale)`` indices
 =================================  =====================================================================
 
 Every converter, ours and the importer's, runs behind :func:`_guarded`: a failure raises
@@ -488,16 +496,75 @@ class _Lowering:
                 return "hardswish"
         return None
 
-    def passthrough(self, key: str) -> Callable:
+    def passthrough(self, key: str, own: Callable | None = None) -> Callable:
         """Converter for ``key`` that returns the input of nodes folded into one of our kernels, and
-        converts every other node with the importer's own converter."""
+        converts every other node with ``own`` (when given) or the importer's own converter."""
 
         def convert(node: fx.Node, imp) -> relax.Var:
             if node in self.identity:
                 return imp.env[self.identity[node]]
-            return self._default(imp, key, node)
+            return own(node, imp) if own is not None else self._default(imp, key, node)
 
         return convert
+
+    def _nonzero(self, imp, node: fx.Node, divisor: relax.Expr) -> relax.Expr:
+        """``divisor`` (an integer tensor) after :func:`.kernels.nonzero_check_kernel`."""
+        bb = imp.block_builder
+        shape = list(divisor.ty.shape.values)
+        flat = bb.emit(relax.op.reshape(divisor, [_prod(shape)]))
+        op = str(node.target).split(".")[-2]
+        gv = bb.add_func(kernels.nonzero_check_kernel(divisor.ty.dtype, f"{op} at node {node.name!r}"),
+                         f"sc_nonzero_check_{op}")
+        checked = bb.emit(relax.call_tir(gv, [flat], relax.TensorType([_prod(shape)], divisor.ty.dtype)))
+        self._count("zero_check")
+        return bb.emit(relax.op.reshape(checked, shape))
+
+    def int_division(self, convert: Callable) -> Callable:
+        """``convert`` (an integer-capable division: ``floor_divide``, ``remainder``, ``fmod``, ``div``
+        with a rounding mode) with an integer tensor divisor checked nonzero first, and a constant
+        integer divisor of 0 refused: the CPU's integer division by zero kills the process."""
+
+        def run(node: fx.Node, imp) -> relax.Var:
+            divisor = node.args[1] if len(node.args) > 1 else None
+            mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode")
+            result = _result_dtype(node, (0, 1))
+            true_div = _op(node).startswith("div.") and mode is None
+            if result is None or result.is_floating_point or result.is_complex or true_div:
+                return convert(node, imp)
+            if not isinstance(divisor, fx.Node):
+                if divisor == 0:
+                    raise UnsupportedError(f"TVM backend: integer division by the constant 0 at node "
+                                           f"{node.name!r} (torch raises ZeroDivisionError)")
+                return convert(node, imp)
+            saved = imp.env[divisor]
+            if not isinstance(saved.ty, relax.TensorType):  # a symbolic size: never 0 in a real call
+                return convert(node, imp)
+            imp.env[divisor] = self._nonzero(imp, node, _operand(imp, divisor, result))
+            try:
+                return convert(node, imp)
+            finally:
+                imp.env[divisor] = saved
+
+        return run
+
+    def clamp(self, node: fx.Node, imp) -> relax.Var:
+        """``clamp`` of an integer result: ``maximum`` / ``minimum`` with integer constants (the
+        importer's ``clip`` put an infinite bound on a missing side, which failed to build for
+        integers); float results: the importer's."""
+        dtype = node.meta["val"].dtype if isinstance(node.meta.get("val"), torch.Tensor) else None
+        if dtype is None or dtype.is_floating_point or dtype == torch.bool:
+            return self._default(imp, "clamp.default", node)
+        args = list(node.args) + [None] * (3 - len(node.args))
+        lo, hi = node.kwargs.get("min", args[1]), node.kwargs.get("max", args[2])
+        if not all(b is None or isinstance(b, int) for b in (lo, hi)):
+            return self._default(imp, "clamp.default", node)
+        bb, rd = imp.block_builder, _relax_dtype(dtype)
+        x = _operand(imp, node.args[0], dtype)
+        if lo is not None:
+            x = bb.emit(relax.op.maximum(x, relax.const(lo, rd)))
+        if hi is not None:
+            x = bb.emit(relax.op.minimum(x, relax.const(hi, rd)))
+        return x
 
     def _conv_forward(self, imp, node: fx.Node, spec: "_ConvSpec", w: torch.Tensor,
                       b: torch.Tensor | None, act: str | None,
@@ -708,12 +775,13 @@ class _Lowering:
 
     def index_put(self, node: fx.Node, imp) -> relax.Var:
         """``x[indices] = values`` (``accumulate``: ``+=``, as ``index_add`` decomposes), integer index
-        tensors only: each checked against its axis (negative ones count from the end), then expanded
-        with ``arange`` over the sliced axes into one full index tensor per axis of ``x``, laid out as
-        torch lays out advanced indexing (adjacent index tensors keep their place, separated ones
-        go first). The importer's own converter refused fewer index tensors than dimensions and laid
-        out ``None`` (slice) axes wrongly where they follow an index tensor. A boolean mask or a
-        symbolic broadcast goes to the importer."""
+        tensors only: each checked against its axis (negative ones count from the end), then one flat
+        position per written element (``arange`` over the sliced axes, laid out as torch lays out
+        advanced indexing: adjacent index tensors keep their place, separated ones go first) and a
+        1-D ``scatter_elements`` (see :func:`_flat_scatter`). The importer's own converter refused
+        fewer index tensors than dimensions and laid out ``None`` (slice) axes wrongly where they
+        follow an index tensor. A boolean mask, a symbolic broadcast or a symbolic size after the
+        first goes to the importer."""
         key = "index_put_.default" if "index_put_" in str(node.target) else "index_put.default"
         x, values = imp.env[node.args[0]], imp.env[node.args[2]]
         accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
@@ -733,24 +801,21 @@ class _Lowering:
         sliced = [d for d in range(len(shape)) if d not in axes]
         pre = first if adjacent else 0
         out = (shape[:first] + bshape + shape[last + 1:]) if adjacent else bshape + [shape[d] for d in sliced]
-        rank, nb, size = len(out), len(bshape), _prod(out)
-        full = []
+        if any(not isinstance(d, tvm.tirx.IntImm) for d in shape[1:]):
+            return self._default(imp, key, node)
+        rank, nb = len(out), len(bshape)
+        terms = []
         for d in range(len(shape)):
             if d in axes:
                 e = exprs[axes.index(d)]
                 checked = self._checked_index(imp, node, x, e, d, True)
                 dims = [1] * (nb - e.ty.ndim) + list(e.ty.shape.values)
-                idx = bb.emit(relax.op.reshape(checked, [1] * pre + dims + [1] * (rank - pre - nb)))
+                terms.append(bb.emit(relax.op.reshape(checked, [1] * pre + dims + [1] * (rank - pre - nb))))
             else:
                 p = (d if d < first else d - len(axes) + nb) if adjacent else nb + sliced.index(d)
-                idx = bb.emit(relax.op.arange(relax.prim_value(0), relax.prim_value(shape[d]),
-                                              relax.prim_value(1), "int64"))
-                idx = bb.emit(relax.op.reshape(idx, [1] * p + [shape[d]] + [1] * (rank - p - 1)))
-            # flat: Relax index_put takes any index rank, but logs each one above 1
-            full.append(bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(idx, out)), [size])))
-        values = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(values, out)), [size]))
+                terms.append(_arange_along(bb, shape[d], p, rank))
         self._count("index_put")
-        return bb.emit(relax.op.index_put(x, relax.Tuple(full), values, bool(accumulate)))
+        return _flat_scatter(bb, x, terms, out, values, "add" if accumulate else "update")
 
     def scatter(self, node: fx.Node, imp) -> relax.Var:
         """``scatter`` (``src`` or a scalar), ``scatter_add`` and ``scatter_reduce(...,
@@ -787,32 +852,14 @@ class _Lowering:
                 src = bb.emit(relax.op.strided_slice(src, cut, [0] * len(cut), [ishape[d] for d in cut]))
         else:  # scatter.value: a Python scalar
             src = bb.emit(relax.op.full_like(index, relax.const(src, x.ty.dtype), dtype=x.ty.dtype))
-        # on a flat view: Relax scatter_elements misplaced writes when the index was smaller than
-        # ``self`` on a middle axis (a (4, 4, 2) index into (4, 5, 6) along dim 2)
         shape, ishape = list(x.ty.shape.values), list(index.ty.shape.values)
         axis %= len(shape)
         if any(not isinstance(d, tvm.tirx.IntImm) for d in shape[1:]):
             raise UnsupportedError(
                 f"TVM backend: {op} at node {node.name!r}: symbolic sizes after the first in {x.ty}")
-        strides = _strides(shape)
-        pos = None
-        for d, stride in enumerate(strides):
-            if d == axis:
-                term = checked
-            else:
-                term = bb.emit(relax.op.arange(relax.prim_value(0), relax.prim_value(ishape[d]),
-                                               relax.prim_value(1), "int64"))
-                term = bb.emit(relax.op.reshape(term, [1] * d + [ishape[d]] + [1] * (len(shape) - d - 1)))
-            if stride != 1:
-                term = bb.emit(relax.op.multiply(term, relax.const(stride, "int64")))
-            pos = term if pos is None else bb.emit(relax.op.add(pos, term))
-        size = _prod(ishape)
-        pos = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(pos, ishape)), [size]))
-        flat = bb.emit(relax.op.scatter_elements(
-            bb.emit(relax.op.reshape(x, [_prod(shape)])), pos, bb.emit(relax.op.reshape(src, [size])),
-            axis=0, reduction=_SCATTER_REDUCTIONS[reduce]))
+        terms = [checked if d == axis else _arange_along(bb, ishape[d], d, len(shape)) for d in range(len(shape))]
         self._count("scatter")
-        return bb.emit(relax.op.reshape(flat, shape))
+        return _flat_scatter(bb, x, terms, ishape, src, _SCATTER_REDUCTIONS[reduce])
 
     def gather(self, node: fx.Node, imp) -> relax.Var:
         x, axis = imp.env[node.args[0]], node.args[1]
@@ -821,13 +868,85 @@ class _Lowering:
             return self._default(imp, "gather.default", node)
         return imp.block_builder.emit(relax.op.gather_elements(x, checked, axis=axis))
 
+    # ------------------------------------------------ elementwise ops the importer got wrong
+    @staticmethod
+    def div(node: fx.Node, imp) -> relax.Var:
+        """``div`` (true, ``floor`` or ``trunc``) in torch's result dtype: true division of integers is
+        float32, the importer's stayed integer (``i / 2`` gave ``i // 2``) or failed on an integer
+        scalar; integer ``trunc`` is ``|a| // |b|`` with the sign of ``a * b``."""
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("rounding_mode")
+        dtype = _result_dtype(node, (0, 1))
+        if dtype is None:
+            raise UnsupportedError(f"TVM backend: div at node {node.name!r} on {node.args[:2]}")
+        if mode is None and not (dtype.is_floating_point or dtype.is_complex):
+            dtype = torch.get_default_dtype()
+        bb = imp.block_builder
+        a, b = (_operand(imp, arg, dtype) for arg in node.args[:2])
+        if mode is None:
+            return bb.emit(relax.op.divide(a, b))
+        if dtype.is_floating_point:
+            q = bb.emit(relax.op.divide(a, b))
+            return bb.emit(relax.op.floor(q) if mode == "floor" else relax.op.trunc(q))
+        if mode == "floor":
+            return bb.emit(relax.op.floor_divide(a, b))
+        # toward zero: |a| // |b| with the sign of a * b (bool selects failed LLVM's verifier)
+        q = bb.emit(relax.op.floor_divide(relax.op.abs(a), relax.op.abs(b)))
+        return bb.emit(relax.op.multiply(q, relax.op.multiply(relax.op.sign(a), relax.op.sign(b))))
+
+    @staticmethod
+    def elu(node: fx.Node, imp) -> relax.Var:
+        """``elu(x, alpha, scale, input_scale)``: ``scale * x`` for ``x > 0``, else
+        ``scale * alpha * (exp(input_scale * x) - 1)``. ``selu`` decomposes to it with ``scale != 1``,
+        which the importer dropped (selu off by 5 %)."""
+        x = imp.env[node.args[0]]
+        alpha, scale, input_scale = (list(node.args[1:4]) + [1.0, 1.0, 1.0][len(node.args) - 1:])[:3]
+        alpha = node.kwargs.get("alpha", alpha)
+        scale = node.kwargs.get("scale", scale)
+        input_scale = node.kwargs.get("input_scale", input_scale)
+        dt = x.ty.dtype
+        c = lambda v: relax.const(v, dt)  # noqa: E731
+        neg = relax.op.multiply(c(scale * alpha),
+                                relax.op.subtract(relax.op.exp(relax.op.multiply(x, c(input_scale))), c(1.0)))
+        return imp.block_builder.emit(relax.op.where(relax.op.greater(x, c(0.0)), relax.op.multiply(x, c(scale)), neg))
+
+    @staticmethod
+    def upsample_nearest(node: fx.Node, imp) -> relax.Var:
+        """``upsample_nearest{1,2,3}d.vec``: one ``take`` per resized axis with the source indices
+        torch computes (``min(floor(i * scale), in - 1)`` in float32, ``scale = in / out``, or
+        ``1 / scale_factor`` when one was given). The importer resized with half-pixel centres and
+        rounding, wrong wherever ``out / in`` is not an integer (5 x 13 from 8 x 8)."""
+        x = imp.env[node.args[0]]
+        sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        factors = node.args[2] if len(node.args) > 2 else node.kwargs.get("scale_factors")
+        spatial = list(x.ty.shape.values)[2:]
+        if not all(isinstance(d, tvm.tirx.IntImm) for d in spatial):
+            raise UnsupportedError(f"TVM backend: nearest upsampling at node {node.name!r} needs static "
+                                   f"spatial sizes, got {x.ty}")
+        bb = imp.block_builder
+        for d, n_in in enumerate(int(v) for v in spatial):
+            if sizes is not None:
+                n_out, scale = int(sizes[d]), np.float32(n_in) / np.float32(int(sizes[d]))
+            else:
+                n_out, scale = int(np.floor(n_in * factors[d])), np.float32(1.0 / factors[d])
+            src = np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
+            if n_out != n_in or (src != np.arange(n_in)).any():
+                x = bb.emit(relax.op.take(x, relax.const(src, "int64"), axis=2 + d))
+        return x
+
     def convert_map(self) -> dict[str, Callable]:
         """Our converters, and the importer's for every other op, each behind :func:`_guarded`."""
         from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
         ours = self._converters()
         theirs = {key: self._deferred(key) for key in ExportedProgramImporter().create_convert_map()}
-        return {key: _guarded(key, convert) for key, convert in {**theirs, **ours}.items()}
+        both = {**theirs, **ours}
+        for key in _INT_DIVISIONS:
+            if key in both:
+                both[key] = self.int_division(both[key])
+        for key, positions in _PROMOTED.items():
+            if key in both:
+                both[key] = _promoting(positions, both[key])
+        return {key: _guarded(key, convert) for key, convert in both.items()}
 
     def _deferred(self, key: str) -> Callable:
         return lambda node, imp: self._default(imp, key, node)
@@ -845,6 +964,13 @@ class _Lowering:
             "scatter_add.default": self.scatter,
             "scatter_reduce.two": self.scatter,
             "select.int": self.select,
+            "div.Tensor_mode": self.div,
+            "div.Scalar": self.div,
+            "div.Scalar_mode": self.div,
+            "elu.default": self.elu,
+            "upsample_nearest1d.vec": self.upsample_nearest,
+            "upsample_nearest2d.vec": self.upsample_nearest,
+            "upsample_nearest3d.vec": self.upsample_nearest,
             "to.device": self.to_device,
             "bmm.default": self.bmm,
             "addmm.default": self.addmm,
@@ -854,10 +980,90 @@ class _Lowering:
             "native_group_norm.default": self.group_norm,
             "native_layer_norm.default": self.layer_norm,
             **{key: self.passthrough(key) for key in _FOLDABLE},
+            "div.Tensor": self.passthrough("div.Tensor", self.div),
+            "clamp.default": self.passthrough("clamp.default", self.clamp),
             "sparse_linear_bsr.default": self.sparse_bsr,
             "sparse_linear_csr.default": self.sparse_csr,
             "sparse_linear_nm.default": self.sparse_nm,
         }
+
+
+# binary elementwise ops -> positions of their value operands, cast to torch's result dtype before the
+# importer's converter runs (it made a Python scalar a constant of the tensor's dtype: ``i * 0.5`` on
+# an integer tensor gave zeros, ``i < 3.5`` compared with 3)
+_PROMOTED: dict[str, tuple[int, ...]] = {
+    **{f"{op}.{v}": (0, 1) for op in ("add", "sub", "rsub", "mul", "remainder", "fmod", "lt", "le", "gt",
+                                      "ge", "eq", "ne") for v in ("Tensor", "Scalar")},
+    "pow.Tensor_Tensor": (0, 1), "pow.Tensor_Scalar": (0, 1), "pow.Scalar": (0, 1),
+    "maximum.default": (0, 1), "minimum.default": (0, 1), "floor_divide.default": (0, 1),
+    "atan2.default": (0, 1), "where.self": (1, 2),
+}
+
+
+# ops that divide integers (by a tensor: checked nonzero; see _Lowering.int_division)
+_INT_DIVISIONS = ("div.Tensor", "div.Tensor_mode", "div.Scalar_mode", "floor_divide.default",
+                  "remainder.Tensor", "remainder.Scalar", "fmod.Tensor", "fmod.Scalar")
+
+
+def _meta_operand(arg):
+    """A stand-in for ``torch.result_type``: a 0-d or 1-d empty tensor of a node's dtype (dimension
+    category preserved), or the Python number itself; ``None`` when unknown."""
+    if isinstance(arg, fx.Node):
+        val = arg.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return torch.empty((1,) * min(val.dim(), 1), dtype=val.dtype)
+        for kind, stand_in in ((torch.SymBool, True), (torch.SymInt, 1), (torch.SymFloat, 1.0)):
+            if isinstance(val, kind):
+                return stand_in
+        return None
+    return arg if isinstance(arg, (bool, int, float)) else None
+
+
+def _result_dtype(node: fx.Node, positions: tuple[int, ...]) -> torch.dtype | None:
+    """torch's result dtype of ``node``'s operands at ``positions`` (``None``: unknown, or no tensor)."""
+    ops = [_meta_operand(node.args[p]) if p < len(node.args) else None for p in positions]
+    if any(o is None for o in ops) or not any(isinstance(o, torch.Tensor) for o in ops):
+        return None
+    out = ops[0]
+    for o in ops[1:]:
+        out = torch.empty((1,), dtype=torch.result_type(out, o))
+    return out.dtype if isinstance(out, torch.Tensor) else None
+
+
+def _relax_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _operand(imp, arg, dtype: torch.dtype) -> relax.Expr:
+    """``arg`` (a node's tensor or a Python number) as a Relax value of ``dtype``."""
+    rd = _relax_dtype(dtype)
+    if isinstance(arg, fx.Node):
+        e = imp.env[arg]
+        return e if e.ty.dtype == rd else imp.block_builder.emit(relax.op.astype(e, rd))
+    return relax.const(arg, rd)
+
+
+def _promoting(positions: tuple[int, ...], convert: Callable) -> Callable:
+    """``convert`` with the tensor operands at ``positions`` cast, for that call only, to torch's
+    result dtype of the operands (the importer then builds its scalar constants in that dtype)."""
+
+    def run(node: fx.Node, imp) -> relax.Var:
+        dtype = _result_dtype(node, positions)
+        saved = {}
+        if dtype is not None:
+            rd = _relax_dtype(dtype)
+            for p in positions:
+                arg = node.args[p] if p < len(node.args) else None
+                e = imp.env.get(arg) if isinstance(arg, fx.Node) else None
+                if isinstance(e, relax.Expr) and isinstance(e.ty, relax.TensorType) and e.ty.dtype != rd:
+                    saved.setdefault(arg, e)
+                    imp.env[arg] = imp.block_builder.emit(relax.op.astype(e, rd))
+        try:
+            return convert(node, imp)
+        finally:
+            imp.env.update(saved)
+
+    return run
 
 
 def _guarded(key: str, convert: Callable) -> Callable:
@@ -884,6 +1090,32 @@ _INDEX_DTYPES = ("int8", "uint8", "int16", "int32", "int64")
 # torch's scatter reduction -> Relax scatter_elements reduction ("update": plain scatter;
 # scatter_reduce with include_self=True only)
 _SCATTER_REDUCTIONS = {"update": "update", "sum": "add", "prod": "mul", "amax": "max", "amin": "min"}
+
+
+def _arange_along(bb, size, pos: int, rank: int) -> relax.Var:
+    """``arange(size)`` (int64) shaped to run along axis ``pos`` of a rank-``rank`` broadcast."""
+    idx = bb.emit(relax.op.arange(relax.prim_value(0), relax.prim_value(size), relax.prim_value(1), "int64"))
+    return bb.emit(relax.op.reshape(idx, [1] * pos + [size] + [1] * (rank - pos - 1)))
+
+
+def _flat_scatter(bb, x: relax.Expr, terms: list, shape: list, src: relax.Expr, reduction: str) -> relax.Var:
+    """``x`` with ``src`` (broadcast to ``shape``) written at the positions whose coordinate along axis
+    ``d`` of ``x`` is ``terms[d]`` (broadcastable to ``shape``), combined by ``reduction``: a 1-D
+    ``scatter_elements`` on a flat view of ``x``. Relax ``scatter_elements`` misplaced writes for an
+    index smaller than ``x`` on a middle axis, and ``index_put`` failed to legalize symbolic index
+    shapes; a flat view has neither problem. The sizes of ``x`` after the first must be static."""
+    xshape = list(x.ty.shape.values)
+    pos = None
+    for term, stride in zip(terms, _strides(xshape)):
+        if stride != 1:
+            term = bb.emit(relax.op.multiply(term, relax.const(stride, "int64")))
+        pos = term if pos is None else bb.emit(relax.op.add(pos, term))
+    size = _prod(shape)
+    pos = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(pos, shape)), [size]))
+    src = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(src, shape)), [size]))
+    flat = bb.emit(relax.op.scatter_elements(bb.emit(relax.op.reshape(x, [_prod(xshape)])), pos, src, axis=0,
+                                             reduction=reduction))
+    return bb.emit(relax.op.reshape(flat, xshape))
 
 
 def _strides(sizes: list) -> list[int]:

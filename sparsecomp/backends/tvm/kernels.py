@@ -969,6 +969,27 @@ def index_check_kernel(dtype: str, idx_dtype: str, wrap: bool, what: str):
     return _scheduled(index_check)
 
 
+def nonzero_check_kernel(dtype: str, what: str):
+    """``O[m] = I[m]`` checked nonzero: an integer divisor of 0 raises ``RuntimeError("<what>:
+    ZeroDivisionError ...")`` as torch does, where the CPU's integer division traps (SIGFPE kills the
+    process). Placed before integer ``floor_divide`` / ``trunc`` division / ``remainder`` / ``fmod``
+    by a tensor."""
+    msg = f"{what}: ZeroDivisionError (an integer divisor is 0)"
+
+    @T.prim_func(private=True, s_tir=True)
+    def nonzero_check(i_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})  # opaque to FuseOps, as index_check
+        M = T.int64()
+        vals = T.match_buffer(i_h, (M,), dtype)
+        out = T.match_buffer(o_h, (M,), dtype)
+        with T.sblock("root"):
+            for m in range(M):
+                T.Assert(vals[m] != T.Cast(dtype, 0), msg)
+                out[m] = vals[m]
+
+    return _scheduled(nonzero_check)
+
+
 def bmm_kernel(M: int, K: int, N: int, MB: int = DENSE_MB, dtype: str = "float32",
                parallel: bool = True):
     """Batched ``C[b] = A[b] @ B[b]`` (``A [bt, M, K]``, ``B [bt, K, N]``), any ``N``.
