@@ -1122,7 +1122,7 @@ def test_scaled_elu_and_nearest_resize_match_torch():
 
 
 def test_a_model_tvm_cannot_build_raises_unsupported(monkeypatch):
-    # TVM's passes and LLVM raise assorted errors (a bare AssertionError for F.cosine_similarity, an
+    # TVM's passes and LLVM raise assorted errors (a bare AssertionError from a dlight analysis, an
     # LLVM verifier failure for boolean selects): each becomes an UnsupportedError
     import sparsecomp.backends.tvm as tvm_backend
 

@@ -47,6 +47,7 @@ binary elementwise ops             operands cast to torch's result dtype first (
 integer divisions by a tensor      divisor through ``nonzero_check_kernel`` (division by 0 trapped)
 ``aten.clamp`` (integer result)    ``maximum`` / ``minimum`` (the importer's infinite bound failed)
 ``aten.elu``                       with ``scale`` / ``input_scale`` (``selu``; the importer dropped them)
+``aten.amax`` / ``amin`` / ``prod`` Relax ``max`` / ``min`` / ``prod`` (the importer had none)
 ``aten.upsample_nearest*.vec``     one ``take`` per axis with torch's ``floor(i * scale)`` indices
 =================================  =====================================================================
 
@@ -63,6 +64,7 @@ converter whole instead of as ``permute + addmm``.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -881,6 +883,13 @@ class _Lowering:
         if mode is None and not (dtype.is_floating_point or dtype.is_complex):
             dtype = torch.get_default_dtype()
         bb = imp.block_builder
+        divisor = node.args[1]
+        if dtype.is_floating_point and isinstance(divisor, (int, float)) and divisor == 0:
+            # IEEE x / +-0 (+-inf, NaN for 0 / 0) as x * +-inf: TVM's simplifier aborts on a constant
+            # division by zero ("Check failed: fb->value != 0")
+            divisor = math.copysign(math.inf, divisor) if isinstance(divisor, float) else math.inf
+            q = bb.emit(relax.op.multiply(_operand(imp, node.args[0], dtype), relax.const(divisor, _relax_dtype(dtype))))
+            return q if mode is None else bb.emit(relax.op.floor(q) if mode == "floor" else relax.op.trunc(q))
         a, b = (_operand(imp, arg, dtype) for arg in node.args[:2])
         if mode is None:
             return bb.emit(relax.op.divide(a, b))
@@ -933,6 +942,23 @@ class _Lowering:
                 x = bb.emit(relax.op.take(x, relax.const(src, "int64"), axis=2 + d))
         return x
 
+    @staticmethod
+    def reduce(node: fx.Node, imp) -> relax.Var:
+        """``amax`` / ``amin`` (``dim`` a list, empty: all) and ``prod.dim_int``: Relax ``max`` /
+        ``min`` / ``prod`` (the importer had no converter; ``logsumexp`` decomposes to ``amax``)."""
+        x = imp.env[node.args[0]]
+        name = _op(node)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", [])
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        axes = None if dims in (None, [], ()) else ([dims] if isinstance(dims, int) else list(dims))
+        bb = imp.block_builder
+        if name == "prod.dim_int":
+            out_dtype = node.meta["val"].dtype
+            x = _operand(imp, node.args[0], out_dtype)
+            return bb.emit(relax.op.prod(x, axes, keep))
+        op = relax.op.max if name == "amax.default" else relax.op.min
+        return bb.emit(op(x, axes, keep))
+
     def convert_map(self) -> dict[str, Callable]:
         """Our converters, and the importer's for every other op, each behind :func:`_guarded`."""
         from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
@@ -968,6 +994,9 @@ class _Lowering:
             "div.Scalar": self.div,
             "div.Scalar_mode": self.div,
             "elu.default": self.elu,
+            "amax.default": self.reduce,
+            "amin.default": self.reduce,
+            "prod.dim_int": self.reduce,
             "upsample_nearest1d.vec": self.upsample_nearest,
             "upsample_nearest2d.vec": self.upsample_nearest,
             "upsample_nearest3d.vec": self.upsample_nearest,

@@ -203,6 +203,25 @@ class Serial(CPUScheduleRule):
             s_tir.Schedule.parallel = original
 
 
+class Tolerant(CPUScheduleRule):
+    """Runs a dlight rule, treating its ``AssertionError`` as "does not apply" (the next rule is tried).
+
+    dlight's GEMV analysis asserts on some functions it matched (``logsumexp``'s fused max / subtract /
+    exp / sum, ``cosine_similarity``): the whole build failed. The rule schedules a copy, so a failed
+    attempt leaves ``func`` as it was.
+    """
+
+    def __init__(self, rule: CPUScheduleRule):
+        super().__init__()
+        self.rule = rule
+
+    def apply(self, func, target: Target, tunable: bool):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except AssertionError:
+            return None
+
+
 def schedule_pass(parallel: bool = True) -> tvm.transform.Pass:
     """dlight CPU rules then :class:`LoopNest`; functions marked ``tirx.is_scheduled`` are skipped.
 
@@ -211,4 +230,5 @@ def schedule_pass(parallel: bool = True) -> tvm.transform.Pass:
     rules = [dlight.cpu.GEMV(), dlight.cpu.Reduction()]
     if not parallel:
         rules = [Serial(rule) for rule in rules]
+    rules = [Tolerant(rule) for rule in rules]
     return dlight.ApplyDefaultSchedule(*rules, LoopNest(parallel))
