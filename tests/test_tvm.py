@@ -312,10 +312,11 @@ def test_kernel_variants_directly():
         exe["main"](*[tvm.runtime.tensor(a.contiguous().numpy(), dev) for a in arrays[:-1]], out)
         return torch.from_numpy(out.numpy())
 
-    for rows in (1, 6):
+    for mb, rows in ((kernels.DENSE_MB, 1), (kernels.DENSE_MB, 6), (kernels.DENSE_MB_AVX512, 7),
+                     (kernels.DENSE_MB_AVX512, 19)):  # the AVX-512 tile: fewer rows than it, and a remainder
         x = torch.randn(rows, k)
         packed = torch.cat([w, torch.zeros(8, k)]).reshape(3, 16, k).permute(0, 2, 1)
-        y = run(kernels.dense_kernel(k, 48), x, packed, bias, 48, rows=rows)
+        y = run(kernels.dense_kernel(k, 48, mb), x, packed, bias, 48, rows=rows)
         torch.testing.assert_close(y[:, :n_out], x @ w.T + bias[:n_out], rtol=1e-5, atol=1e-4)
     for n in (16, 65, 7):  # 65 / 7: a narrower trailing panel (and no full panel at all)
         a, b = torch.randn(3, 7, 24), torch.randn(3, 24, n)
@@ -432,6 +433,37 @@ class Conv1DStyle(nn.Module):
     def forward(self, x):
         h = torch.addmm(self.b, x.reshape(-1, 12), self.w)
         return torch.mm(torch.relu(h), self.w2).reshape(x.shape[0], -1, 8)
+
+
+def test_conv_tile_follows_the_vector_width():
+    assert kernels.conv_tile(16, 1, 32) == (8, 8) and kernels.conv_tile(64, 1, 4) == (16, 4)
+    assert kernels.conv_tile(16, 1, 32, avx512=True) == (16, 8)
+    assert kernels.conv_tile(64, 1, 4, avx512=True) == (16, 4)
+    assert kernels.conv_tile(8, 1, 32, avx512=True) == (8, 8)  # fewer channels than a vector
+    assert kernels.conv_tile(8, 4, 32, avx512=True) == (8, 8)  # a group of 8 channels
+    assert kernels.conv_tile(6, 4, 32, avx512=True) == (4, 8)
+
+
+def test_dense_register_tile_follows_the_vector_width():
+    from sparsecomp.backends.tvm import frontend, target as tgt
+
+    ep = sparsecomp.capture(nn.Linear(4, 4), (torch.randn(2, 4),)).exported
+    avx2 = {"kind": "llvm", "mcpu": "haswell", "mtriple": "x86_64-linux-gnu"}
+    avx512 = {"kind": "llvm", "mcpu": "skylake-avx512", "mtriple": "x86_64-linux-gnu"}
+    for t, mb in ((avx2, kernels.DENSE_MB), (avx512, kernels.DENSE_MB_AVX512)):
+        seen = []
+        original = kernels.dense_kernel
+
+        def spy(k, np_, MB=kernels.DENSE_MB, *args, **kwargs):
+            seen.append(MB)
+            return original(k, np_, MB, *args, **kwargs)
+
+        kernels.dense_kernel = spy
+        try:
+            frontend.import_program(ep, False, tgt.resolve_target(t))
+        finally:
+            kernels.dense_kernel = original
+        assert seen == [mb], (t["mcpu"], seen)
 
 
 def test_addmm_and_mm_with_constant_weights_use_dense_kernel():
@@ -758,7 +790,7 @@ def test_conv_kernels_directly():
     w = torch.randn(10, 6, 3, 2)
     b = torch.randn(16)
     acts = {"relu": F.relu, "hardswish": F.hardswish, "hardsigmoid": F.hardsigmoid}
-    for (nb, tw), act in zip(((8, 8), (16, 4), (4, 3)), acts):
+    for (nb, tw), act in zip(((8, 8), (16, 4), (4, 3), (16, 8)), [*acts, "relu"]):
         ocp = -(-10 // nb) * nb
         wp = torch.cat([w, torch.zeros(ocp - 10, 6, 3, 2)]).reshape(ocp // nb, nb, 6, 1, 3, 2)
         func = kernels.conv_kernel(6, (1, 7, 11), 10, (1, 3, 2), (1, 2, 1), (1, 1, 3), 1, nb, tw,

@@ -102,11 +102,14 @@ class _Lowering:
     """Converters bound to one exported program (to read its constant tensors)."""
 
     def __init__(self, ep: torch.export.ExportedProgram, parallel: bool = True, avx2: bool = False,
-                 bmi: bool = False):
+                 bmi: bool = False, avx512: bool = False):
         self.consts = _constants(ep)
         self.parallel = parallel
         self.avx2 = avx2  # the target has AVX2 (x86 permute kernels)
         self.bmi = bmi  # ... and BMI (bextr in the CSR kernel)
+        # rows per dense register tile: 8 accumulator vectors either way (see kernels.DENSE_MB_AVX512)
+        self.dense_mb = kernels.DENSE_MB_AVX512 if avx512 else kernels.DENSE_MB
+        self.avx512 = avx512  # ... and AVX-512 (16-channel conv vectors)
         self.fired: dict[str, int] = {}
         # nodes folded into one of our kernels -> the node whose (kernel) output they equal
         self.identity: dict[fx.Node, fx.Node] = {}
@@ -213,7 +216,7 @@ class _Lowering:
         if bias is not None:
             b[:n_out] = bias.detach().float().numpy()
         self._count("dense")
-        return self._emit(imp, node, x, k, n_out, padded, kernels.dense_kernel(k, padded, parallel=self.parallel),
+        return self._emit(imp, node, x, k, n_out, padded, kernels.dense_kernel(k, padded, self.dense_mb, parallel=self.parallel),
                           f"sc_dense_{k}x{padded}", [relax.const(packed), relax.const(b)], False)
 
     def addmm(self, node: fx.Node, imp) -> relax.Var:
@@ -603,7 +606,7 @@ class _Lowering:
                 packed = w.reshape(oc, *k5).contiguous()
                 args = [xp, relax.const(packed.numpy()), relax.const(_padded_bias(b, oc))]
             else:
-                nb, tw = kernels.conv_tile(oc // spec.groups, spec.groups, spec.out_spatial[-1])
+                nb, tw = kernels.conv_tile(oc // spec.groups, spec.groups, spec.out_spatial[-1], self.avx512)
                 ocp = -(-oc // nb) * nb
                 wp = torch.zeros(ocp, spec.in_channels // spec.groups, *k5)
                 wp[:oc] = w.reshape(oc, spec.in_channels // spec.groups, *k5)
@@ -1376,7 +1379,7 @@ def import_program(ep: torch.export.ExportedProgram, parallel: bool = True,
     def has(feature: str) -> bool:
         return target is not None and bool(tvm.target.codegen.target_has_features(feature, target))
 
-    lowering = _Lowering(ep, parallel, has("avx2"), has("bmi"))
+    lowering = _Lowering(ep, parallel, has("avx2"), has("bmi"), has("avx512f"))
     try:
         mod = from_exported_program(
             ep, custom_convert_map=lowering.convert_map(), run_ep_decomposition=False
