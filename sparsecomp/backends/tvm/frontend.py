@@ -820,7 +820,12 @@ class _Lowering:
                 p = (d if d < first else d - len(axes) + nb) if adjacent else nb + sliced.index(d)
                 terms.append(_arange_along(bb, shape[d], p, rank))
         self._count("index_put")
-        return _flat_scatter(bb, x, terms, out, values, "add" if accumulate else "update")
+        result = _flat_scatter(bb, x, terms, out, values, "add" if accumulate else "update")
+        if key == "index_put_.default":  # in place: later reads of ``x`` (or an alias) see the write
+            for other, expr in list(imp.env.items()):
+                if expr is x:
+                    imp.env[other] = result
+        return result
 
     def scatter(self, node: fx.Node, imp) -> relax.Var:
         """``scatter`` (``src`` or a scalar), ``scatter_add`` and ``scatter_reduce(...,
