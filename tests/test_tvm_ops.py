@@ -81,6 +81,11 @@ CASES = {
     "views": (lambda x: (x.narrow(2, 1, 4), *x.split([2, 3], 1), *x.chunk(3, 2), torch.stack([x, x * 2], 1),
                          torch.cat([x, x[:, :2]], 1), x.movedim(0, -1), x.transpose(0, 2).reshape(7, -1)),
               lambda: (_x3(),), "match"),
+    "shifts": (lambda i, s: (i << 2, i >> 1, i << s, i >> s), lambda: (_ints(), torch.tensor([0, 1, 2, 3, 1])), "match"),
+    "fmax_fmin": (lambda x: (torch.fmax(x, x.flip(0)), torch.fmin(x, x.flip(0))),
+                  lambda: (torch.where(torch.rand(2, 5, 7) < 0.3, float("nan"), torch.randn(2, 5, 7)),), "match"),
+    "instance_norm": (lambda x, w, b: (F.instance_norm(x), F.instance_norm(x, weight=w, bias=b)),
+                      lambda: (_x4() * 3 + 1, torch.randn(3), torch.randn(3)), "match"),
     "cosine_similarity": (lambda x: F.cosine_similarity(x, x.flip(0), dim=-1), lambda: (_x3(),), "match"),
     "index_fill": (lambda x: x.index_fill(1, torch.tensor([0, 3]), -2.0), lambda: (_x3(),), "match"),
     "binary_math": (lambda x, y: (torch.atan2(x, y), x.abs() ** y, torch.maximum(x, y), torch.minimum(x, y),
@@ -112,16 +117,14 @@ CASES = {
                lambda: (torch.randn(4, 6), torch.tensor([0, 5, 2, 3])), "match"),
     # refused with UnsupportedError naming the op: the importer has no converter or TVM cannot build it
     "tensor_unfold": (lambda x: x.unfold(2, 3, 2), lambda: (_x3(),), "unsupported"),
-    "shifts": (lambda i: (i << 2, i >> 1), lambda: (_ints(),), "unsupported"),
-    "fmax": (lambda x: torch.fmax(x, x.flip(0)), lambda: (_x3(),), "unsupported"),
-    "instance_norm": (lambda x: F.instance_norm(x), lambda: (_x4(),), "unsupported"),
+    "cdist": (lambda x: torch.cdist(x, x.flip(0)), lambda: (_x3(),), "unsupported"),
     "empty_based_pad": (lambda x: F.pad(x, (1, 2, 2, 1), mode="circular"), lambda: (_x4(),), "unsupported"),
     "boolean_mask_read": (lambda x: x[x > 0], lambda: (_x3(),), "unsupported"),
 }
 
 # one case per family of fixes and a cross-section of the rest, in the default run
 ALWAYS = ("integer_division", "activations", "resize_nearest", "constants", "reductions", "cosine_similarity",
-          "index_fill", "shifts")
+          "index_fill", "instance_norm", "boolean_mask_read")
 
 
 class _Case(nn.Module):

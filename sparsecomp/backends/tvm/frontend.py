@@ -29,9 +29,9 @@ only binds them after conversion), pack them for our kernels at compile time, an
 ``aten.native_layer_norm``         layer-norm kernel on ``[rows, D]``
 ``aten.embedding``,                the importer's ``take`` / ``gather_elements``, after an index-check
 ``aten.index_select``,             kernel: an index out of range raises as in torch instead of being
-``aten.index.Tensor`` (one index), read; ``x[..., i, ...]`` keeps negative indices. ``select`` with a
+``aten.index.Tensor`` (1 index),   read; ``x[..., i, ...]`` keeps negative indices. ``select`` with a
 ``aten.gather``,                   tensor's value (``x[i]``, ``i`` 0-d) is the same checked take
-``aten.select.int`` (tensor value)
+``aten.select.int`` (tensor i)
 ``aten.index.Tensor`` (several)    each index checked, then one ``take`` of a flat index over the indexed
                                    axes merged, in torch's advanced-indexing layout (the importer's was
                                    wrong in shape and values for most layouts)
@@ -47,7 +47,9 @@ binary elementwise ops             operands cast to torch's result dtype first (
 integer divisions by a tensor      divisor through ``nonzero_check_kernel`` (division by 0 trapped)
 ``aten.clamp`` (integer result)    ``maximum`` / ``minimum`` (the importer's infinite bound failed)
 ``aten.elu``                       with ``scale`` / ``input_scale`` (``selu``; the importer dropped them)
-``aten.amax`` / ``amin`` / ``prod`` Relax ``max`` / ``min`` / ``prod`` (the importer had none)
+``aten.amax``, ``amin``, ``prod``  Relax ``max`` / ``min`` / ``prod`` (the importer had none)
+``aten.fmax``, ``fmin``, shifts    NaN-ignoring ``maximum`` / ``minimum``; ``left_shift`` / ``right_shift``
+``_native_batch_norm_legit``       ``no_stats`` (``instance_norm``): the input's own mean / variance
 ``aten.upsample_nearest*.vec``     one ``take`` per axis with torch's ``floor(i * scale)`` indices
 =================================  =====================================================================
 
@@ -951,6 +953,55 @@ class _Lowering:
         return x
 
     @staticmethod
+    def batch_stats_norm(node: fx.Node, imp) -> relax.Var:
+        """``_native_batch_norm_legit.no_stats`` (``instance_norm`` decomposes to it, over a
+        ``[1, N*C, ...]`` view): normalised with the input's own mean and biased variance over every
+        axis but 1, then ``weight`` / ``bias``; returns ``(out, mean, rstd)`` as torch does. The
+        importer's converter failed on it (``TypeError``)."""
+        x, w, b = imp.env[node.args[0]], node.args[1], node.args[2]
+        eps = node.args[5] if len(node.args) > 5 else node.kwargs.get("eps", 1e-5)
+        bb, dt, nd = imp.block_builder, x.ty.dtype, x.ty.ndim
+        axes = [0] + list(range(2, nd))
+        mean = bb.emit(relax.op.mean(x, axes, keepdims=True))
+        var = bb.emit(relax.op.variance(x, axes, keepdims=True))
+        rstd = bb.emit(relax.op.rsqrt(relax.op.add(var, relax.const(eps, dt))))
+        out = bb.emit(relax.op.multiply(relax.op.subtract(x, mean), rstd))
+        channel = [1, -1] + [1] * (nd - 2)
+        if isinstance(w, fx.Node):
+            out = bb.emit(relax.op.multiply(out, relax.op.reshape(imp.env[w], channel)))
+        if isinstance(b, fx.Node):
+            out = bb.emit(relax.op.add(out, relax.op.reshape(imp.env[b], channel)))
+        flat = [x.ty.shape.values[1]]
+        return bb.emit(relax.Tuple([out, relax.op.reshape(mean, flat), relax.op.reshape(rstd, flat)]))
+
+    @staticmethod
+    def shift(node: fx.Node, imp) -> relax.Var:
+        """``<<`` / ``>>`` on integers (the importer had no converter): Relax ``left_shift`` /
+        ``right_shift`` (arithmetic on signed types, as torch)."""
+        dtype = _result_dtype(node, (0, 1))
+        if dtype is None or dtype.is_floating_point or dtype == torch.bool:
+            raise UnsupportedError(f"TVM backend: shift at node {node.name!r} on {dtype}")
+        a, b = (_operand(imp, arg, dtype) for arg in node.args[:2])
+        left = "lshift" in _op(node) or "left" in _op(node)
+        return imp.block_builder.emit((relax.op.left_shift if left else relax.op.right_shift)(a, b))
+
+    @staticmethod
+    def fminmax(node: fx.Node, imp) -> relax.Var:
+        """``fmax`` / ``fmin``: ``maximum`` / ``minimum`` that return the other operand where one is NaN
+        (the importer had no converter)."""
+        dtype = _result_dtype(node, (0, 1))
+        if dtype is None:
+            raise UnsupportedError(f"TVM backend: {_op(node)} at node {node.name!r}")
+        a, b = (_operand(imp, arg, dtype) for arg in node.args[:2])
+        bb = imp.block_builder
+        op = relax.op.maximum if _op(node) == "fmax.default" else relax.op.minimum
+        out = bb.emit(op(a, b))
+        if not dtype.is_floating_point:
+            return out
+        out = bb.emit(relax.op.where(relax.op.isnan(a), b, out))
+        return bb.emit(relax.op.where(relax.op.isnan(b), a, out))
+
+    @staticmethod
     def reduce(node: fx.Node, imp) -> relax.Var:
         """``amax`` / ``amin`` (``dim`` a list, empty: all) and ``prod.dim_int``: Relax ``max`` /
         ``min`` / ``prod`` (the importer had no converter; ``logsumexp`` decomposes to ``amax``)."""
@@ -1002,6 +1053,15 @@ class _Lowering:
             "div.Scalar": self.div,
             "div.Scalar_mode": self.div,
             "elu.default": self.elu,
+            "_native_batch_norm_legit.no_stats": self.batch_stats_norm,
+            "__lshift__.Scalar": self.shift,
+            "__lshift__.Tensor": self.shift,
+            "__rshift__.Scalar": self.shift,
+            "__rshift__.Tensor": self.shift,
+            "bitwise_left_shift.Tensor": self.shift,
+            "bitwise_right_shift.Tensor": self.shift,
+            "fmax.default": self.fminmax,
+            "fmin.default": self.fminmax,
             "amax.default": self.reduce,
             "amin.default": self.reduce,
             "prod.dim_int": self.reduce,
