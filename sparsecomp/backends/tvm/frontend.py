@@ -35,8 +35,9 @@ only binds them after conversion), pack them for our kernels at compile time, an
 ``aten.index.Tensor`` (several)    each index checked, then one ``take`` of a flat index over the indexed
                                    axes merged, in torch's advanced-indexing layout (the importer's was
                                    wrong in shape and values for most layouts)
-``aten.index_put`` (index_add)     each index checked, expanded with ``arange`` to one flat index per
-                                   axis, Relax ``index_put`` (the importer's refused ``x[i] = v`` on 2-D+)
+``aten.index_put`` (index_add)     each index checked, with ``arange`` over the sliced axes one flat
+                                   position per element, the flat scatter below (the importer's refused
+                                   ``x[i] = v`` on 2-D+)
 ``aten.scatter``, ``scatter_add``  index checked, ``scatter_elements`` on a flat view (Relax misplaced
 ``aten.scatter_reduce`` (sum,      writes for an index smaller than ``self`` on a middle axis); ``src``
 prod, amax, amin; include_self)    cut to the index's shape. A boolean mask: the importer's
@@ -65,6 +66,7 @@ converter whole instead of as ``permute + addmm``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Callable, NamedTuple
@@ -514,17 +516,25 @@ class _Lowering:
 
         return convert
 
+    def _check(self, imp, node: fx.Node, kind: str, make: Callable, args: list, flat: relax.Expr,
+               dtype: str) -> relax.Expr:
+        """``call_tir`` of the check kernel ``make(what)`` (``what``: the op and node its error names) on
+        ``args``, the last of which is ``flat`` (1-D); returns the checked values (``dtype``, ``flat``'s
+        length). ``kind`` names the count in :attr:`fired` and the function."""
+        bb = imp.block_builder
+        op = str(node.target).split(".")[-2]  # aten.embedding.default -> embedding
+        gv = bb.add_func(make(f"{op} at node {node.name!r}"), f"sc_{kind}_{op}")
+        self._count(kind)
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType(list(flat.ty.shape.values), dtype)))
+
     def _nonzero(self, imp, node: fx.Node, divisor: relax.Expr) -> relax.Expr:
         """``divisor`` (an integer tensor) after :func:`.kernels.nonzero_check_kernel`."""
-        bb = imp.block_builder
         shape = list(divisor.ty.shape.values)
-        flat = bb.emit(relax.op.reshape(divisor, [_prod(shape)]))
-        op = str(node.target).split(".")[-2]
-        gv = bb.add_func(kernels.nonzero_check_kernel(divisor.ty.dtype, f"{op} at node {node.name!r}"),
-                         f"sc_nonzero_check_{op}")
-        checked = bb.emit(relax.call_tir(gv, [flat], relax.TensorType([_prod(shape)], divisor.ty.dtype)))
-        self._count("zero_check")
-        return bb.emit(relax.op.reshape(checked, shape))
+        flat = imp.block_builder.emit(relax.op.reshape(divisor, [_prod(shape)]))
+        dtype = divisor.ty.dtype
+        checked = self._check(imp, node, "zero_check", lambda what: kernels.nonzero_check_kernel(dtype, what),
+                              [flat], flat, dtype)
+        return imp.block_builder.emit(relax.op.reshape(checked, shape))
 
     def int_division(self, convert: Callable) -> Callable:
         """``convert`` (an integer-capable division: ``floor_divide``, ``remainder``, ``fmod``, ``div``
@@ -543,14 +553,10 @@ class _Lowering:
                     raise UnsupportedError(f"TVM backend: integer division by the constant 0 at node "
                                            f"{node.name!r} (torch raises ZeroDivisionError)")
                 return convert(node, imp)
-            saved = imp.env[divisor]
-            if not isinstance(saved.ty, relax.TensorType):  # a symbolic size: never 0 in a real call
+            if not isinstance(imp.env[divisor].ty, relax.TensorType):  # a symbolic size: never 0
                 return convert(node, imp)
-            imp.env[divisor] = self._nonzero(imp, node, _operand(imp, divisor, result))
-            try:
+            with _substituted(imp, {divisor: self._nonzero(imp, node, _operand(imp, divisor, result))}):
                 return convert(node, imp)
-            finally:
-                imp.env[divisor] = saved
 
         return run
 
@@ -701,14 +707,12 @@ class _Lowering:
         shape = list(data.ty.shape.values)
         ishape = list(index.ty.shape.values)
         axis %= len(shape)
-        m = _prod(ishape)
         x3 = bb.emit(relax.op.reshape(data, [_prod(shape[:axis]), shape[axis], _prod(shape[axis + 1:])]))
-        i1 = bb.emit(relax.op.reshape(index, [m]))
-        op = str(node.target).split(".")[-2]  # aten.embedding.default -> embedding
-        check = kernels.index_check_kernel(data.ty.dtype, index.ty.dtype, wrap, f"{op} at node {node.name!r}")
-        gv = bb.add_func(check, f"sc_index_check_{op}")
-        checked = bb.emit(relax.call_tir(gv, [x3, i1], relax.TensorType([m], "int64")))
-        self._count("index_check")
+        i1 = bb.emit(relax.op.reshape(index, [_prod(ishape)]))
+        checked = self._check(
+            imp, node, "index_check",
+            lambda what: kernels.index_check_kernel(data.ty.dtype, index.ty.dtype, wrap, what), [x3, i1], i1,
+            "int64")
         return bb.emit(relax.op.reshape(checked, ishape))
 
     def _take(self, imp, node: fx.Node, key: str, data: relax.Expr, index: relax.Expr, axis: int,
@@ -749,12 +753,8 @@ class _Lowering:
             raise UnsupportedError(
                 f"TVM backend: indexing at node {node.name!r}: a symbolic size on an indexed axis "
                 f"after the first ({[shape[a] for a in axes]})")
-        flat = None
-        for (axis, i), stride in zip(given, _strides([shape[a] for a in axes])):
-            idx = self._checked_index(imp, node, data, imp.env[i], axis, True)
-            if stride != 1:
-                idx = bb.emit(relax.op.multiply(idx, relax.const(stride, "int64")))
-            flat = idx if flat is None else bb.emit(relax.op.add(flat, idx))
+        flat = _flat_position(bb, [self._checked_index(imp, node, data, imp.env[i], axis, True)
+                                   for axis, i in given], [shape[a] for a in axes])
         first, last = axes[0], axes[-1]
         merged = [_prod([shape[a] for a in axes])]
         if last - first + 1 == len(axes):  # adjacent: the merged axis stays in place
@@ -893,19 +893,19 @@ class _Lowering:
         if mode is None and not (dtype.is_floating_point or dtype.is_complex):
             dtype = torch.get_default_dtype()
         bb = imp.block_builder
-        divisor = node.args[1]
-        if dtype.is_floating_point and isinstance(divisor, (int, float)) and divisor == 0:
-            # IEEE x / +-0 (+-inf, NaN for 0 / 0) as x * +-inf: TVM's simplifier aborts on a constant
-            # division by zero ("Check failed: fb->value != 0")
-            divisor = math.copysign(math.inf, divisor) if isinstance(divisor, float) else math.inf
-            q = bb.emit(relax.op.multiply(_operand(imp, node.args[0], dtype), relax.const(divisor, _relax_dtype(dtype))))
-            return q if mode is None else bb.emit(relax.op.floor(q) if mode == "floor" else relax.op.trunc(q))
-        a, b = (_operand(imp, arg, dtype) for arg in node.args[:2])
-        if mode is None:
-            return bb.emit(relax.op.divide(a, b))
+        a, divisor = _operand(imp, node.args[0], dtype), node.args[1]
         if dtype.is_floating_point:
-            q = bb.emit(relax.op.divide(a, b))
+            if isinstance(divisor, (int, float)) and divisor == 0:
+                # IEEE x / +-0 (+-inf, NaN for 0 / 0) as x * +-inf: TVM's simplifier aborts on a
+                # constant division by zero ("Check failed: fb->value != 0")
+                inf = math.copysign(math.inf, divisor) if isinstance(divisor, float) else math.inf
+                q = bb.emit(relax.op.multiply(a, relax.const(inf, _relax_dtype(dtype))))
+            else:
+                q = bb.emit(relax.op.divide(a, _operand(imp, divisor, dtype)))
+            if mode is None:
+                return q
             return bb.emit(relax.op.floor(q) if mode == "floor" else relax.op.trunc(q))
+        b = _operand(imp, divisor, dtype)
         if mode == "floor":
             return bb.emit(relax.op.floor_divide(a, b))
         # toward zero: |a| // |b| with the sign of a * b (bool selects failed LLVM's verifier)
@@ -918,10 +918,8 @@ class _Lowering:
         ``scale * alpha * (exp(input_scale * x) - 1)``. ``selu`` decomposes to it with ``scale != 1``,
         which the importer dropped (selu off by 5 %)."""
         x = imp.env[node.args[0]]
-        alpha, scale, input_scale = (list(node.args[1:4]) + [1.0, 1.0, 1.0][len(node.args) - 1:])[:3]
-        alpha = node.kwargs.get("alpha", alpha)
-        scale = node.kwargs.get("scale", scale)
-        input_scale = node.kwargs.get("input_scale", input_scale)
+        given = dict(zip(("alpha", "scale", "input_scale"), node.args[1:4]), **node.kwargs)
+        alpha, scale, input_scale = (given.get(k, 1.0) for k in ("alpha", "scale", "input_scale"))
         dt = x.ty.dtype
         c = lambda v: relax.const(v, dt)  # noqa: E731
         neg = relax.op.multiply(c(scale * alpha),
@@ -1146,21 +1144,29 @@ def _promoting(positions: tuple[int, ...], convert: Callable) -> Callable:
 
     def run(node: fx.Node, imp) -> relax.Var:
         dtype = _result_dtype(node, positions)
-        saved = {}
+        cast = {}
         if dtype is not None:
-            rd = _relax_dtype(dtype)
             for p in positions:
                 arg = node.args[p] if p < len(node.args) else None
                 e = imp.env.get(arg) if isinstance(arg, fx.Node) else None
-                if isinstance(e, relax.Expr) and isinstance(e.ty, relax.TensorType) and e.ty.dtype != rd:
-                    saved.setdefault(arg, e)
-                    imp.env[arg] = imp.block_builder.emit(relax.op.astype(e, rd))
-        try:
+                if arg not in cast and isinstance(e, relax.Expr) and isinstance(e.ty, relax.TensorType):
+                    cast[arg] = _operand(imp, arg, dtype)
+        with _substituted(imp, cast):
             return convert(node, imp)
-        finally:
-            imp.env.update(saved)
 
     return run
+
+
+@contextlib.contextmanager
+def _substituted(imp, values: dict):
+    """The importer's values of the fx nodes in ``values`` replaced by them, for the ``with`` block
+    only (a wrapped converter then reads the cast / checked operands)."""
+    saved = {n: imp.env[n] for n in values}
+    imp.env.update(values)
+    try:
+        yield
+    finally:
+        imp.env.update(saved)
 
 
 def _guarded(key: str, convert: Callable) -> Callable:
@@ -1202,17 +1208,24 @@ def _flat_scatter(bb, x: relax.Expr, terms: list, shape: list, src: relax.Expr, 
     index smaller than ``x`` on a middle axis, and ``index_put`` failed to legalize symbolic index
     shapes; a flat view has neither problem. The sizes of ``x`` after the first must be static."""
     xshape = list(x.ty.shape.values)
-    pos = None
-    for term, stride in zip(terms, _strides(xshape)):
-        if stride != 1:
-            term = bb.emit(relax.op.multiply(term, relax.const(stride, "int64")))
-        pos = term if pos is None else bb.emit(relax.op.add(pos, term))
+    pos = _flat_position(bb, terms, xshape)
     size = _prod(shape)
     pos = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(pos, shape)), [size]))
     src = bb.emit(relax.op.reshape(bb.emit(relax.op.broadcast_to(src, shape)), [size]))
     flat = bb.emit(relax.op.scatter_elements(bb.emit(relax.op.reshape(x, [_prod(xshape)])), pos, src, axis=0,
                                              reduction=reduction))
     return bb.emit(relax.op.reshape(flat, xshape))
+
+
+def _flat_position(bb, coords: list, sizes: list) -> relax.Var:
+    """``sum(coords[d] * stride[d])``: the row-major position of coordinates (int64, broadcastable to
+    each other) over dimensions of ``sizes`` (static except possibly the first)."""
+    pos = None
+    for coord, stride in zip(coords, _strides(sizes)):
+        if stride != 1:
+            coord = bb.emit(relax.op.multiply(coord, relax.const(stride, "int64")))
+        pos = coord if pos is None else bb.emit(relax.op.add(pos, coord))
+    return pos
 
 
 def _strides(sizes: list) -> list[int]:
