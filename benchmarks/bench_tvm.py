@@ -12,6 +12,7 @@ reported, so a noisy shared machine shifts rows less than columns)::
     .venv/bin/python benchmarks/bench_tvm.py --only models    # zoo + MiniLM dense: torch / ORT / TVM
     .venv/bin/python benchmarks/bench_tvm.py --only demo      # MiniLM at each pruning ratio
     .venv/bin/python benchmarks/bench_tvm.py --only coldread  # plain cold reads, 4 KiB vs 2 MiB pages
+    .venv/bin/python benchmarks/bench_tvm.py --only sparse1 --prefetch default  # uncalibrated kernels
 
 Tables are printed as markdown.
 
@@ -30,6 +31,11 @@ interleaved sample starts with one untimed call.
 (:class:`KernelLoop`), as the Relax VM calls them in a lowered model; a call from Python cost a 20 us
 kernel 2.4-4.4 us more (docs/BENCHMARKS.md). The comparisons with scipy / torch, which can only be
 called from Python, use our kernels called from Python too.
+
+*Prefetch*: the sparse kernels are built with this machine's calibrated prefetch plan
+(``backends/tvm/calibrate.py``, as ``lower`` builds them); when there is none yet, the bench runs
+the calibration first (about 20 s, its own synthetic 4096x1024 weights, saved like ``sparsecomp
+calibrate`` saves it). ``--prefetch default`` uses the uncalibrated default plan instead.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import numpy as np
 import torch
 
 import sparsecomp
-from sparsecomp.backends.tvm import kernels
+from sparsecomp.backends.tvm import calibrate, kernels
 from sparsecomp.backends.tvm.target import host_target, set_threads
 from sparsecomp.backends.tvm.weights import WeightArena
 from sparsecomp.ops.formats import pack
@@ -60,6 +66,8 @@ L3_BYTES = 32 << 20
 COLD_BYTES = 8 * L3_BYTES
 READ_STREAMS = 4
 OUT, IN = 3072, 768
+# the sparse kernels' software prefetch (main() sets the host's calibrated plan)
+PLAN = [kernels.DEFAULT_PLAN]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -320,10 +328,12 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None,
         r, c = block
         nnzb = p.values.shape[0]
         if r >= c:
-            f = _compile(kernels.bsr_row_vector_kernel(OUT, IN, r, c, nnzb, "int32", parallel=False))
+            f = _compile(kernels.bsr_row_vector_kernel(OUT, IN, r, c, nnzb, "int32", parallel=False,
+                                                       pf=PLAN[0].bsr(r, c)))
             vals = p.values.permute(0, 2, 1).numpy()
         else:
-            f = _compile(kernels.bsr_col_vector_kernel(OUT, IN, r, c, nnzb, "int32", parallel=False))
+            f = _compile(kernels.bsr_col_vector_kernel(OUT, IN, r, c, nnzb, "int32", parallel=False,
+                                                       pf=PLAN[0].bsr(r, c)))
             vals = p.values.numpy()
         nbytes = p.nbytes
         n = copies_for(nbytes)
@@ -334,7 +344,8 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None,
         sptr, col, vals, perm = kernels.sell_layout(p.crow_indices.numpy(),
                                                     p.col_indices.numpy().astype(np.int16), p.values.numpy())
         bmi = bool(tvm.target.codegen.target_has_features("bmi", host_target()))
-        f = _compile(kernels.csr_kernel(OUT, IN, len(sptr) - 1, col.shape[0], "int16", parallel=False, bmi=bmi))
+        f = _compile(kernels.csr_kernel(OUT, IN, len(sptr) - 1, col.shape[0], "int16", parallel=False, bmi=bmi,
+                                        pf=PLAN[0].csr))
         nbytes = sptr.nbytes + col.nbytes + vals.nbytes + perm.nbytes  # streamed, padding included
         n = copies_for(nbytes)
         ws = arena_copies([sptr, col, vals, perm], n)
@@ -343,7 +354,7 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None,
         nn_, m = nm
         p = pack(w, "nm", n=nn_, m=m)
         vals, pos = kernels.nm_lane_layout(p.values.numpy(), p.indices.numpy())
-        f = _compile(kernels.nm_lanes_kernel(OUT, IN, nn_, m, parallel=False))
+        f = _compile(kernels.nm_lanes_kernel(OUT, IN, nn_, m, parallel=False, pf=PLAN[0].nm))
         nbytes = vals.nbytes + pos.nbytes
         n = copies_for(nbytes)
         ws = arena_copies([vals, pos], n)
@@ -614,11 +625,25 @@ def main(argv=None) -> None:
                          "timed in each row's interleaved rounds)")
     ap.add_argument("--rounds", type=int, default=7,
                     help="interleaved rounds per sparse row (more: steadier medians on a shared machine)")
+    ap.add_argument("--prefetch", choices=["host", "default", "recalibrate"], default="host",
+                    help="sparse kernels' prefetch plan: this machine's calibrated one (calibrating first "
+                         "if there is none; default), the uncalibrated default, or calibrate again")
     opts = ap.parse_args(argv)
     sections = opts.only or ["sparse1", "batched", "models", "demo"]
     torch.set_num_threads(1)
     set_threads(1)
     print(f"host target: {host_target()}  (torch {torch.__version__}, tvm {tvm.__version__})")
+    if {"sparse1", "batched"} & set(sections):
+        if opts.prefetch == "default":
+            PLAN[0] = kernels.DEFAULT_PLAN
+        elif opts.prefetch == "recalibrate" or not calibrate.plan_path().exists():
+            print("calibrating the sparse kernels' prefetch on this machine (backends/tvm/calibrate.py):")
+            result = calibrate.calibrate(log=lambda msg: print("  " + msg, flush=True))
+            print(result.table())
+            PLAN[0] = result.plan
+        else:
+            PLAN[0] = calibrate.plan_for()
+        print(f"sparse kernels' prefetch plan ({opts.prefetch}): {PLAN[0]}")
     if "sparse1" in sections:
         bench_sparse_batch1(opts.bandwidth * 1e9 if opts.bandwidth else None,
                             tuple(float(v) for v in opts.sparsities.split(",")), opts.rounds)

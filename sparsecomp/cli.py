@@ -171,6 +171,23 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_calibrate(ns: argparse.Namespace) -> int:
+    from .backends.tvm import calibrate
+
+    if ns.show:
+        path = calibrate.plan_path()
+        print(f"plan file: {path} ({'present' if path.exists() else 'none: the default plan is used'})")
+        print(calibrate.plan_for())
+        return EXIT_OK
+    say = (lambda msg: None) if ns.quiet else (lambda msg: print(msg, flush=True))
+    say("Timing the sparse kernels' software-prefetch variants on this CPU (batch 1, one thread, "
+        "cold weights; about a minute)...")
+    result = calibrate.calibrate(rounds=ns.rounds, cold_bytes=ns.cold_mib << 20, log=say)
+    print(result.table())
+    print(f"\nplan: {result.plan}\nsaved to {result.path}; every TVM lowering on this machine uses it")
+    return EXIT_OK
+
+
 def _cmd_inspect(ns: argparse.Namespace) -> int:
     import sparsecomp
 
@@ -354,6 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also time each model lowered to these backends (default: ort tvm; none: torch only)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     demo.set_defaults(func=_cmd_demo)
+
+    cal = sub.add_parser(
+        "calibrate",
+        parents=[common],
+        help="measure the TVM sparse kernels' prefetch variants on this CPU and keep the fastest",
+        description="Time each software-prefetch variant of the batch-1 sparse kernels (BSR, CSR, "
+        "N:M) on cold weights on this machine and save the fastest per kernel walk in the cache "
+        "($SPARSECOMP_CACHE_DIR, else ~/.cache/sparsecomp); later TVM lowerings use it.",
+    )
+    cal.add_argument("--show", action="store_true", help="print the plan in use and where it is kept; measure nothing")
+    cal.add_argument("--rounds", type=_positive_int, default=9, help="interleaved timing rounds (default 9)")
+    cal.add_argument("--cold-mib", type=_positive_int, default=256,
+                     help="MiB of weight copies cycled so that each call reads DRAM (default 256)")
+    cal.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    cal.set_defaults(func=_cmd_calibrate)
 
     spec_help = "MODULE:FUNCTION or FILE.py:FUNCTION returning (model, example_inputs[, example_kwargs])"
     inspect = sub.add_parser(

@@ -1,10 +1,18 @@
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+# lowering reads the per-machine prefetch plan (backends/tvm/calibrate.py) from this cache: tests use
+# an empty one of their own, never a developer's calibrated plan
+os.environ["SPARSECOMP_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsecomp-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SPARSECOMP_CACHE_DIR"], True)
 
 
 def pytest_addoption(parser):

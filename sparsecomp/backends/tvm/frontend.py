@@ -106,8 +106,9 @@ class _Lowering:
     """Converters bound to one exported program (to read its constant tensors)."""
 
     def __init__(self, ep: torch.export.ExportedProgram, parallel: bool = True, avx2: bool = False,
-                 bmi: bool = False, avx512: bool = False):
+                 bmi: bool = False, avx512: bool = False, prefetch: kernels.PrefetchPlan = kernels.DEFAULT_PLAN):
         self.consts = _constants(ep)
+        self.prefetch = prefetch  # the sparse kernels' software prefetch (see .calibrate)
         self.parallel = parallel
         self.avx2 = avx2  # the target has AVX2 (x86 permute kernels)
         self.bmi = bmi  # ... and BMI (bextr in the CSR kernel)
@@ -257,11 +258,11 @@ class _Lowering:
             col = torch.zeros(1, dtype=torch.int32)
         if r >= c:
             kernel = kernels.bsr_row_vector_kernel(n_out, k, r, c, values.shape[0], "int32",
-                                                  parallel=self.parallel)
+                                                  parallel=self.parallel, pf=self.prefetch.bsr(r, c))
             vals = values.permute(0, 2, 1).contiguous()
         else:
             kernel = kernels.bsr_col_vector_kernel(n_out, k, r, c, values.shape[0], "int32",
-                                                  parallel=self.parallel)
+                                                  parallel=self.parallel, pf=self.prefetch.bsr(r, c))
             vals = values.contiguous()
         self._count(f"bsr{r}x{c}")
         consts = [self._index(crow), self._index(col), relax.const(vals.numpy()),
@@ -277,7 +278,7 @@ class _Lowering:
         sptr, cols, vals, perm = kernels.sell_layout(
             crow.numpy(), col.numpy().astype(np.int16 if narrow else np.int32), values.numpy())
         kernel = kernels.csr_kernel(n_out, k, len(sptr) - 1, cols.shape[0], "int16" if narrow else "int32",
-                                    parallel=self.parallel, bmi=self.bmi)
+                                    parallel=self.parallel, bmi=self.bmi, pf=self.prefetch.csr)
         self._count("csr")
         name = f"sc_csr_{n_out}x{k}"
         consts = [relax.const(sptr), relax.const(cols), relax.const(vals), relax.const(perm),
@@ -296,7 +297,7 @@ class _Lowering:
         if kernels.nm_lanes_supported(n_out, k, n, m, self.avx2):
             vals, pos = kernels.nm_lane_layout(values.numpy(), positions.numpy())
             padded = vals.shape[0] * kernels.SELL_R
-            kernel = kernels.nm_lanes_kernel(n_out, k, n, m, parallel=self.parallel)
+            kernel = kernels.nm_lanes_kernel(n_out, k, n, m, parallel=self.parallel, pf=self.prefetch.nm)
             consts = [relax.const(vals), relax.const(pos), self._bias(node, 3, n_out, padded)]
             return self._emit(imp, node, x, k, n_out, padded, kernel, name + "_lanes", consts, False)
         pos = positions.to(torch.uint8) if positions.numel() == 0 or int(positions.max()) < 256 else positions.to(torch.int32)
@@ -1443,13 +1444,17 @@ def _decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram
 
 
 def import_program(ep: torch.export.ExportedProgram, parallel: bool = True,
-                   target: tvm.target.Target | None = None) -> tuple[tvm.IRModule, dict[str, int]]:
+                   target: tvm.target.Target | None = None,
+                   prefetch: kernels.PrefetchPlan | None = None) -> tuple[tvm.IRModule, dict[str, int]]:
     """Relax module of ``ep`` and how many times each of our kernels was used (``{"dense": 3, ...}``).
 
     ``parallel=False`` generates single-threaded kernels (for models lowered with one thread).
     ``target`` (the compilation target) enables ISA-specific kernels (AVX2 N:M, BMI in CSR); ``None``:
-    generic ones.
+    generic ones. ``prefetch``: the sparse kernels' software prefetch; ``None``: the plan calibrated
+    for ``target`` on this machine if there is one (:func:`.calibrate.plan_for`), else the default.
     """
+    from .calibrate import plan_for
+
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = _decompose(ep)
@@ -1457,7 +1462,9 @@ def import_program(ep: torch.export.ExportedProgram, parallel: bool = True,
     def has(feature: str) -> bool:
         return target is not None and bool(tvm.target.codegen.target_has_features(feature, target))
 
-    lowering = _Lowering(ep, parallel, has("avx2"), has("bmi"), has("avx512f"))
+    if prefetch is None:
+        prefetch = plan_for(target) if target is not None else kernels.DEFAULT_PLAN
+    lowering = _Lowering(ep, parallel, has("avx2"), has("bmi"), has("avx512f"), prefetch)
     try:
         mod = from_exported_program(
             ep, custom_convert_map=lowering.convert_map(), run_ep_decomposition=False

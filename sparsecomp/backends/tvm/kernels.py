@@ -44,6 +44,8 @@ batch 1, cold: 453 us through the parallel path vs ~0.35 of that per nonzero ser
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -65,7 +67,8 @@ MIN_PARALLEL_FLOPS = 1 << 20
 SPARSE_FLOP_COST = 4
 # Sparse kernels prefetch their weight stream this many bytes ahead: the hardware prefetcher alone
 # left the CSR kernel at 0.64 of the bandwidth bound (3072x768, 90 %, cold); 2 KiB ahead: 0.78.
-# Walks that read several streams split it between them (:func:`_stream_prefetch_blocks`).
+# Walks that read several streams split it between them (:meth:`Prefetch.ahead`). The default of
+# :class:`Prefetch`; a host's own choice comes from :mod:`.calibrate`.
 PREFETCH_BYTES = 2048
 # SELL slices: rows per slice (one AVX2 vector of outputs); rows are sorted by length within
 # windows of SELL_SIGMA rows.
@@ -86,16 +89,76 @@ READ_STREAMS = 2
 PAIR_ACC_VECTORS = 4
 
 
+@dataclass(frozen=True)
+class Prefetch:
+    """Software prefetch of the weight stream in a sparse kernel's batch-1 walk.
+
+    ``distance``: bytes ahead over all the walk's streams (split between them); ``0``: none, the
+    hardware prefetcher alone. ``locality``: ``llvm.prefetch``'s hint, 3 = ``prefetcht0`` (into L1),
+    2 = ``prefetcht1`` (into L2), 1 = ``prefetcht2``.
+
+    What is fastest depends on the host: on a Zen 3, ``prefetcht1`` 2 KiB ahead for the narrow
+    blocks and CSR, and none for the lockstep walks of tall blocks and N:M (the defaults, below); on
+    an AVX-512 Xeon, 4 KiB ahead everywhere and ``prefetcht0`` for CSR (3072x768 at 90 %, cold: 16x1
+    0.78 -> 0.91-0.97 of the bandwidth bound, CSR 0.82 -> 0.89). :mod:`.calibrate` picks a
+    :class:`PrefetchPlan` per host by measurement.
+    """
+
+    distance: int = PREFETCH_BYTES
+    locality: int = 2
+
+    def __post_init__(self):
+        if not isinstance(self.distance, int) or not 0 <= self.distance <= 1 << 16:
+            raise ValueError(f"Prefetch.distance must be an int in [0, 65536] bytes, got {self.distance!r}")
+        if self.locality not in (1, 2, 3):
+            raise ValueError(f"Prefetch.locality must be 1, 2 or 3 (prefetcht2/t1/t0), got {self.locality!r}")
+
+    def ahead(self, unit_bytes: int, streams: int = 1) -> int:
+        """Units of ``unit_bytes`` each of ``streams`` streams prefetches ahead (>= 1); 0 if off."""
+        return max(1, self.distance // streams // unit_bytes) if self.distance else 0
+
+
+OFF = Prefetch(0)
+
+
+@dataclass(frozen=True)
+class PrefetchPlan:
+    """One :class:`Prefetch` per batch-1 walk: ``narrow_blocks`` (BSR blocks narrower than a vector
+    or wider than tall: 4x4, 1x16...), ``tall_blocks`` (BSR ``r >= c`` with ``r >= 8``: 16x1, 8x8,
+    walked two block rows in lockstep), ``csr`` (SELL slices) and ``nm`` (N:M lanes, two groups in
+    lockstep)."""
+
+    narrow_blocks: Prefetch = Prefetch()
+    tall_blocks: Prefetch = OFF
+    csr: Prefetch = Prefetch()
+    nm: Prefetch = OFF
+
+    def __post_init__(self):
+        for name in ("narrow_blocks", "tall_blocks", "csr", "nm"):
+            if not isinstance(getattr(self, name), Prefetch):
+                raise TypeError(f"PrefetchPlan.{name} must be a Prefetch, got {getattr(self, name)!r}")
+
+    def bsr(self, r: int, c: int) -> Prefetch:
+        """The entry for ``r x c`` blocks."""
+        return self.tall_blocks if r >= c and r >= 8 else self.narrow_blocks
+
+
+DEFAULT_PLAN = PrefetchPlan()
+
+
 def _scheduled(func):
     return func.with_attr("tirx.is_scheduled", True)
 
 
-def _prefetch(addr):
-    """Software prefetch (read, into L2: ``prefetcht1``) of ``addr``; a hint, never faults.
+def _prefetch(addr, locality: int = 2):
+    """Software prefetch (read) of ``addr`` with ``llvm.prefetch`` locality ``locality``; a hint,
+    never faults.
 
-    Into L2 rather than L1 (``prefetcht0``): 1-13 % faster on the cold 3072x768 kernels (16x1 and CSR
-    at 90 %, 4x4 at 95 %, N:M 1:8; same-run A/B), the weights being used once, shortly after."""
-    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", addr, 0, 2, 1))
+    The default, into L2 (``prefetcht1``) rather than L1 (``prefetcht0``): 1-13 % faster on a Zen 3
+    (cold 3072x768 kernels: 16x1 and CSR at 90 %, 4x4 at 95 %, N:M 1:8; same-run A/B), the weights
+    being used once, shortly after. An AVX-512 Xeon prefers ``prefetcht0`` for CSR (see
+    :class:`Prefetch`)."""
+    return T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", addr, 0, locality, 1))
 
 
 def _prefetch_lines(block_bytes: int) -> int:
@@ -104,16 +167,7 @@ def _prefetch_lines(block_bytes: int) -> int:
     return max(1, block_bytes // 64)
 
 
-def _stream_prefetch_blocks(r: int, c: int, streams: int) -> int:
-    """Blocks of ``r x c`` each of ``streams`` interleaved weight streams prefetches ahead:
-    :data:`PREFETCH_BYTES` in total. With the two streams of the batch-1 BSR walks, 1 KiB each
-    instead of 2 KiB took 4x4 to 0.87-0.98x the time at 70-95 % (four same-run A/Bs) and 1x16 to
-    0.93-0.95x at 70-80 % (equal within noise at 90-95 %; 3072x768, cold). 512 B / 1.5 KiB per stream
-    were no better than 1 KiB; CSR (one stream) keeps 2 KiB: 1 KiB and 512 B were slower there."""
-    return max(1, PREFETCH_BYTES // streams // (4 * r * c))
-
-
-def _block_prefetch(r: int, c: int, pd: int, last: int):
+def _block_prefetch(r: int, c: int, pd: int, last: int, locality: int):
     """Macro ``prefetch_block(val, col, j)``: every cache line of stored block ``j + pd`` (clamped to
     the last block) and its column index, for values stored ``[nnzb, r, c]`` (``c`` contiguous; the
     ``r >= c`` kernel passes its transposed ``[nnzb, c, r]`` as ``(c, r)``)."""
@@ -121,8 +175,8 @@ def _block_prefetch(r: int, c: int, pd: int, last: int):
     @T.macro
     def prefetch_block(val, col, j):
         for ln in T.unroll(_prefetch_lines(4 * r * c)):
-            _prefetch(T.address_of(val[T.min(j + pd, last), ln * 16 // c, ln * 16 % c]))
-        _prefetch(T.address_of(col[T.min(j + pd, last)]))
+            _prefetch(T.address_of(val[T.min(j + pd, last), ln * 16 // c, ln * 16 % c]), locality)
+        _prefetch(T.address_of(col[T.min(j + pd, last)]), locality)
 
     return prefetch_block
 
@@ -236,13 +290,15 @@ def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, wv):
 
 
 def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, MB: int | None = None,
-                          dtype: str = "float32", parallel: bool = True):
+                          dtype: str = "float32", parallel: bool = True, pf: Prefetch | None = None):
     """BSR with ``r >= c``: values ``[nnzb, c, r]``; ``Y[B, N] = X[B, K] @ W^T + bias``.
 
     Register tile ``MB`` rows of ``x`` x ``r`` outputs, ``MB`` chosen so that 8 accumulator vectors
     are in flight (4x4 / 8x8 blocks: 8 rows; 16x1: 4); rows of ``x`` past the tiles (all of them at
-    batch 1) run one at a time, the weights read as two streams in lockstep (:func:`rows_pair`).
+    batch 1) run one at a time, the weights read as two streams in lockstep (:func:`rows_pair`),
+    prefetched as ``pf`` says (default: :data:`DEFAULT_PLAN`'s entry for ``r x c``).
     """
+    pf = DEFAULT_PLAN.bsr(r, c) if pf is None else pf
     if MB is None:
         MB = _bsr_rows_per_tile(-(-r // 8))
     nbr = N // r
@@ -250,14 +306,14 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     nch = _chunks(nbr, per_chunk)
     flops_per_row = 2 * nnzb * r * c * SPARSE_FLOP_COST
     threshold = _parallel_threshold(parallel)
-    pd = _stream_prefetch_blocks(r, c, 2)  # blocks ahead, per stream of rows_pair
+    # blocks ahead, per stream of rows_pair. On a Zen 3 (the default plan): 2 KiB ahead for blocks
+    # narrower than a vector (4x4 reached 0.88-0.97 of the bound with it, 0.84-0.94 without at
+    # 70-90 %; 1 KiB a stream instead of 2 took it to 0.87-0.98x the time); none for taller blocks,
+    # which stream in lockstep like a plain read: 16x1 0.83-1.02 without vs 0.74-0.89 with, 8x8
+    # 0.75-0.95 vs 0.68-0.84 (3072x768 at 70-95 %, cold, batch 1; same-run A/Bs)
+    pd = pf.ahead(4 * r * c, 2)
+    PF = pd > 0
     last = max(nnzb - 1, 0)
-    # software prefetch (:data:`PREFETCH_BYTES` ahead) in the batch-1 walk only for blocks narrower
-    # than a vector: 4x4 reached 0.88-0.97 of the bound with it, 0.84-0.94 without (70-90 %). Taller
-    # blocks stream in lockstep like a plain read, and the hardware prefetcher alone does better:
-    # 16x1 0.83-1.02 without vs 0.74-0.89 with, 8x8 0.75-0.95 vs 0.68-0.84 (3072x768 at 70-95 %,
-    # cold, batch 1; three same-run A/Bs)
-    PF = r < 8
 
     # blocks narrower than a vector (4x4, 2x2...): batch tiles of x^T at full vector width
     tiled = int(r % 8 != 0)
@@ -298,7 +354,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                     for i in T.vectorized(r):
                         Y[t_end + bo * MB + mi, br * r + i] = acc[mi, i]
 
-    prefetch_block = _block_prefetch(c, r, pd, last)  # values stored [nnzb, c, r]
+    prefetch_block = _block_prefetch(c, r, pd, last, pf.locality)  # values stored [nnzb, c, r]
 
     @T.macro
     def fma_plain(X, col, VF, acc1, b, j, a0):
@@ -393,12 +449,14 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
 
 def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, MB: int | None = None,
-                          dtype: str = "float32", parallel: bool = True):
+                          dtype: str = "float32", parallel: bool = True, pf: Prefetch | None = None):
     """BSR with ``c > r``: values ``[nnzb, r, c]``; vector over a block's ``c`` columns, then a sum.
 
     ``MB`` rows of ``x`` share each loaded block (1x16: 4 rows x 2 vectors = 8 accumulators; one
-    row alone is an FMA-latency chain); single rows prefetch the weight stream.
+    row alone is an FMA-latency chain); single rows prefetch the weight stream as ``pf`` says
+    (default: :data:`DEFAULT_PLAN`'s ``narrow_blocks``).
     """
+    pf = DEFAULT_PLAN.bsr(r, c) if pf is None else pf
     if MB is None:
         MB = _bsr_rows_per_tile(r * -(-c // 8))
     nbr = N // r
@@ -406,7 +464,10 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     nch = _chunks(nbr, per_chunk)
     flops_per_row = 2 * nnzb * r * c * SPARSE_FLOP_COST
     threshold = _parallel_threshold(parallel)
-    pd = _stream_prefetch_blocks(r, c, READ_STREAMS)
+    # 1x16 on a Zen 3: 1 KiB a stream instead of 2 took 0.93-0.95x the time at 70-80 % (equal at
+    # 90-95 %); 512 B / 1.5 KiB a stream were no better
+    pd = pf.ahead(4 * r * c, READ_STREAMS)
+    PF = pd > 0
     last = max(nnzb - 1, 0)
 
     @T.macro
@@ -432,7 +493,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         Y[b, o] = red[0]
 
     hsum = hsum_tree if c % 8 == 0 else hsum_scalar
-    prefetch_block = _block_prefetch(r, c, pd, last)
+    prefetch_block = _block_prefetch(r, c, pd, last, pf.locality)
     cv = 8 if c % 8 == 0 else c  # vector width over a block's columns: one AVX2 register
     RS = READ_STREAMS
     # rows of x from here on run alone (rows()): after the x^T batch tiles and the MB-row tiles
@@ -486,7 +547,8 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                             for q in T.vectorized(cv):
                                 acc1[0, i, cb * cv + q] = T.Cast(dtype, 0)
                     for j in range(crow[br], crow[br + 1]):
-                        prefetch_block(val, col, j)
+                        if PF:
+                            prefetch_block(val, col, j)
                         for i in T.unroll(r):
                             for cb in T.unroll(c // cv):
                                 for q in T.vectorized(cv):
@@ -572,7 +634,8 @@ def sell_layout(crow, col, values, R: int = SELL_R, sigma: int = SELL_SIGMA, ali
 
 
 def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str = "float32",
-               U: int = ROW_UNROLL, parallel: bool = True, sigma: int = SELL_SIGMA, bmi: bool = False):
+               U: int = ROW_UNROLL, parallel: bool = True, sigma: int = SELL_SIGMA, bmi: bool = False,
+               pf: Prefetch | None = None):
     """Unstructured sparse ``Y[B, N] = X @ W^T + bias`` on the SELL layout of :func:`sell_layout`.
 
     Reads ``xt = X^T [K, B]``. One slice = ``SELL_R`` output rows in the lanes of one vector:
@@ -588,8 +651,10 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
 
     ``sigma`` must be the layout's window: a chunk (parallel task) is one window's slices, which
     hold exactly the window's output rows. ``bmi``: the target has x86 BMI (``bextr``), used to take
-    int16 columns out of their index words.
+    int16 columns out of their index words. ``pf``: the batch-1 walk's software prefetch (default:
+    :data:`DEFAULT_PLAN`'s ``csr``; on a Zen 3 1 KiB and 512 B ahead were slower than 2 KiB).
     """
+    pf = DEFAULT_PLAN.csr if pf is None else pf
     R = SELL_R
     flops_per_row = 2 * entries * R * SPARSE_FLOP_COST
     threshold = _parallel_threshold(parallel)
@@ -597,7 +662,9 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
         raise ValueError(f"csr_kernel: the SELL window ({sigma} rows) must be a multiple of {R}")
     per_chunk = sigma // R   # a chunk is one window of the layout: its slices cover its rows
     nch = _chunks(slices, per_chunk)
-    pd = PREFETCH_BYTES // (4 * R)  # entries ahead
+    pd = pf.ahead(4 * R)  # entries ahead
+    PF = pd > 0
+    loc = pf.locality
     i32 = "int32"
 
     packed = idx == "int16"
@@ -629,9 +696,10 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
         for u in T.unroll(U):
             acc[u, T.ramp(0, 1, R)] = T.Broadcast(T.Cast(dtype, 0), R)
         for jo in range(ln // U):
-            _prefetch(T.address_of(val[T.min(s0 + jo * U + pd, entries - 1), 0]))
-            _prefetch(T.address_of(val[T.min(s0 + jo * U + pd + 2, entries - 1), 0]))
-            _prefetch(T.address_of(col[T.min(s0 + jo * U + pd, entries - 1), 0]))
+            if PF:
+                _prefetch(T.address_of(val[T.min(s0 + jo * U + pd, entries - 1), 0]), loc)
+                _prefetch(T.address_of(val[T.min(s0 + jo * U + pd + 2, entries - 1), 0]), loc)
+                _prefetch(T.address_of(col[T.min(s0 + jo * U + pd, entries - 1), 0]), loc)
             for u in T.unroll(U):
                 acc[u, T.ramp(0, 1, R)] = acc[u, T.ramp(0, 1, R)] + val[
                     s0 + jo * U + u, T.ramp(0, 1, R)] * xvec(XF, col, CW, s0 + jo * U + u, stride, b)
@@ -824,7 +892,7 @@ def nm_lane_layout(values, positions, R: int = SELL_R):
 
 
 def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: str = "float32",
-                    parallel: bool = True):
+                    parallel: bool = True, pf: Prefetch | None = None):
     """N:M (``m`` in 2/4/8) ``Y[B, NP] = X[B, K] @ W^T + bias``, ``NP = ceil(N/8)*8``; AVX2 only.
 
     8 output rows in the lanes of a vector (:func:`nm_lane_layout`). For each 8-column window of
@@ -836,9 +904,11 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
     (:func:`group_pair`, two accumulator sets of :data:`PAIR_ACC_VECTORS`), the weights read as two
     sequential streams in lockstep without software prefetch, like the taller BSR blocks: 3072x768,
     batch 1, cold: 1:4 0.97-1.00 of the bound (0.87-0.95 before), 1:8 0.94-0.97 (0.85-0.86), 2:4
-    1.03 (0.91); same-run A/Bs. Patterns with more than 4 entries a window (3:4, 7:8) keep one group
-    at a time.
+    1.03 (0.91); same-run A/Bs (a Zen 3). ``pf``: that walk's software prefetch (default:
+    :data:`DEFAULT_PLAN`'s ``nm``, none). Patterns with more than 4 entries a window (3:4, 7:8) keep
+    one group at a time, prefetched :data:`PREFETCH_BYTES` ahead.
     """
+    pf = DEFAULT_PLAN.nm if pf is None else pf
     R = SELL_R
     E = 8 // m * n            # stored entries per 8-column window
     W = K // 8
@@ -855,6 +925,8 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
     flops_per_row = 2 * NP * L * 2
     threshold = _parallel_threshold(parallel)
     pd = PREFETCH_BYTES // (4 * R)
+    pd2 = pf.ahead(4 * R, 2)  # entries ahead, per group of group_pair
+    loc = pf.locality
     u8 = "uint8"
 
     def select(X, pos, b, g, w, e):
@@ -895,13 +967,27 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
             finish(acc, 0, A, bias, Y, b, g)
 
     @T.macro
-    def group_pair(X, val, pos, bias, Y, B, g, g2, acc):
-        """Groups ``g`` and ``g2`` walked window by window together: the weights read as two
-        sequential streams in lockstep, on the hardware prefetcher alone."""
+    def pair_prefetch(VF, PF, g, wo):
+        # values: the two lines (4 entries of 8 lanes) a step reads, ``pd2`` entries ahead; positions
+        # (a quarter of the bytes): the same byte distance, one line a step
+        for gg in T.unroll(2):
+            _prefetch(T.address_of(VF[T.min((gg * (G + 1) // 2 * L + g * L + wo * AP + pd2) * R,
+                                            G * L * R - 1)]), loc)
+            _prefetch(T.address_of(VF[T.min((gg * (G + 1) // 2 * L + g * L + wo * AP + pd2 + 2) * R,
+                                            G * L * R - 1)]), loc)
+            _prefetch(T.address_of(PF[T.min((gg * (G + 1) // 2 * L + g * L + wo * AP + pd2 * 4) * R,
+                                            G * L * R - 1)]), loc)
+
+    @T.macro
+    def group_pair(X, val, pos, VF, PF, bias, Y, B, g, g2, acc):
+        """Groups ``g`` and ``g2 = g + ceil(G / 2)`` walked window by window together: the weights
+        read as two sequential streams in lockstep, prefetched as ``pf`` says."""
         for b in range(B):
             for a in T.unroll(2 * AP):
                 acc[a, T.ramp(0, 1, R)] = T.Broadcast(T.Cast(dtype, 0), R)
             for wo in range(W // WP):
+                if pd2 > 0:
+                    pair_prefetch(VF, PF, g, wo)
                 for wu in T.unroll(WP):
                     for e in T.unroll(E):
                         entry_fma(X, val, pos, acc, wu * E + e, b, g, wo * WP + wu, e)
@@ -930,7 +1016,7 @@ def nm_lanes_kernel(N: int, K: int, n: int, m: int, U: int = ROW_UNROLL, dtype: 
             acc = T.alloc_buffer((max(A, 2 * AP), R), dtype)
             if PAIRED:
                 for g in range(G // 2):
-                    group_pair(X, val, pos, bias, Y, B, g, g + (G + 1) // 2, acc)
+                    group_pair(X, val, pos, VF, PF, bias, Y, B, g, g + (G + 1) // 2, acc)
                 if G % 2 == 1:
                     group(X, val, pos, VF, PF, bias, Y, B, G // 2, acc)
             else:
