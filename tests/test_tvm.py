@@ -440,6 +440,8 @@ def test_conv_tile_follows_the_vector_width():
     assert kernels.conv_tile(16, 1, 32, avx512=True) == (16, 8)
     assert kernels.conv_tile(64, 1, 4, avx512=True) == (16, 4)
     assert kernels.conv_tile(8, 1, 32, avx512=True) == (8, 8)  # fewer channels than a vector
+    assert kernels.conv_tile(12, 1, 32, avx512=True) == (16, 8)  # 8-channel vectors pad to 16 too
+    assert kernels.conv_tile(12, 1, 32) == (8, 8)
     assert kernels.conv_tile(8, 4, 32, avx512=True) == (8, 8)  # a group of 8 channels
     assert kernels.conv_tile(6, 4, 32, avx512=True) == (4, 8)
 
@@ -804,10 +806,16 @@ def test_conv_kernels_directly():
     torch.testing.assert_close(y, torch.einsum("oc,ncp->nop", wpw, x.reshape(2, 6, 77)) + b[:9, None],
                                rtol=1e-5, atol=1e-4)
     wd = torch.randn(12, 1, 3, 3)
-    y = run(kernels.depthwise_conv_kernel(6, (1, 7, 11), 12, (1, 3, 3), (1, 1, 2), (1, 1, 1),
-                                          x_dims=(6, 7, 11), y_dims=(12, 5, 5)),
-            (2, 12, 5, 5), x, wd.reshape(12, 1, 3, 3), b[:12])
-    torch.testing.assert_close(y, F.conv2d(x, wd, b[:12], stride=(1, 2), groups=6), rtol=1e-5, atol=1e-4)
+    # width strides 2-4 take the subsampled full-width rows (acc[v * stride]), 1 and 5 the plain rows
+    xw = torch.randn(2, 6, 7, 37)
+    for sw, dw in ((1, 1), (2, 1), (2, 3), (3, 1), (4, 2), (5, 1)):
+        ow = (37 - 2 * dw - 1) // sw + 1
+        func = kernels.depthwise_conv_kernel(6, (1, 7, 37), 12, (1, 3, 3), (1, 1, sw), (1, 1, dw),
+                                             act="hardswish", x_dims=(6, 7, 37), y_dims=(12, 5, ow))
+        assert (f"acc[v * {sw}]" in func.script()) == (1 < sw <= kernels.DW_WIDE_MAX_STRIDE)
+        y = run(func, (2, 12, 5, ow), xw, wd, b[:12])
+        ref = F.hardswish(F.conv2d(xw, wd, b[:12], stride=(1, sw), dilation=(1, dw), groups=6))
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4, msg=f"depthwise stride {sw} dilation {dw}")
 
 
 # --------------------------------------------------------------------------- slow matrices

@@ -1160,6 +1160,9 @@ CONV_TW = 8
 # 4x16 / 6x16 / 3x32 / 8x8 on the zoo's 1x1 layers (e.g. 84->48 at 32x32: 61 vs 45 / 28 / 32 GF/s).
 POINTWISE_MB = 6
 POINTWISE_PB = 16
+# depthwise rows with a stride up to this are computed at every input column, then subsampled
+# (:func:`depthwise_conv_kernel`)
+DW_WIDE_MAX_STRIDE = 4
 
 
 ACTIVATIONS = ("relu", "hardswish", "hardsigmoid")
@@ -1189,11 +1192,13 @@ def conv_tile(ocg: int, groups: int, ow: int, avx512: bool = False) -> tuple[int
     50 for 16x4); narrower rows (the late, small stages) take 16 channels x up to 4 positions (1x1
     128->512 at 4x4: 84 vs 48 GF/s). A grouped conv's vector must stay inside one group (8, else 4).
     With AVX-512 (``avx512``) a 16-channel vector is one register: 16 channels x up to 8 positions
-    wherever 16 channels fit (the zoo's ResNet on an AVX-512 Xeon: 0.197 -> 0.135 ms, 1 thread).
+    wherever 16 channels fit (the zoo's ResNet on an AVX-512 Xeon: 0.197 -> 0.135 ms, 1 thread), and
+    for 9-15 channels, which 8-channel vectors pad to 16 as well (DenseNet's growth-12 3x3 convs:
+    the whole model 1.79 -> 1.27 ms).
     """
     if groups > 1 and ocg % 8:
         return 4, min(ow, 8)
-    if (ow < 8 or avx512) and (groups == 1 or ocg % 16 == 0) and ocg >= 16:
+    if (ow < 8 or avx512) and (groups == 1 or ocg % 16 == 0) and (ocg >= 16 or avx512 and ocg > 8):
         return 16, min(ow, 8 if avx512 else 4)
     return 8, min(ow, 8)
 
@@ -1477,6 +1482,16 @@ def depthwise_conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: t
     ``V``-wide vectors along the width (a static remainder vector for the rest): one broadcast weight
     FMA per tap. The generic schedule ran these per element; with few taps per output there is no
     reduction worth vectorising, only the row. ``x_dims`` / ``y_dims`` as :func:`conv_kernel`.
+
+    A strided row (width stride ``sw`` <= :data:`DW_WIDE_MAX_STRIDE`) is computed at every input
+    column in between, on contiguous vectors, and every ``sw``-th lane is stored: ``sw`` times the
+    FMAs, but a strided vector of ``x`` was 8 scalar loads per tap. Stride 2, batch 2 / 1, one
+    thread: 64 ch 16x16 k3 15.8 -> 4.0 us, 96 ch 8x8 k5 14.3 -> 6.4 us, 144 ch 28x28 k3 53 -> 19 us,
+    32 ch 112x112 k3 193 -> 68 us; stride 3: 0.89 -> 0.60 us. Also tried for MobileNet's small planes:
+    16-channel vectors over a channel-last copy of each block of planes (the two transposes cost more
+    than the scalar loads: 1.2-7x the time), and stride-1 planes as one flat vector over padded rows
+    (0.85-2.3x the time); copying each plane into a zero-bordered buffer inside the kernel instead
+    of the separate pad operator (the whole MobileNet: 0.13 -> 0.15 ms).
     """
     DP, HP, WP = IS
     KD, KH, KW = KS
@@ -1501,13 +1516,30 @@ def depthwise_conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: t
         for v in T.vectorized(width):
             Y[n, oc, od, oh, ow0 + v] = activation(act, acc[v], dtype)
 
+    def lanes(width: int) -> int:
+        return (width - 1) * sw + 1
+
+    @T.macro
+    def row_wide(X, w, bias, Y, n, oc, od, oh, ow0, width, acc):
+        # strided rows: every input column in between too, contiguous vectors, then every sw-th
+        for v in T.vectorized(lanes(width)):
+            acc[v] = bias[oc]
+        for kd, kh, kw in T.grid(KD, KH, KW):
+            for v in T.vectorized(lanes(width)):
+                acc[v] = acc[v] + X[n, oc // M, od * sd + kd * dd, oh * sh + kh * dh,
+                                    ow0 * sw + v + kw * dw] * w[oc, kd, kh, kw]
+        for v in T.vectorized(width):
+            Y[n, oc, od, oh, ow0 + v] = activation(act, acc[v * sw], dtype)
+
+    body = row_wide if 1 < sw <= DW_WIDE_MAX_STRIDE else row
+
     @T.macro
     def plane(X, w, bias, Y, n, oc, acc):
         for od, oh in T.grid(OD, OH):
             for owo in range(full):
-                row(X, w, bias, Y, n, oc, od, oh, owo * V, V, acc)
+                body(X, w, bias, Y, n, oc, od, oh, owo * V, V, acc)
             if R > 0:
-                row(X, w, bias, Y, n, oc, od, oh, full * V, R, acc)
+                body(X, w, bias, Y, n, oc, od, oh, full * V, R, acc)
 
     @T.prim_func(private=True)
     def depthwise(x_h: T.handle, w: T.Buffer((OC, KD, KH, KW), dtype), bias: T.Buffer((OC,), dtype),
@@ -1520,10 +1552,10 @@ def depthwise_conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: t
         Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
         if N * flops_per_image >= threshold:
             for i in T.parallel(N * OC):
-                acc = T.alloc_buffer((V,), dtype)
+                acc = T.alloc_buffer((V * sw,), dtype)
                 plane(X, w, bias, Y, i // OC, i % OC, acc)
         else:
-            acc = T.alloc_buffer((V,), dtype)
+            acc = T.alloc_buffer((V * sw,), dtype)
             for n, oc in T.grid(N, OC):
                 plane(X, w, bias, Y, n, oc, acc)
 
