@@ -446,6 +446,48 @@ def test_conv_tile_follows_the_vector_width():
     assert kernels.conv_tile(6, 4, 32, avx512=True) == (4, 8)
 
 
+def test_pointwise_tile_follows_the_vector_width():
+    assert kernels.pointwise_tile(1024) == kernels.pointwise_tile(16) == (6, 16)  # AVX2
+    assert kernels.pointwise_tile(1024, avx512=True) == kernels.pointwise_tile(32, avx512=True) == (6, 32)
+    assert kernels.pointwise_tile(16, avx512=True) == kernels.pointwise_tile(1, avx512=True) == (12, 16)
+    x = torch.randn(2, 20, 77)  # 77 positions: two 32-wide tiles and a remainder; 20 -> 26 channels
+    w, b = torch.randn(26, 20), torch.randn(26)
+    for mb, pb in ((6, 32), (12, 16)):
+        ocp = -(-26 // mb) * mb
+        wp = torch.cat([w, torch.zeros(ocp - 26, 20)]).reshape(ocp // mb, mb, 20).permute(0, 2, 1)
+        exe = _compile_kernel(kernels.pointwise_conv_kernel(20, 77, 26, mb, pb, parallel=False))
+        out = tvm.runtime.tensor(torch.zeros(2, 26, 77).numpy(), tvm.cpu())
+        exe["main"](*[tvm.runtime.tensor(a.contiguous().numpy(), tvm.cpu())
+                      for a in (x, wp, torch.cat([b, torch.zeros(ocp - 26)]))], out)
+        torch.testing.assert_close(torch.from_numpy(out.numpy()), torch.einsum("oc,ncp->nop", w, x) + b[:, None],
+                                   rtol=1e-5, atol=1e-4, msg=f"{mb}x{pb}")
+
+
+class Means(nn.Module):
+    def forward(self, x):
+        return (x.mean((2, 3), keepdim=True) * 2, x.mean(-1), x.mean((-1, -2, 1)),
+                F.adaptive_avg_pool2d(x, 1),
+                x.mean(1),  # not trailing: the importer's
+                x.mean((0, 1, 2, 3)))  # includes the dynamic batch dim: the importer's
+
+
+def test_mean_over_trailing_static_dims_uses_the_mean_kernel():
+    """Means over trailing static dims (including adaptive_avg_pool2d(1)) run the mean kernel; a
+    mean over a middle dim or over the dynamic batch dim does not. Numerics at several batches, and
+    through the parallel path (rows x size over the threshold, two threads)."""
+    x = torch.randn(2, 5, 7, 9)
+    low = sparsecomp.lower(Means(), (x,), backend="tvm")
+    assert low.kernels == {"mean": 4}
+    for batch in (1, 2, 3):
+        xb = torch.randn(batch, 5, 7, 9)
+        assert _rel_err(low(xb), Means()(xb)) < RTOL
+    par = sparsecomp.lower(Means(), (torch.randn(2, 5, 64, 128),), backend="tvm", num_threads=2)
+    big = torch.randn(40, 5, 64, 128)  # 200 rows x 8192: the parallel branch
+    assert _rel_err(par(big), Means()(big)) < RTOL
+    for parallel in (True, False):  # the parallel branch is taken iff rows x size >= the threshold
+        assert (str(kernels.MIN_PARALLEL_FLOPS) in kernels.mean_kernel(6300, parallel=parallel).script()) == parallel
+
+
 def test_dense_register_tile_follows_the_vector_width():
     from sparsecomp.backends.tvm import frontend, target as tgt
 

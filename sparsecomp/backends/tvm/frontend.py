@@ -52,6 +52,8 @@ integer divisions by a tensor      divisor through ``nonzero_check_kernel`` (div
 ``aten.fmax``, ``fmin``, shifts    NaN-ignoring ``maximum`` / ``minimum``; ``left_shift`` / ``right_shift``
 ``_native_batch_norm_legit``       ``no_stats`` (``instance_norm``): the input's own mean / variance
 ``aten.upsample_nearest*.vec``     one ``take`` per axis with torch's ``floor(i * scale)`` indices
+``aten.mean.dim`` (trailing dims)  float32 mean over the last ``k`` static dims: mean kernel on
+                                   ``[rows, S]`` (the legalized reduction was scalar)
 =================================  =====================================================================
 
 Every converter, ours and the importer's, runs behind :func:`_guarded`: a failure raises
@@ -589,14 +591,14 @@ class _Lowering:
         n = x.ty.shape.values[0]
         oc = spec.out_channels
         if spec.pointwise:
-            mb = kernels.POINTWISE_MB
             p = int(np.prod(spec.in_spatial))
+            mb, pb = kernels.pointwise_tile(p, self.avx512)
             ocp = -(-oc // mb) * mb
             wp = torch.zeros(ocp, spec.in_channels)
             wp[:oc] = w.reshape(oc, spec.in_channels)
             packed = wp.reshape(ocp // mb, mb, spec.in_channels).permute(0, 2, 1).contiguous()
             kernel = kernels.pointwise_conv_kernel(
-                spec.in_channels, p, oc, mb, act=act, x_dims=(spec.in_channels, *spec.in_spatial),
+                spec.in_channels, p, oc, mb, pb, act=act, x_dims=(spec.in_channels, *spec.in_spatial),
                 y_dims=(oc, *spec.out_spatial), parallel=self.parallel, residual=residual is not None)
             name = f"sc_conv1x1_{spec.in_channels}x{oc}x{p}"
             self._count("conv1x1")
@@ -654,13 +656,13 @@ class _Lowering:
         oc2 = oc * taps
         w2 = w.reshape(ic, oc2).t().contiguous()  # row (o, *tap) of the pointwise weight
         b2 = None if spec.bias is None else spec.bias.repeat_interleave(taps)
-        mb = kernels.POINTWISE_MB
         p = int(np.prod(spec.in_spatial))
+        mb, pb = kernels.pointwise_tile(p, self.avx512)
         ocp = -(-oc2 // mb) * mb
         wp = torch.zeros(ocp, ic)
         wp[:oc2] = w2
         packed = wp.reshape(ocp // mb, mb, ic).permute(0, 2, 1).contiguous()
-        gv = bb.add_func(kernels.pointwise_conv_kernel(ic, p, oc2, mb, x_dims=(ic, *spec.in_spatial),
+        gv = bb.add_func(kernels.pointwise_conv_kernel(ic, p, oc2, mb, pb, x_dims=(ic, *spec.in_spatial),
                                                        y_dims=(oc, *k, *spec.in_spatial),
                                                        parallel=self.parallel),
                          f"sc_convT_{ic}x{oc2}x{p}")
@@ -1032,6 +1034,38 @@ class _Lowering:
                 both[key] = _promoting(positions, both[key])
         return {key: _guarded(key, convert) for key, convert in both.items()}
 
+    def mean(self, node: fx.Node, imp) -> relax.Var:
+        """``aten.mean.dim`` over the trailing dims of a float32 tensor with static sizes there ->
+        :func:`.kernels.mean_kernel` on ``[rows, S]``; any other mean goes to the importer."""
+        x = imp.env[node.args[0]]
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        ty = x.ty
+        if (node.kwargs.get("dtype") is not None or not isinstance(ty, relax.TensorType)
+                or ty.dtype != "float32" or ty.ndim < 1 or not dims
+                or not all(isinstance(d, int) for d in dims)):
+            return self._default(imp, "mean.dim", node)
+        nd = ty.ndim
+        axes = sorted({d % nd for d in dims})
+        shape = list(ty.shape.values)
+        tail = shape[nd - len(axes):]
+        if axes != list(range(nd - len(axes), nd)) or not all(isinstance(d, tvm.tirx.IntImm) for d in tail):
+            return self._default(imp, "mean.dim", node)
+        size = int(np.prod([int(d) for d in tail]))
+        if size == 0:
+            return self._default(imp, "mean.dim", node)
+        bb = imp.block_builder
+        lead = shape[: nd - len(axes)]
+        rows = tvm.tirx.const(1, "int64")
+        for d in lead:
+            rows = rows * d
+        x2 = bb.emit(relax.op.reshape(x, relax.ShapeExpr([rows, size])))
+        gv = bb.add_func(kernels.mean_kernel(size, parallel=self.parallel), f"sc_mean_{size}")
+        y = bb.emit(relax.call_tir(gv, [x2], relax.TensorType([rows], "float32")))
+        self._count("mean")
+        out = [*lead, *([1] * len(axes) if keepdim else [])]
+        return bb.emit(relax.op.reshape(y, relax.ShapeExpr(out)))
+
     def _deferred(self, key: str) -> Callable:
         return lambda node, imp: self._default(imp, key, node)
 
@@ -1061,6 +1095,7 @@ class _Lowering:
             "bitwise_right_shift.Tensor": self.shift,
             "fmax.default": self.fminmax,
             "fmin.default": self.fminmax,
+            "mean.dim": self.mean,
             "amax.default": self.reduce,
             "amin.default": self.reduce,
             "prod.dim_int": self.reduce,
