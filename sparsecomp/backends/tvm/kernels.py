@@ -27,10 +27,11 @@ Layouts are chosen at compile time from the constant weights (see :mod:`.fronten
   the batch, ``U`` independent accumulators per output row for the rest).
 * convolutions (NCHW in and out, inputs already padded): direct kernel with weights packed
   ``[OC/NB, IC/g, KD, KH, KW, NB]``, register tile ``TW`` output-width positions x ``NB`` output
-  channels; pointwise (1x1) kernel vectorised over positions (tile 6 channels x 16 positions);
-  depthwise kernel vectorised along output rows. Activations (ReLU, hardswish, hardsigmoid) can be
+  channels; pointwise (1x1) kernel vectorised over positions (:func:`pointwise_tile`); depthwise
+  kernel vectorised along output rows (strided rows computed whole, then subsampled). Activations (ReLU, hardswish, hardsigmoid) can be
   fused into the stores; BatchNorm is folded into the weights by the frontend.
 * GroupNorm / LayerNorm: two-pass statistics into 8-lane vectors, then one vectorised affine pass.
+* mean over trailing dims: vector accumulators per row (:func:`mean_kernel`).
 * index check (before embedding, ``index_select``, one-tensor indexing, ``gather``): torch's bounds
   check on indices that reach Relax ``take`` / ``gather_elements`` (:func:`index_check_kernel`).
 

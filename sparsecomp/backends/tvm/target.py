@@ -65,6 +65,20 @@ def set_threads(num_threads: int) -> None:
     if num_threads < 1:
         raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
     if _CURRENT_THREADS[0] != num_threads:
+        # TVM pins the calling thread to one core while it configures its pool (threading_backend's
+        # affinity setup); the caller's mask is restored after, or every later torch op of the process
+        # ran on that one core (a small CNN's training in the test suite: 1.2 -> 31 s)
+        mask = _affinity()
         # mode 1 = "big cores"; the runtime uses min(nthreads, cores) workers
         tvm.get_global_func("runtime.config_threadpool")(1, num_threads)
         _CURRENT_THREADS[0] = num_threads
+        if mask is not None and _affinity() != mask:
+            os.sched_setaffinity(0, mask)
+
+
+def _affinity() -> set | None:
+    """The calling thread's CPU mask, ``None`` where the OS has no such call."""
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return None
