@@ -32,6 +32,11 @@ interleaved sample starts with one untimed call.
 kernel 2.4-4.4 us more (docs/BENCHMARKS.md). The comparisons with scipy / torch, which can only be
 called from Python, use our kernels called from Python too.
 
+*Pinning*: the process pins itself to one core (``--no-pin``: not); every candidate is single-threaded.
+Until the fifth session TVM's thread-pool set-up did this as a side effect (since fixed); an unpinned
+run of the batch-1 table had about the same kernel times but a bound that moved with the host's
+bandwidth (18-22.8 GB/s in one run, 18.7-20.4 pinned).
+
 *Prefetch*: the sparse kernels are built with this machine's calibrated prefetch plan
 (``backends/tvm/calibrate.py``, as ``lower`` builds them); when there is none yet, the bench runs
 the calibration first (about 20 s, its own synthetic 4096x1024 weights, saved like ``sparsecomp
@@ -625,6 +630,8 @@ def main(argv=None) -> None:
                          "timed in each row's interleaved rounds)")
     ap.add_argument("--rounds", type=int, default=7,
                     help="interleaved rounds per sparse row (more: steadier medians on a shared machine)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="do not pin the process to one core (default: pinned, as `taskset -c` would)")
     ap.add_argument("--prefetch", choices=["host", "default", "recalibrate"], default="host",
                     help="sparse kernels' prefetch plan: this machine's calibrated one (calibrating first "
                          "if there is none; default), the uncalibrated default, or calibrate again")
@@ -632,6 +639,12 @@ def main(argv=None) -> None:
     sections = opts.only or ["sparse1", "batched", "models", "demo"]
     torch.set_num_threads(1)
     set_threads(1)
+    if not opts.no_pin and hasattr(os, "sched_setaffinity"):
+        # every candidate runs on one thread: pinned, the scheduler does not move it (and its cache
+        # and prefetcher state) between cores mid-run
+        core = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        print(f"pinned to core {core} (--no-pin: not)")
     print(f"host target: {host_target()}  (torch {torch.__version__}, tvm {tvm.__version__})")
     if {"sparse1", "batched"} & set(sections):
         if opts.prefetch == "default":
