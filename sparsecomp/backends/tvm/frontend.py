@@ -18,7 +18,8 @@ only binds them after conversion), pack them for our kernels at compile time, an
                                    of ``x``; else a row kernel, columns from the uint8 positions
 ``aten.to.device``                 CPU only: a dtype cast or nothing (left by un-decomposed graphs)
 ``aten.convolution`` (constant W)  1-3 spatial dims. 1x1 stride-1 ungrouped: pointwise kernel (``W`` as
-                                   ``[OC/MB, IC, MB]``, ``pointwise_tile``); depthwise (``groups == IC``): row kernel; other
+                                   ``[OC/MB, IC, MB]``, ``pointwise_tile``); depthwise (``groups ==
+                                   IC``): row kernel; other
                                    (groups with ``OC/g % 4 == 0``): direct kernel, ``W`` as
                                    ``[OC/NB, IC/g, KD, KH, KW, NB]``; padding is a separate ``pad``.
                                    An inference BatchNorm consuming it alone is folded into ``W``/bias,

@@ -28,8 +28,9 @@ Layouts are chosen at compile time from the constant weights (see :mod:`.fronten
 * convolutions (NCHW in and out, inputs already padded): direct kernel with weights packed
   ``[OC/NB, IC/g, KD, KH, KW, NB]``, register tile ``TW`` output-width positions x ``NB`` output
   channels; pointwise (1x1) kernel vectorised over positions (:func:`pointwise_tile`); depthwise
-  kernel vectorised along output rows (strided rows computed whole, then subsampled). Activations (ReLU, hardswish, hardsigmoid) can be
-  fused into the stores; BatchNorm is folded into the weights by the frontend.
+  kernel vectorised along output rows (strided rows computed whole, then subsampled). Activations
+  (ReLU, hardswish, hardsigmoid) can be fused into the stores; BatchNorm is folded into the weights
+  by the frontend.
 * GroupNorm / LayerNorm: two-pass statistics into 8-lane vectors, then one vectorised affine pass.
 * mean over trailing dims: vector accumulators per row (:func:`mean_kernel`).
 * index check (before embedding, ``index_select``, one-tensor indexing, ``gather``): torch's bounds
@@ -125,7 +126,7 @@ OFF = Prefetch(0)
 @dataclass(frozen=True)
 class PrefetchPlan:
     """One :class:`Prefetch` per batch-1 walk: ``narrow_blocks`` (BSR blocks narrower than a vector
-    or wider than tall: 4x4, 1x16...), ``tall_blocks`` (BSR ``r >= c`` with ``r >= 8``: 16x1, 8x8,
+    or wider than they are tall: 4x4, 1x16...), ``tall_blocks`` (BSR ``r >= c`` with ``r >= 8``: 16x1, 8x8,
     walked two block rows in lockstep), ``csr`` (SELL slices) and ``nm`` (N:M lanes, two groups in
     lockstep)."""
 
