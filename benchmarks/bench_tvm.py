@@ -332,14 +332,8 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None,
         p = pack(w, "bsr", block=block)
         r, c = block
         nnzb = p.values.shape[0]
-        if r >= c:
-            f = _compile(kernels.bsr_row_vector_kernel(OUT, IN, r, c, nnzb, "int32", parallel=False,
-                                                       pf=PLAN[0].bsr(r, c)))
-            vals = p.values.permute(0, 2, 1).numpy()
-        else:
-            f = _compile(kernels.bsr_col_vector_kernel(OUT, IN, r, c, nnzb, "int32", parallel=False,
-                                                       pf=PLAN[0].bsr(r, c)))
-            vals = p.values.numpy()
+        f = _compile(kernels.bsr_kernel(OUT, IN, r, c, nnzb, "int32", parallel=False, pf=PLAN[0].bsr(r, c)))
+        vals = kernels.bsr_stored_values(p.values, r, c).numpy()
         nbytes = p.nbytes
         n = copies_for(nbytes)
         ws = arena_copies([p.crow_indices.numpy(), p.col_indices.numpy(), vals], n)

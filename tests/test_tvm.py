@@ -205,9 +205,8 @@ def test_bsr_kernels_batch_tiles_and_remainders(block, n_out):
     w = _prune(torch.randn(n_out, k), 0.3, block)
     bias = torch.randn(n_out)
     p = pack(w, "bsr", block=block)
-    gen, vals = ((kernels.bsr_row_vector_kernel, p.values.permute(0, 2, 1)) if r >= c else
-                 (kernels.bsr_col_vector_kernel, p.values))
-    func = gen(n_out, k, r, c, p.values.shape[0], "int32", parallel=False)
+    vals = kernels.bsr_stored_values(p.values, r, c)
+    func = kernels.bsr_kernel(n_out, k, r, c, p.values.shape[0], "int32", parallel=False)
     exe = _compile_kernel(func)
     dev = tvm.cpu()
     for batch in (1, 5, 8, 13, 19):

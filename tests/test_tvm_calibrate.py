@@ -80,13 +80,12 @@ def test_bsr_kernels_follow_their_prefetch(block):
     n_out, k = 48, 64
     w = _pruned(n_out, k, block)
     p = pack(w, "bsr", block=block)
-    gen, vals = ((kernels.bsr_row_vector_kernel, p.values.permute(0, 2, 1)) if r >= c else
-                 (kernels.bsr_col_vector_kernel, p.values))
+    vals = kernels.bsr_stored_values(p.values, r, c)
     bias = torch.randn(n_out)
-    default = _localities(gen(n_out, k, r, c, p.values.shape[0], "int32", parallel=False))
+    default = _localities(kernels.bsr_kernel(n_out, k, r, c, p.values.shape[0], "int32", parallel=False))
     assert default == ([] if r >= 8 and r >= c else [2] * len(default)) and (r >= 8 or default)
     for pf in (OFF, Prefetch(4096, 3)):
-        func = gen(n_out, k, r, c, p.values.shape[0], "int32", parallel=False, pf=pf)
+        func = kernels.bsr_kernel(n_out, k, r, c, p.values.shape[0], "int32", parallel=False, pf=pf)
         got = _localities(func)
         assert got == [pf.locality] * len(got) and bool(got) == bool(pf.distance), (pf, got)
         for batch in (1, 3):

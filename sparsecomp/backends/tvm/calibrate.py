@@ -194,9 +194,8 @@ def _cases(walk: str, n_out: int, k: int, sparsity: float, cold_bytes: int, targ
         wp = blocks(r, c)
         p = pack(wp, "bsr", block=(r, c))
         nnzb = p.values.shape[0]
-        gen = kernels.bsr_row_vector_kernel if r >= c else kernels.bsr_col_vector_kernel
-        vals = (p.values.permute(0, 2, 1) if r >= c else p.values).contiguous().numpy()
-        return _Case(lambda pf: gen(n_out, k, r, c, nnzb, "int32", parallel=False, pf=pf),
+        vals = kernels.bsr_stored_values(p.values, r, c).numpy()
+        return _Case(lambda pf: kernels.bsr_kernel(n_out, k, r, c, nnzb, "int32", parallel=False, pf=pf),
                      [p.crow_indices.numpy(), p.col_indices.numpy(), vals], x.numpy(), n_out, (1, n_out),
                      (x @ wp.T).numpy(), cold_bytes)
 

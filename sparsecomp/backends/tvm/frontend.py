@@ -259,14 +259,9 @@ class _Lowering:
         if nnzb == 0:
             values = torch.zeros(1, r, c)  # keep buffers non-empty; crow bounds every loop to 0 trips
             col = torch.zeros(1, dtype=torch.int32)
-        if r >= c:
-            kernel = kernels.bsr_row_vector_kernel(n_out, k, r, c, values.shape[0], "int32",
-                                                  parallel=self.parallel, pf=self.prefetch.bsr(r, c))
-            vals = values.permute(0, 2, 1).contiguous()
-        else:
-            kernel = kernels.bsr_col_vector_kernel(n_out, k, r, c, values.shape[0], "int32",
-                                                  parallel=self.parallel, pf=self.prefetch.bsr(r, c))
-            vals = values.contiguous()
+        kernel = kernels.bsr_kernel(n_out, k, r, c, values.shape[0], "int32", parallel=self.parallel,
+                                    pf=self.prefetch.bsr(r, c))
+        vals = kernels.bsr_stored_values(values, r, c)
         self._count(f"bsr{r}x{c}")
         consts = [self._index(crow), self._index(col), relax.const(vals.numpy()),
                   self._bias(node, 4, n_out, n_out)]

@@ -591,6 +591,20 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     return _scheduled(bsr)
 
 
+def bsr_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, dtype: str = "float32",
+               parallel: bool = True, pf: Prefetch | None = None):
+    """The BSR kernel for ``r x c`` blocks: :func:`bsr_row_vector_kernel` when ``r >= c``, else
+    :func:`bsr_col_vector_kernel`; pass it the values as :func:`bsr_stored_values` lays them out."""
+    gen = bsr_row_vector_kernel if r >= c else bsr_col_vector_kernel
+    return gen(N, K, r, c, nnzb, idx, dtype=dtype, parallel=parallel, pf=pf)
+
+
+def bsr_stored_values(values, r: int, c: int):
+    """Packed ``[nnzb, r, c]`` block values (a torch tensor) as :func:`bsr_kernel`'s kernel reads
+    them: transposed to ``[nnzb, c, r]`` when ``r >= c``; contiguous."""
+    return (values.permute(0, 2, 1) if r >= c else values).contiguous()
+
+
 def sell_layout(crow, col, values, R: int = SELL_R, sigma: int = SELL_SIGMA, align: int = ROW_UNROLL):
     """CSR -> SELL-R (sliced ELLPACK): rows sorted by length, ``R`` rows per slice in vector lanes.
 
