@@ -661,7 +661,9 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
       ``U`` rotating accumulators; no horizontal sums, and one loop exit per 8 rows instead of per row
       (the per-row CSR loop lost ~1 mispredicted exit per row). 3072x768 at 90 %, batch 1, cold:
       207 us (scipy) / 148 us (per-row CSR) / 104 us (this, with prefetch); int64 index words and
-      one-window chunks then took 0.87-0.92x of that time (A/B on separate cold copies).
+      one-window chunks then took 0.87-0.92x of that time (A/B on separate cold copies). A slice's
+      sums are one vector store in slice order; one pass through ``perm`` at the end puts them in
+      their output rows.
     * tiles of 16 (then 8) rows of ``x``, repacked per tile: vectors over the batch, 4 (8) lanes'
       rows at a time: 8 independent accumulators (the per-row kernel had one FMA chain).
 
@@ -706,7 +708,8 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
         return tirx.Shuffle(loads, [tirx.IntImm("int32", v) for v in range(R)])
 
     @T.macro
-    def lanes(XF, sptr, col, CW, val, perm, bias, Y, g, b, stride, acc):
+    def lanes(XF, sptr, col, CW, val, YS, g, slot, stride, b, acc):
+        """Slice ``g`` for row ``b`` of ``x``: its ``R`` sums, in slice order, to ``YS[slot:]``."""
         s0: T.let = T.Cast("int64", sptr[g])
         ln: T.let = T.Cast("int64", sptr[g + 1]) - s0
         for u in T.unroll(U):
@@ -724,9 +727,14 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
                 s0 + ln // U * U + jt, T.ramp(0, 1, R)] * xvec(XF, col, CW, s0 + ln // U * U + jt, stride, b)
         for u in range(1, U):
             acc[0, T.ramp(0, 1, R)] = acc[0, T.ramp(0, 1, R)] + acc[u, T.ramp(0, 1, R)]
-        for v in range(R):
-            if perm[g * R + v] < N:
-                Y[b, perm[g * R + v]] = acc[0, v] + bias[perm[g * R + v]]
+        YS[T.ramp(slot, 1, R)] = acc[0, T.ramp(0, 1, R)]
+
+    @T.macro
+    def scatter(YS, perm, bias, Y, lo, hi, b, slot):
+        """Sums ``lo:hi`` (slice order, at ``YS[slot + lo:]``) of row ``b`` to their output rows."""
+        for i in range(lo, hi):
+            if perm[i] < N:
+                Y[b, perm[i]] = YS[slot + i] + bias[perm[i]]
 
     @T.macro
     def tile(XP, sptr, col, val, perm, bias, YT, g, b0, TW, LG, acc):
@@ -758,7 +766,7 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
                 Y[b0 + q, ch * sigma + r] = YT[r * 16 + q]
 
     @T.macro
-    def chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT):
+    def chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT, YS, own_scatter):
         # a chunk = the slices of one sorting window (``sigma`` output rows); batch tiles outside
         # its slices: the window's weights (L2) are reused by every tile
         for t in range(B // 16):
@@ -769,13 +777,20 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
             for gi in range(T.min(per_chunk, slices - ch * per_chunk)):
                 tile(XP, sptr, col, val, perm, bias, YT, ch * per_chunk + gi, B // 16 * 16, 8, 8, acc8)
             flush(YT, Y, B, ch, B // 16 * 16, 8)
+        # rows of x one at a time (the B % 8 left; all of them at batch 1): a slice's sums are one
+        # vector store to YS (slice order) and reach their output rows through perm in one pass,
+        # after every chunk (serial), or at the chunk's end (parallel: its rows are its own)
         for gi in range(T.min(per_chunk, slices - ch * per_chunk)):
             if B == 1:  # constant stride and row: simpler addressing in the batch-1 loop
-                lanes(XF, sptr, col, CW, val, perm, bias, Y, ch * per_chunk + gi, 0, 1, acc)
+                lanes(XF, sptr, col, CW, val, YS, ch * per_chunk + gi, (ch * per_chunk + gi) * R, 1, 0, acc)
             else:
                 for bt in range(B % 8):
-                    lanes(XF, sptr, col, CW, val, perm, bias, Y, ch * per_chunk + gi, B // 8 * 8 + bt,
-                          B, acc)
+                    lanes(XF, sptr, col, CW, val, YS, ch * per_chunk + gi,
+                          bt * slices * R + (ch * per_chunk + gi) * R, B, B // 8 * 8 + bt, acc)
+        if own_scatter:
+            for bt in range(B % 8):
+                scatter(YS, perm, bias, Y, ch * sigma, T.min((ch + 1) * sigma, slices * R),
+                        B // 8 * 8 + bt, bt * slices * R)
 
     @T.prim_func(private=True)
     def csr(xt_h: T.handle, sptr: T.Buffer((slices + 1,), i32), col: T.Buffer((entries, R), idx),
@@ -798,20 +813,27 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
             for k in range(K):
                 for q in T.vectorized(8):
                     XP[B // 16 * 16 * K + k * 8 + q] = XT[k, B // 16 * 16 + q]
+        # the single rows' sums in slice order. Scattering each slice's 8 sums through perm as the
+        # slice ended (stores waiting on perm's cold loads) took 1.04-1.13x the time of one pass at
+        # the end, which reads perm as a stream (3072x768 at 70-95 %, batch 1, cold, same-run A/B on
+        # separate copies; csr_c_reference.c's `each` column: 0.97-1.12x)
+        YS = T.alloc_buffer((B % 8 * slices * R,), dtype)
         if B * flops_per_row >= threshold:
             for ch in T.parallel(nch):
                 acc = T.alloc_buffer((U, R), dtype)
                 acc16 = T.alloc_buffer((4, 16), dtype)
                 acc8 = T.alloc_buffer((8, 8), dtype)
                 YT = T.alloc_buffer((sigma * 16,), dtype)
-                chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT)
+                chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT, YS, True)
         else:
             acc = T.alloc_buffer((U, R), dtype)
             acc16 = T.alloc_buffer((4, 16), dtype)
             acc8 = T.alloc_buffer((8, 8), dtype)
             YT = T.alloc_buffer((sigma * 16,), dtype)
             for ch in range(nch):
-                chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT)
+                chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT, YS, False)
+            for bt in range(B % 8):
+                scatter(YS, perm, bias, Y, 0, slices * R, B // 8 * 8 + bt, bt * slices * R)
 
     return _scheduled(csr)
 
