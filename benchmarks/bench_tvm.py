@@ -333,10 +333,11 @@ def tvm_sparse_candidate(fmt: str, w: torch.Tensor, block=None, nm=None,
         r, c = block
         nnzb = p.values.shape[0]
         f = _compile(kernels.bsr_kernel(OUT, IN, r, c, nnzb, "int32", parallel=False, pf=PLAN[0].bsr(r, c)))
-        vals = kernels.bsr_stored_values(p.values, r, c).numpy()
-        nbytes = p.nbytes
+        crow = p.crow_indices.numpy().astype(np.int32)
+        stored = kernels.bsr_stored(p.col_indices.numpy(), p.values.numpy(), r, c)
+        nbytes = crow.nbytes + sum(a.nbytes for a in stored)  # streamed: a last group's padding too
         n = copies_for(nbytes)
-        ws = arena_copies([p.crow_indices.numpy(), p.col_indices.numpy(), vals], n)
+        ws = arena_copies([crow, *stored], n)
         transpose = False
     elif fmt == "csr":
         p = pack(w, "csr")

@@ -205,13 +205,13 @@ def test_bsr_kernels_batch_tiles_and_remainders(block, n_out):
     w = _prune(torch.randn(n_out, k), 0.3, block)
     bias = torch.randn(n_out)
     p = pack(w, "bsr", block=block)
-    vals = kernels.bsr_stored_values(p.values, r, c)
+    stored = [torch.from_numpy(a) for a in kernels.bsr_stored(p.col_indices.numpy(), p.values.numpy(), r, c)]
     func = kernels.bsr_kernel(n_out, k, r, c, p.values.shape[0], "int32", parallel=False)
     exe = _compile_kernel(func)
     dev = tvm.cpu()
     for batch in (1, 5, 8, 13, 19):
         x = torch.randn(batch, k)
-        arrays = (x, p.crow_indices.to(torch.int32), p.col_indices.to(torch.int32), vals, bias)
+        arrays = (x, p.crow_indices.to(torch.int32), *stored, bias)
         out = tvm.runtime.tensor(torch.zeros(batch, n_out).numpy(), dev)
         exe["main"](*[tvm.runtime.tensor(a.contiguous().numpy(), dev) for a in arrays], out)
         torch.testing.assert_close(torch.from_numpy(out.numpy()), x @ w.T + bias, rtol=1e-4, atol=1e-4,
@@ -376,7 +376,7 @@ def test_parallel_and_serial_kernel_paths_agree():
     """Work above MIN_PARALLEL_FLOPS takes the T.parallel path (unless parallel=False): same result."""
     dev = tvm.cpu()
     torch.manual_seed(2)
-    n_out, k, rows = 256, 256, 24
+    n_out, k, rows = 256, 256, 27  # 27: tiles, then 3 single rows (BSR, CSR) in parallel chunks
     w = _prune(torch.randn(n_out, k), 0.5, (16, 1))
     x = torch.randn(rows, k)
     bias = torch.randn(n_out)
@@ -392,7 +392,9 @@ def test_parallel_and_serial_kernel_paths_agree():
                 [x.T, *(torch.from_numpy(a) for a in sell), bias]),
         "bsr": (lambda par: kernels.bsr_row_vector_kernel(n_out, k, 16, 1, bsr.values.shape[0], "int32",
                                                            parallel=par),
-                [x, bsr.crow_indices, bsr.col_indices, bsr.values.permute(0, 2, 1), bias]),
+                [x, bsr.crow_indices,
+                 *map(torch.from_numpy, kernels.bsr_stored(bsr.col_indices.numpy(), bsr.values.numpy(), 16, 1)),
+                 bias]),
     }
     a, b = torch.randn(8, 65, 40), torch.randn(8, 40, 65)  # 65 columns: parallel remainder panel too
     cases["bmm"] = (lambda par: kernels.bmm_kernel(65, 40, 65, parallel=par), [a, b])

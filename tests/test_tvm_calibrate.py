@@ -80,7 +80,7 @@ def test_bsr_kernels_follow_their_prefetch(block):
     n_out, k = 48, 64
     w = _pruned(n_out, k, block)
     p = pack(w, "bsr", block=block)
-    vals = kernels.bsr_stored_values(p.values, r, c)
+    stored = [torch.from_numpy(a) for a in kernels.bsr_stored(p.col_indices.numpy(), p.values.numpy(), r, c)]
     bias = torch.randn(n_out)
     default = _localities(kernels.bsr_kernel(n_out, k, r, c, p.values.shape[0], "int32", parallel=False))
     assert default == ([] if r >= 8 and r >= c else [2] * len(default)) and (r >= 8 or default)
@@ -90,8 +90,7 @@ def test_bsr_kernels_follow_their_prefetch(block):
         assert got == [pf.locality] * len(got) and bool(got) == bool(pf.distance), (pf, got)
         for batch in (1, 3):
             x = torch.randn(batch, k)
-            y = _run(func, [x, p.crow_indices.to(torch.int32), p.col_indices.to(torch.int32), vals, bias],
-                     (batch, n_out))
+            y = _run(func, [x, p.crow_indices.to(torch.int32), *stored, bias], (batch, n_out))
             torch.testing.assert_close(y, x @ w.T + bias, rtol=1e-4, atol=1e-4, msg=f"{block} {pf} batch {batch}")
 
 

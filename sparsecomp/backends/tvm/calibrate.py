@@ -194,9 +194,9 @@ def _cases(walk: str, n_out: int, k: int, sparsity: float, cold_bytes: int, targ
         wp = blocks(r, c)
         p = pack(wp, "bsr", block=(r, c))
         nnzb = p.values.shape[0]
-        vals = kernels.bsr_stored_values(p.values, r, c).numpy()
+        stored = kernels.bsr_stored(p.col_indices.numpy(), p.values.numpy(), r, c)
         return _Case(lambda pf: kernels.bsr_kernel(n_out, k, r, c, nnzb, "int32", parallel=False, pf=pf),
-                     [p.crow_indices.numpy(), p.col_indices.numpy(), vals], x.numpy(), n_out, (1, n_out),
+                     [p.crow_indices.numpy().astype(np.int32), *stored], x.numpy(), n_out, (1, n_out),
                      (x @ wp.T).numpy(), cold_bytes)
 
     if walk == "narrow_blocks":

@@ -261,10 +261,9 @@ class _Lowering:
             col = torch.zeros(1, dtype=torch.int32)
         kernel = kernels.bsr_kernel(n_out, k, r, c, values.shape[0], "int32", parallel=self.parallel,
                                     pf=self.prefetch.bsr(r, c))
-        vals = kernels.bsr_stored_values(values, r, c)
+        stored = kernels.bsr_stored(col.numpy(), values.numpy(), r, c)
         self._count(f"bsr{r}x{c}")
-        consts = [self._index(crow), self._index(col), relax.const(vals.numpy()),
-                  self._bias(node, 4, n_out, n_out)]
+        consts = [self._index(crow), *(relax.const(a) for a in stored), self._bias(node, 4, n_out, n_out)]
         return self._emit(imp, node, x, k, n_out, n_out, kernel, f"sc_bsr{r}x{c}_{n_out}x{k}",
                           consts, False)
 
