@@ -191,22 +191,28 @@ def test_csr_kernel_batch_paths_and_partial_window(idx, bmi):
                                    msg=f"batch {batch}")
 
 
-@pytest.mark.parametrize("block, n_out", [((4, 4), 64), ((1, 16), 64), ((16, 1), 64),
-                                          ((4, 4), 60), ((1, 16), 63), ((16, 1), 48), ((8, 8), 72),
-                                          ((16, 16), 48), ((2, 2), 62), ((4, 2), 64), ((8, 4), 64),
-                                          ((2, 8), 70), ((1, 8), 57)])
-def test_bsr_kernels_batch_tiles_and_remainders(block, n_out):
+@pytest.mark.parametrize("block, n_out, k", [((4, 4), 64, 64), ((1, 16), 64, 64), ((16, 1), 64, 64),
+                                             ((4, 4), 60, 64), ((1, 16), 63, 64), ((16, 1), 48, 64),
+                                             ((8, 8), 72, 64), ((16, 16), 48, 64), ((2, 2), 62, 64),
+                                             ((4, 2), 64, 64), ((8, 4), 64, 64), ((2, 8), 70, 64),
+                                             ((1, 8), 57, 64), ((16, 1), 48, 256), ((4, 1), 36, 256)])
+def test_bsr_kernels_batch_tiles_and_remainders(block, n_out, k):
     """BSR kernels at batch 1, the 8-row x^T tiles (4x4, 1x16), row tiles and single-row remainders;
     an odd number of block rows leaves the second of the two batch-1 streams one row short (2x8 /
-    1x8: the 1xC kernel with two rows per block, and with an odd block-row count)."""
+    1x8: the 1xC kernel with two rows per block, and with an odd block-row count). ``r >= c`` block
+    rows of >= 32 blocks on average (the K = 256 cases) take the batch paths group by group (x^T tiles
+    for 4x1, row tiles for 16x1); the others block by block."""
     torch.manual_seed(6)
     r, c = block
-    k = 64
     w = _prune(torch.randn(n_out, k), 0.3, block)
     bias = torch.randn(n_out)
     p = pack(w, "bsr", block=block)
     stored = [torch.from_numpy(a) for a in kernels.bsr_stored(p.col_indices.numpy(), p.values.numpy(), r, c)]
     func = kernels.bsr_kernel(n_out, k, r, c, p.values.shape[0], "int32", parallel=False)
+    if r >= c:
+        long_rows = p.values.shape[0] >= 32 * (n_out // r)
+        assert ("crow[br] >> 4" in func.script()) == long_rows, (block, p.values.shape[0])
+        assert long_rows == (k == 256)
     exe = _compile_kernel(func)
     dev = tvm.cpu()
     for batch in (1, 5, 8, 13, 19):

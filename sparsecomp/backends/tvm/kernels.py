@@ -97,7 +97,6 @@ READ_STREAMS = 2
 # one on arrays apart, 3072x768, cold, batch 1, 70-95 % (same-run A/B, separate copies): 16x1
 # 0.91-0.97x the time, 8x8 0.97-0.98x, 4x4 0.95-0.98x.
 BSR_GROUP = 16
-_GROUP_SHIFT = BSR_GROUP.bit_length() - 1  # BSR_GROUP is a power of two
 BSR_STREAMS = 4
 # accumulator vectors per stream of the paired batch-1 walks (N:M ``group_pair``), and in total
 # over the BSR_STREAMS lockstep walks of the ``r >= c`` BSR kernel (``2 * PAIR_ACC_VECTORS``): 8
@@ -207,17 +206,21 @@ def bsr_groups(nnzb: int) -> int:
     return max(1, -(-nnzb // BSR_GROUP))
 
 
-def _gcol(GI, j, GW: int):
-    """Column index of block ``j`` in a :func:`bsr_stored` buffer viewed as int32 (``GI``)."""
-    return GI[T.shift_right(j, _GROUP_SHIFT) * GW + T.bitwise_and(j, BSR_GROUP - 1)]
+def _gcol(GI, j, bs: int):
+    """Column index of block ``j`` in a :func:`bsr_stored` buffer viewed as int32 (``GI``), ``bs``
+    values a block: group ``j // G`` starts at ``(j // G) * G * (1 + bs)`` (``G`` = BSR_GROUP), so
+    the index sits at ``j + (j - j % G) * bs``: one ``and`` besides the induction (the group
+    arithmetic written out took batch 8 / 64 of 16x1 to ~1.17x the time)."""
+    return GI[j + T.bitwise_and(j, -BSR_GROUP) * bs]
 
 
-def _gblock(j, GW: int, bs: int):
-    """Offset of block ``j``'s first value in a :func:`bsr_stored` buffer (``bs`` values a block)."""
-    return T.shift_right(j, _GROUP_SHIFT) * GW + BSR_GROUP + T.bitwise_and(j, BSR_GROUP - 1) * bs
+def _gblock(j, bs: int):
+    """Offset of block ``j``'s first value in a :func:`bsr_stored` buffer: ``j * bs + (j - j % G)
+    + G``."""
+    return j * bs + T.bitwise_and(j, -BSR_GROUP) + BSR_GROUP
 
 
-def _grouped_prefetch(bs: int, GW: int, pd: int, last: int, locality: int):
+def _grouped_prefetch(bs: int, pd: int, last: int, locality: int):
     """Macro ``prefetch_block(GI, gv, j)``: every cache line of block ``j + pd`` (clamped to the
     last block) and its group's column indices, in a :func:`bsr_stored` buffer."""
 
@@ -225,8 +228,8 @@ def _grouped_prefetch(bs: int, GW: int, pd: int, last: int, locality: int):
     def prefetch_block(GI, gv, j):
         jp: T.let = T.min(j + pd, last)
         for ln in T.unroll(_prefetch_lines(4 * bs)):
-            _prefetch(T.address_of(gv[_gblock(jp, GW, bs) + ln * 16]), locality)
-        _prefetch(T.address_of(GI[T.shift_right(jp, _GROUP_SHIFT) * GW]), locality)
+            _prefetch(T.address_of(gv[_gblock(jp, bs) + ln * 16]), locality)
+        _prefetch(T.address_of(GI[T.bitwise_and(jp, -BSR_GROUP) * (1 + bs)]), locality)
 
     return prefetch_block
 
@@ -303,7 +306,7 @@ def _bsr_rows_per_tile(vectors_per_row: int) -> int:
     return max(1, 8 // vectors_per_row)
 
 
-def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv):
+def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv, GW: int = 0, long_rows: bool = False):
     """Batch tiles for the BSR kernels: ``TB`` rows of ``x`` as one vector over the batch.
 
     ``x^T`` is repacked per tile (``XP[t*TB*K + k*TB + q] = X[t*TB + q, k]``, 24 KiB at K = 768:
@@ -311,12 +314,17 @@ def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv):
     sums (1xC blocks) and full-width vectors whatever ``r`` is (4x4 blocks ran on half vectors).
     ``RA`` rotating accumulator sets over the block's columns keep 8 vectors in flight. ``cv(col,
     j)`` reads block ``j``'s column index and ``wv(val, j, i, cc)`` its weight at row ``i``, column
-    ``cc`` (the two kernels store blocks differently). Returns ``(TB, RA, batch_tile, repack)``.
+    ``cc`` (the two kernels store blocks differently). With ``GW``, blocks are in :func:`bsr_stored`'s
+    groups (``[c, r]`` each), ``cv`` / ``wv`` unused, and with ``long_rows`` walked group by group.
+    Returns ``(TB, RA, batch_tile, repack)``.
     """
     TB = BSR_BATCH_TILE
+    GROUPED = GW > 0
+    bs = r * c
     RA = max(1, 8 // (r * TB // 8))
     while c % RA:
         RA //= 2
+
 
     @T.macro
     def batch_tile(XP, crow, col, val, bias, Y, br, b0, acct):
@@ -324,12 +332,30 @@ def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv):
             for i in T.unroll(r):
                 for q in T.vectorized(TB):
                     acct[a, i, q] = T.Cast(dtype, 0)
-        for j in range(crow[br], crow[br + 1]):
-            for cc in T.unroll(c):
-                for i in T.unroll(r):
-                    for q in T.vectorized(TB):
-                        acct[cc % RA, i, q] = acct[cc % RA, i, q] + wv(val, j, i, cc) * XP[
-                            b0 * K + (T.Cast("int64", cv(col, j)) * c + cc) * TB + q]
+        if GROUPED and long_rows:  # as the r >= c kernel's row tiles: group by group, jj from 0
+            for g in range(T.shift_right(crow[br], 4), T.shift_right(crow[br + 1] + BSR_GROUP - 1, 4)):
+                j0: T.let = T.max(crow[br], g * BSR_GROUP)
+                for jj in range(T.min(crow[br + 1], g * BSR_GROUP + BSR_GROUP) - j0):
+                    for cc in T.unroll(c):
+                        for i in T.unroll(r):
+                            for q in T.vectorized(TB):
+                                acct[cc % RA, i, q] = acct[cc % RA, i, q] + val[
+                                    g * GW + BSR_GROUP + (j0 + jj - g * BSR_GROUP) * bs + cc * r + i] * XP[
+                                    b0 * K + (T.Cast("int64", col[g * GW + j0 + jj - g * BSR_GROUP]) * c + cc) * TB + q]
+        elif GROUPED:
+            for j in range(crow[br], crow[br + 1]):
+                for cc in T.unroll(c):
+                    for i in T.unroll(r):
+                        for q in T.vectorized(TB):
+                            acct[cc % RA, i, q] = acct[cc % RA, i, q] + val[_gblock(j, bs) + cc * r + i] * XP[
+                                b0 * K + (T.Cast("int64", _gcol(col, j, bs)) * c + cc) * TB + q]
+        else:
+            for j in range(crow[br], crow[br + 1]):
+                for cc in T.unroll(c):
+                    for i in T.unroll(r):
+                        for q in T.vectorized(TB):
+                            acct[cc % RA, i, q] = acct[cc % RA, i, q] + wv(val, j, i, cc) * XP[
+                                b0 * K + (T.Cast("int64", cv(col, j)) * c + cc) * TB + q]
         for i in range(r):
             for a in range(1, RA):
                 for q in T.vectorized(TB):
@@ -392,8 +418,9 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     bs = r * c
     GW = _bsr_group_width(r, c)
     G = bsr_groups(nnzb)
-    TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda GI, j: _gcol(GI, j, GW),
-                                                  lambda gv, j, i, cc: gv[_gblock(j, GW, bs) + cc * r + i])
+    # block rows of >= 32 blocks on average: the batch paths walk them group by group
+    LONG = nnzb >= 32 * nbr
+    TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, None, None, GW, LONG)
 
     @T.macro
     def chunk(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acct):
@@ -410,31 +437,47 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                 for mi in T.unroll(MB):
                     for i in T.vectorized(r):
                         acc[mi, i] = bias[br * r + i]
-                for j in range(crow[br], crow[br + 1]):
-                    for cc in T.unroll(c):
-                        for mi in T.unroll(MB):
-                            for i in T.vectorized(r):
-                                acc[mi, i] = acc[mi, i] + gv[_gblock(j, GW, bs) + cc * r + i] * X[
-                                    t_end + bo * MB + mi, T.Cast("int64", _gcol(GI, j, GW)) * c + cc]
+                # long block rows (>= 32 blocks on average), group by group: within a group the
+                # addresses step with j (the per-block group arithmetic took batch 8 of 16x1 at 90 %
+                # to ~1.2x the time); short rows lose more to the extra loop exits (4x4 at 90 %,
+                # ~1.15x). A loop from a non-zero start (range(j0, j1)) crashed the kernel, hence jj.
+                if LONG:
+                    for g in range(T.shift_right(crow[br], 4), T.shift_right(crow[br + 1] + BSR_GROUP - 1, 4)):
+                        j0: T.let = T.max(crow[br], g * BSR_GROUP)
+                        for jj in range(T.min(crow[br + 1], g * BSR_GROUP + BSR_GROUP) - j0):
+                            for cc in T.unroll(c):
+                                for mi in T.unroll(MB):
+                                    for i in T.vectorized(r):
+                                        acc[mi, i] = acc[mi, i] + gv[
+                                            g * GW + BSR_GROUP + (j0 + jj - g * BSR_GROUP) * bs + cc * r + i] * X[
+                                            t_end + bo * MB + mi,
+                                            T.Cast("int64", GI[g * GW + j0 + jj - g * BSR_GROUP]) * c + cc]
+                else:
+                    for j in range(crow[br], crow[br + 1]):
+                        for cc in T.unroll(c):
+                            for mi in T.unroll(MB):
+                                for i in T.vectorized(r):
+                                    acc[mi, i] = acc[mi, i] + gv[_gblock(j, bs) + cc * r + i] * X[
+                                        t_end + bo * MB + mi, T.Cast("int64", _gcol(GI, j, bs)) * c + cc]
                 for mi in T.unroll(MB):
                     for i in T.vectorized(r):
                         Y[t_end + bo * MB + mi, br * r + i] = acc[mi, i]
 
-    prefetch_block = _grouped_prefetch(bs, GW, pd, last, pf.locality)
+    prefetch_block = _grouped_prefetch(bs, pd, last, pf.locality)
 
     @T.macro
     def fma_plain(X, GI, gv, acc1, b, j, a0):
         for q in T.unroll(c):
             for i in T.vectorized(r):
-                acc1[a0 + q % A, i] = acc1[a0 + q % A, i] + gv[_gblock(j, GW, bs) + q * r + i] * X[
-                    b, T.Cast("int64", _gcol(GI, j, GW)) * c + q]
+                acc1[a0 + q % A, i] = acc1[a0 + q % A, i] + gv[_gblock(j, bs) + q * r + i] * X[
+                    b, T.Cast("int64", _gcol(GI, j, bs)) * c + q]
 
     @T.macro
     def fma_packed(X, GI, gv, acc1, b, j, a0):
         for q in T.unroll(VB):
             acc1[a0 + q % A, T.ramp(0, 1, VW)] = acc1[a0 + q % A, T.ramp(0, 1, VW)] + gv[
-                T.ramp(_gblock(j, GW, bs) + q * P * r, 1, VW)] * tirx.Shuffle(
-                    [X[b, T.ramp(T.Cast("int64", _gcol(GI, j, GW)) * c + q * P, 1, P)]] * r,  # >= VW lanes
+                T.ramp(_gblock(j, bs) + q * P * r, 1, VW)] * tirx.Shuffle(
+                    [X[b, T.ramp(T.Cast("int64", _gcol(GI, j, bs)) * c + q * P, 1, P)]] * r,  # >= VW lanes
                     [tirx.IntImm("int32", v // r) for v in range(VW)])
 
     block_fma = fma_packed if P > 1 else fma_plain
