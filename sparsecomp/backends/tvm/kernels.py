@@ -97,6 +97,8 @@ READ_STREAMS = 2
 # one on arrays apart, 3072x768, cold, batch 1, 70-95 % (same-run A/B, separate copies): 16x1
 # 0.91-0.97x the time, 8x8 0.97-0.98x, 4x4 0.95-0.98x.
 BSR_GROUP = 16
+_GROUP_BITS = 4
+assert BSR_GROUP == 1 << _GROUP_BITS
 BSR_STREAMS = 4
 # accumulator vectors per stream of the paired batch-1 walks (N:M ``group_pair``), and in total
 # over the BSR_STREAMS lockstep walks of the ``r >= c`` BSR kernel (``2 * PAIR_ACC_VECTORS``): 8
@@ -209,8 +211,7 @@ def bsr_groups(nnzb: int) -> int:
 def _gcol(GI, j, bs: int):
     """Column index of block ``j`` in a :func:`bsr_stored` buffer viewed as int32 (``GI``), ``bs``
     values a block: group ``j // G`` starts at ``(j // G) * G * (1 + bs)`` (``G`` = BSR_GROUP), so
-    the index sits at ``j + (j - j % G) * bs``: one ``and`` besides the induction (the group
-    arithmetic written out took batch 8 / 64 of 16x1 to ~1.17x the time)."""
+    the index sits at ``j + (j - j % G) * bs`` (one ``and`` and a shift besides the induction)."""
     return GI[j + T.bitwise_and(j, -BSR_GROUP) * bs]
 
 
@@ -218,6 +219,22 @@ def _gblock(j, bs: int):
     """Offset of block ``j``'s first value in a :func:`bsr_stored` buffer: ``j * bs + (j - j % G)
     + G``."""
     return j * bs + T.bitwise_and(j, -BSR_GROUP) + BSR_GROUP
+
+
+def _groups_of(crow, br):
+    """Loop over the groups that hold block row ``br``'s blocks (``for g in _groups_of(...)``)."""
+    return T.serial(T.shift_right(crow[br], _GROUP_BITS),
+                    T.shift_right(crow[br + 1] + BSR_GROUP - 1, _GROUP_BITS))
+
+
+def _gcol_in(GI, g, j, GW: int):
+    """:func:`_gcol` for block ``j`` of group ``g``: linear in ``j`` within the group."""
+    return GI[g * GW + j - g * BSR_GROUP]
+
+
+def _gblock_in(g, j, GW: int, bs: int):
+    """:func:`_gblock` for block ``j`` of group ``g``: linear in ``j`` within the group."""
+    return g * GW + BSR_GROUP + (j - g * BSR_GROUP) * bs
 
 
 def _grouped_prefetch(bs: int, pd: int, last: int, locality: int):
@@ -325,7 +342,6 @@ def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv, GW: int = 0, lo
     while c % RA:
         RA //= 2
 
-
     @T.macro
     def batch_tile(XP, crow, col, val, bias, Y, br, b0, acct):
         for a in T.unroll(RA):
@@ -333,15 +349,15 @@ def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv, GW: int = 0, lo
                 for q in T.vectorized(TB):
                     acct[a, i, q] = T.Cast(dtype, 0)
         if GROUPED and long_rows:  # as the r >= c kernel's row tiles: group by group, jj from 0
-            for g in range(T.shift_right(crow[br], 4), T.shift_right(crow[br + 1] + BSR_GROUP - 1, 4)):
+            for g in _groups_of(crow, br):
                 j0: T.let = T.max(crow[br], g * BSR_GROUP)
                 for jj in range(T.min(crow[br + 1], g * BSR_GROUP + BSR_GROUP) - j0):
                     for cc in T.unroll(c):
                         for i in T.unroll(r):
                             for q in T.vectorized(TB):
                                 acct[cc % RA, i, q] = acct[cc % RA, i, q] + val[
-                                    g * GW + BSR_GROUP + (j0 + jj - g * BSR_GROUP) * bs + cc * r + i] * XP[
-                                    b0 * K + (T.Cast("int64", col[g * GW + j0 + jj - g * BSR_GROUP]) * c + cc) * TB + q]
+                                    _gblock_in(g, j0 + jj, GW, bs) + cc * r + i] * XP[
+                                    b0 * K + (T.Cast("int64", _gcol_in(col, g, j0 + jj, GW)) * c + cc) * TB + q]
         elif GROUPED:
             for j in range(crow[br], crow[br + 1]):
                 for cc in T.unroll(c):
@@ -442,16 +458,15 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                 # to ~1.2x the time); short rows lose more to the extra loop exits (4x4 at 90 %,
                 # ~1.15x). A loop from a non-zero start (range(j0, j1)) crashed the kernel, hence jj.
                 if LONG:
-                    for g in range(T.shift_right(crow[br], 4), T.shift_right(crow[br + 1] + BSR_GROUP - 1, 4)):
+                    for g in _groups_of(crow, br):
                         j0: T.let = T.max(crow[br], g * BSR_GROUP)
                         for jj in range(T.min(crow[br + 1], g * BSR_GROUP + BSR_GROUP) - j0):
                             for cc in T.unroll(c):
                                 for mi in T.unroll(MB):
                                     for i in T.vectorized(r):
-                                        acc[mi, i] = acc[mi, i] + gv[
-                                            g * GW + BSR_GROUP + (j0 + jj - g * BSR_GROUP) * bs + cc * r + i] * X[
+                                        acc[mi, i] = acc[mi, i] + gv[_gblock_in(g, j0 + jj, GW, bs) + cc * r + i] * X[
                                             t_end + bo * MB + mi,
-                                            T.Cast("int64", GI[g * GW + j0 + jj - g * BSR_GROUP]) * c + cc]
+                                            T.Cast("int64", _gcol_in(GI, g, j0 + jj, GW)) * c + cc]
                 else:
                     for j in range(crow[br], crow[br + 1]):
                         for cc in T.unroll(c):
