@@ -227,14 +227,37 @@ def _groups_of(crow, br):
                     T.shift_right(crow[br + 1] + BSR_GROUP - 1, _GROUP_BITS))
 
 
-def _gcol_in(GI, g, j, GW: int):
-    """:func:`_gcol` for block ``j`` of group ``g``: linear in ``j`` within the group."""
-    return GI[g * GW + j - g * BSR_GROUP]
+def _gcol_at(GI, g, j, bs: int, GW: int):
+    """:func:`_gcol`; with ``g`` (block ``j``'s group, from a group-by-group walk) in a form linear
+    in ``j`` within the group."""
+    return _gcol(GI, j, bs) if g is None else GI[g * GW + j - g * BSR_GROUP]
 
 
-def _gblock_in(g, j, GW: int, bs: int):
-    """:func:`_gblock` for block ``j`` of group ``g``: linear in ``j`` within the group."""
-    return g * GW + BSR_GROUP + (j - g * BSR_GROUP) * bs
+def _gblock_at(g, j, bs: int, GW: int):
+    """:func:`_gblock`; with ``g``, linear in ``j`` within the group."""
+    return _gblock(j, bs) if g is None else g * GW + BSR_GROUP + (j - g * BSR_GROUP) * bs
+
+
+def _block_walk(body, by_group: bool):
+    """Macro ``walk(crow, br, a0..a4)``: ``body(a0..a4, g, j)`` for every block ``j`` of block row
+    ``br``. ``by_group``: group by group of :func:`bsr_stored` (``g`` = the group), for block rows
+    of >= 32 blocks on average, whose addresses then step with ``j`` (the per-block group
+    arithmetic took batch 8 of 16x1 at 90 % to ~1.2x the time); else block by block (``g`` =
+    ``None``: short rows lose more to a loop exit per group, 4x4 at 90 %, ~1.15x). A loop from a
+    non-zero start (``range(j0, j1)``) crashed the compiled kernel, hence ``jj``."""
+
+    @T.macro
+    def walk(crow, br, a0, a1, a2, a3, a4):
+        if by_group:
+            for g in _groups_of(crow, br):
+                j0: T.let = T.max(crow[br], g * BSR_GROUP)
+                for jj in range(T.min(crow[br + 1], g * BSR_GROUP + BSR_GROUP) - j0):
+                    body(a0, a1, a2, a3, a4, g, j0 + jj)
+        else:
+            for j in range(crow[br], crow[br + 1]):
+                body(a0, a1, a2, a3, a4, None, j)
+
+    return walk
 
 
 def _grouped_prefetch(bs: int, pd: int, last: int, locality: int):
@@ -323,24 +346,31 @@ def _bsr_rows_per_tile(vectors_per_row: int) -> int:
     return max(1, 8 // vectors_per_row)
 
 
-def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv, GW: int = 0, long_rows: bool = False):
+def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv, by_group: bool = False):
     """Batch tiles for the BSR kernels: ``TB`` rows of ``x`` as one vector over the batch.
 
     ``x^T`` is repacked per tile (``XP[t*TB*K + k*TB + q] = X[t*TB + q, k]``, 24 KiB at K = 768:
     L1) and each stored weight is broadcast against the tile's column of ``x^T``: no horizontal
     sums (1xC blocks) and full-width vectors whatever ``r`` is (4x4 blocks ran on half vectors).
     ``RA`` rotating accumulator sets over the block's columns keep 8 vectors in flight. ``cv(col,
-    j)`` reads block ``j``'s column index and ``wv(val, j, i, cc)`` its weight at row ``i``, column
-    ``cc`` (the two kernels store blocks differently). With ``GW``, blocks are in :func:`bsr_stored`'s
-    groups (``[c, r]`` each), ``cv`` / ``wv`` unused, and with ``long_rows`` walked group by group.
-    Returns ``(TB, RA, batch_tile, repack)``.
+    g, j)`` reads block ``j``'s column index and ``wv(val, g, j, i, cc)`` its weight at row ``i``,
+    column ``cc`` (the two kernels store blocks differently); ``g`` and ``by_group`` as in
+    :func:`_block_walk`. Returns ``(TB, RA, batch_tile, repack)``.
     """
     TB = BSR_BATCH_TILE
-    GROUPED = GW > 0
-    bs = r * c
     RA = max(1, 8 // (r * TB // 8))
     while c % RA:
         RA //= 2
+
+    @T.macro
+    def tile_block(XP, col, val, b0, acct, g, j):
+        for cc in T.unroll(c):
+            for i in T.unroll(r):
+                for q in T.vectorized(TB):
+                    acct[cc % RA, i, q] = acct[cc % RA, i, q] + wv(val, g, j, i, cc) * XP[
+                        b0 * K + (T.Cast("int64", cv(col, g, j)) * c + cc) * TB + q]
+
+    walk = _block_walk(tile_block, by_group)
 
     @T.macro
     def batch_tile(XP, crow, col, val, bias, Y, br, b0, acct):
@@ -348,30 +378,7 @@ def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv, GW: int = 0, lo
             for i in T.unroll(r):
                 for q in T.vectorized(TB):
                     acct[a, i, q] = T.Cast(dtype, 0)
-        if GROUPED and long_rows:  # as the r >= c kernel's row tiles: group by group, jj from 0
-            for g in _groups_of(crow, br):
-                j0: T.let = T.max(crow[br], g * BSR_GROUP)
-                for jj in range(T.min(crow[br + 1], g * BSR_GROUP + BSR_GROUP) - j0):
-                    for cc in T.unroll(c):
-                        for i in T.unroll(r):
-                            for q in T.vectorized(TB):
-                                acct[cc % RA, i, q] = acct[cc % RA, i, q] + val[
-                                    _gblock_in(g, j0 + jj, GW, bs) + cc * r + i] * XP[
-                                    b0 * K + (T.Cast("int64", _gcol_in(col, g, j0 + jj, GW)) * c + cc) * TB + q]
-        elif GROUPED:
-            for j in range(crow[br], crow[br + 1]):
-                for cc in T.unroll(c):
-                    for i in T.unroll(r):
-                        for q in T.vectorized(TB):
-                            acct[cc % RA, i, q] = acct[cc % RA, i, q] + val[_gblock(j, bs) + cc * r + i] * XP[
-                                b0 * K + (T.Cast("int64", _gcol(col, j, bs)) * c + cc) * TB + q]
-        else:
-            for j in range(crow[br], crow[br + 1]):
-                for cc in T.unroll(c):
-                    for i in T.unroll(r):
-                        for q in T.vectorized(TB):
-                            acct[cc % RA, i, q] = acct[cc % RA, i, q] + wv(val, j, i, cc) * XP[
-                                b0 * K + (T.Cast("int64", cv(col, j)) * c + cc) * TB + q]
+        walk(crow, br, XP, col, val, b0, acct)
         for i in range(r):
             for a in range(1, RA):
                 for q in T.vectorized(TB):
@@ -436,7 +443,19 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     G = bsr_groups(nnzb)
     # block rows of >= 32 blocks on average: the batch paths walk them group by group
     LONG = nnzb >= 32 * nbr
-    TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, None, None, GW, LONG)
+    TB, RA, batch_tile, repack = _bsr_batch_tiles(
+        K, r, c, dtype, lambda GI, g, j: _gcol_at(GI, g, j, bs, GW),
+        lambda gv, g, j, i, cc: gv[_gblock_at(g, j, bs, GW) + cc * r + i], LONG)
+
+    @T.macro
+    def row_tile_block(X, GI, gv, acc, x0, g, j):
+        for cc in T.unroll(c):
+            for mi in T.unroll(MB):
+                for i in T.vectorized(r):
+                    acc[mi, i] = acc[mi, i] + gv[_gblock_at(g, j, bs, GW) + cc * r + i] * X[
+                        x0 + mi, T.Cast("int64", _gcol_at(GI, g, j, bs, GW)) * c + cc]
+
+    row_tile_walk = _block_walk(row_tile_block, LONG)
 
     @T.macro
     def chunk(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acct):
@@ -453,27 +472,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                 for mi in T.unroll(MB):
                     for i in T.vectorized(r):
                         acc[mi, i] = bias[br * r + i]
-                # long block rows (>= 32 blocks on average), group by group: within a group the
-                # addresses step with j (the per-block group arithmetic took batch 8 of 16x1 at 90 %
-                # to ~1.2x the time); short rows lose more to the extra loop exits (4x4 at 90 %,
-                # ~1.15x). A loop from a non-zero start (range(j0, j1)) crashed the kernel, hence jj.
-                if LONG:
-                    for g in _groups_of(crow, br):
-                        j0: T.let = T.max(crow[br], g * BSR_GROUP)
-                        for jj in range(T.min(crow[br + 1], g * BSR_GROUP + BSR_GROUP) - j0):
-                            for cc in T.unroll(c):
-                                for mi in T.unroll(MB):
-                                    for i in T.vectorized(r):
-                                        acc[mi, i] = acc[mi, i] + gv[_gblock_in(g, j0 + jj, GW, bs) + cc * r + i] * X[
-                                            t_end + bo * MB + mi,
-                                            T.Cast("int64", _gcol_in(GI, g, j0 + jj, GW)) * c + cc]
-                else:
-                    for j in range(crow[br], crow[br + 1]):
-                        for cc in T.unroll(c):
-                            for mi in T.unroll(MB):
-                                for i in T.vectorized(r):
-                                    acc[mi, i] = acc[mi, i] + gv[_gblock(j, bs) + cc * r + i] * X[
-                                        t_end + bo * MB + mi, T.Cast("int64", _gcol(GI, j, bs)) * c + cc]
+                row_tile_walk(crow, br, X, GI, gv, acc, t_end + bo * MB)
                 for mi in T.unroll(MB):
                     for i in T.vectorized(r):
                         Y[t_end + bo * MB + mi, br * r + i] = acc[mi, i]
@@ -625,8 +624,8 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     RS = READ_STREAMS
     # rows of x from here on run alone (rows()): after the x^T batch tiles and the MB-row tiles
     single_from = lambda B: B // TB * TB + B % TB // MB * MB  # noqa: E731
-    TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda col, j: col[j],
-                                                  lambda val, j, i, cc: val[j, i, cc])
+    TB, RA, batch_tile, repack = _bsr_batch_tiles(K, r, c, dtype, lambda col, g, j: col[j],
+                                                  lambda val, g, j, i, cc: val[j, i, cc])
 
     @T.macro
     def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s):
