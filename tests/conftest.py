@@ -37,3 +37,15 @@ def _quiet_torch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         yield
+
+
+@pytest.fixture(scope="session")
+def bytelm_tiny():
+    """The tests' trained byte-level Llama (sparsecomp.testing.bytelm, size "tiny"): trained once (~20 s)
+    and cached in ~/.cache/sparsecomp/bytelm (or $SPARSECOMP_BYTELM_CACHE), not in the per-session cache."""
+    from pathlib import Path
+
+    from sparsecomp.testing import bytelm
+
+    cache = os.environ.get("SPARSECOMP_BYTELM_CACHE") or Path.home() / ".cache" / "sparsecomp" / "bytelm"
+    return bytelm.load_or_train("tiny", cache)
