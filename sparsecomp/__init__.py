@@ -20,7 +20,7 @@ from .graph.depgraph import DependencyGraph, Group, Member
 from .graph.registry import OpRegistry, OpRule
 from .backends.onnx import export_onnx
 from .lower import load, lower
-from .passes import LowRank, Sparsify, StructuredPruning
+from .passes import LowRank, Slice, Sparsify, StructuredPruning
 from .report import report
 
 __version__ = "0.1.0"
@@ -38,6 +38,7 @@ __all__ = [
     "OpRule",
     "PassConfig",
     "PassError",
+    "Slice",
     "SparsecompError",
     "Sparsify",
     "StructuredPruning",
