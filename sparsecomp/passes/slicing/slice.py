@@ -69,6 +69,14 @@ class Slice(PassConfig):
         the PCA. ``None``, or an input the model does not have: all rows count.
     damp:
         Added to the covariance diagonal, relative to its mean, before the eigendecomposition.
+    reconstruct:
+        After slicing, refit every linear of the sliced model by ridge least squares (cross-validated
+        strength) so that its output matches the rotated, unsliced model's on the calibration data, in
+        topological order on the sliced model's own activations (``reconstruct.sequential_refit``); a
+        writer into the stream is fit to the kept coordinates of the rotated stream.
+    residual:
+        With ``reconstruct``: a writer into a residual add is fit to the unsliced sum minus the sliced
+        residual, so it also absorbs the error left in the stream by earlier blocks.
 
     Example
     -------
@@ -81,6 +89,8 @@ class Slice(PassConfig):
     round_to: int = 8
     token_mask: str | None = "attention_mask"
     damp: float = 0.0
+    reconstruct: bool = False
+    residual: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
@@ -317,6 +327,9 @@ def run_slice(captured: Captured, cfg: Slice, calibration: Any = None) -> PassRe
     sliced = prune(dg, removed, PASS, recapture=False)
     gm2 = sliced.module
     stream.decompose_rms(gm2, rms_d)
+    refits = []
+    if cfg.reconstruct and removed:
+        refits = _refit(dg, gm2, removed, cfg, calibration)
     _drop_identities(gm2, (stream.SKIP_PREFIX, stream.RESTORE_PREFIX))
     try:
         result = captured.recapture(gm2)
@@ -324,4 +337,17 @@ def run_slice(captured: Captured, cfg: Slice, calibration: Any = None) -> PassRe
         raise PassError(PASS, f"the sliced graph does not re-export: {str(exc).splitlines()[0]}") from exc
     report = [{"layer": f"segment {i}", "op": "stream", "before": d, "after": k,
                "norms": len(s.norms), "centered": s.centered} for i, s in enumerate(segs)]
+    if refits:
+        report.append({"reconstruction": [dataclasses.asdict(r) for r in refits]})
     return PassResult(result, True, report, PASS)
+
+
+def _refit(dg: DependencyGraph, gm: fx.GraphModule, removed: list[int], cfg: Slice, calibration: Any) -> list:
+    from ...reconstruct import refittable, sequential_refit
+
+    batches = flat_batches(calibration, dg.captured)
+    masks = token_masks(dg.captured.module, batches, cfg.token_mask)
+    keep = dg.param_keep_indices(removed)
+    out_keep = {t: idx[0] for t, idx in keep.items()}
+    return sequential_refit(dg.captured.module, gm, batches, out_keep, lambda n: refittable(n) is None, masks,
+                            damp="cv", residual=cfg.residual)
