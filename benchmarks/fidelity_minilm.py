@@ -38,7 +38,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import sparsecomp
 
-from sparsecomp import StructuredPruning
+from sparsecomp import Slice, StructuredPruning
 from sparsecomp.metrics import count_macs, count_params, markdown_table, measure_latencies
 from sparsecomp.models import (
     HELDOUT_SENTENCES,
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--recon-only", action="store_true", help="skip the no-reconstruction baselines")
     ap.add_argument("--model-dir", default=None, help="load a local HF copy instead of the bundled package")
+    ap.add_argument("--slice", type=float, nargs="*", default=[],
+                    help="also run Slice(ratio, reconstruct=True) alone and before each pruning ratio")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ns = ap.parse_args(argv)
     if ns.compress_threads:
@@ -119,13 +121,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     models: dict[str, torch.nn.Module] = {"dense": captured.module}
     info: dict[str, dict[str, Any]] = {"dense": {"ratio": 0.0, "reconstruct": None, "seconds": 0.0}}
-    for r in ns.ratios:
-        for rec in ((True,) if ns.recon_only else (False, True)):
-            name = f"{r:.2f} {'recon' if rec else 'no-recon'}"
-            t0 = time.perf_counter()
-            models[name] = sparsecomp.compress(captured, example, config(r, rec), calibration=calibration)
-            info[name] = {"ratio": r, "reconstruct": rec, "seconds": time.perf_counter() - t0}
-            print(f"compressed {name} in {info[name]['seconds']:.0f}s", file=sys.stderr, flush=True)
+    plans = [(f"{r:.2f} {'recon' if rec else 'no-recon'}", r, rec, [config(r, rec)])
+             for r in ns.ratios for rec in ((True,) if ns.recon_only else (False, True))]
+    for s in ns.slice:
+        plans.append((f"slice {s:.2f} + refit", 0.0, True, [Slice(ratio=s, reconstruct=True)]))
+        plans += [(f"slice {s:.2f} + refit + {r:.2f} recon", r, True, [Slice(ratio=s, reconstruct=True), config(r, True)])
+                  for r in ns.ratios]
+    for name, r, rec, cfgs in plans:
+        t0 = time.perf_counter()
+        models[name] = sparsecomp.compress(captured, example, cfgs, calibration=calibration)
+        info[name] = {"ratio": r, "reconstruct": rec, "seconds": time.perf_counter() - t0}
+        print(f"compressed {name} in {info[name]['seconds']:.0f}s", file=sys.stderr, flush=True)
     lat = measure_latencies(models, example, threads=ns.threads, rounds=ns.rounds, min_time=0.5)
     dense_ms, dense_macs = lat["dense"].median_ms, count_macs(captured.module, example)
 

@@ -321,17 +321,16 @@ def prepare(gm: fx.GraphModule) -> Prepared:
             raise PassError(PASS, "LayerNorm scale is computed in the graph (not a parameter)", n.out.name)
     _untie_embeddings(gm)
 
-    # post-norm (BERT family): a norm whose output is added into the stream or read by another norm
     inputs = {n.x for n in stream_norms}
+    norm_outs = {n.out for n in stream_norms}
     for n in stream_norms:
-        for u in n.out.users:
-            if u.target in (aten.add.Tensor,) or any(u is m.x for m in stream_norms):
-                raise PassError(PASS, "post-norm block: this norm's output is the residual stream itself "
-                                "(added to a sublayer's output or normalised again), so the stream between "
-                                "blocks is not rotation-invariant; only pre-norm transformers are sliced",
-                                n.out.name)
+        if any(_strip_casts(m.x) is n.out for m in stream_norms):
+            raise PassError(PASS, "a norm's output is normalised again directly: no linear between the two "
+                            "norms to carry the rotation", n.out.name)
 
-    # residual adds: add(r, f) with r read by a stream norm -> add(linear(r, I), f)
+    # residual adds: add(r, f) with r read by a stream norm (pre-norm) or r a norm's output (post-norm:
+    # BERT's LN(r + f(r))) -> add(linear(r, I), f). In post-norm blocks the skip matrix then reads the
+    # norm output like any other reader and absorbs the norm's scale and shift.
     skips = []
     for node in list(gm.graph.nodes):
         if node.target != aten.add.Tensor or len(node.args) != 2:
@@ -339,7 +338,8 @@ def prepare(gm: fx.GraphModule) -> Prepared:
         a, b = node.args
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
-        res = a if _strip_casts(a) in inputs else b if _strip_casts(b) in inputs else None
+        on_stream = lambda v: _strip_casts(v) in inputs or _strip_casts(v) in norm_outs  # noqa: E731
+        res = a if on_stream(a) else b if on_stream(b) else None
         if res is None or _val(node) is None or _val(node).shape[-1] != d:
             continue
         lin, name = _identity_linear(gm, node, res, d, SKIP_PREFIX)
@@ -348,7 +348,6 @@ def prepare(gm: fx.GraphModule) -> Prepared:
 
     # outputs that expose the stream (a norm output or a stream value): undo the basis there
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    norm_outs = {n.out for n in stream_norms}
     restores = []
     for leaf in pytree.tree_leaves(out_node.args):
         if not isinstance(leaf, fx.Node) or _val(leaf) is None or _val(leaf).shape[-1] != d:
