@@ -137,14 +137,17 @@ class GeluOnStream(nn.Module):
 
 
 class PostNorm(nn.Module):
-    def __init__(self, d=16):
+    """BERT-shaped: embedding LayerNorm, then LN(r + f(r)) blocks."""
+
+    def __init__(self, d=16, embedding_norm=True):
         super().__init__()
         self.emb = nn.Embedding(30, d)
+        self.ln0 = nn.LayerNorm(d) if embedding_norm else nn.Identity()
         self.w1, self.ln1 = nn.Linear(d, d), nn.LayerNorm(d)
         self.w2, self.ln2 = nn.Linear(d, d), nn.LayerNorm(d)
 
     def forward(self, ids):
-        x = self.emb(ids)
+        x = self.ln0(self.emb(ids))
         x = self.ln1(x + self.w1(x))
         return self.ln2(x + self.w2(x))
 
@@ -155,10 +158,33 @@ def test_refuses_a_nonlinearity_on_the_stream():
         sparsecomp.compress(GeluOnStream().eval(), (ids,), Slice(ratio=0.25))
 
 
-def test_refuses_post_norm_blocks():
+class NormTwice(PostNorm):
+    def forward(self, ids):
+        x = self.emb(ids)
+        x = x + self.w1(self.ln1(x))
+        return self.ln2(self.ln1(x))
+
+
+def test_post_norm_blocks_rotate_exactly():
+    """BERT-style LN(r + f(r)): the skip matrices read the norm outputs and absorb their scale/shift."""
+    torch.manual_seed(0)
+    model, ids = PostNorm().eval(), torch.randint(0, 30, (2, 8))
+    out = sparsecomp.compress(model, (ids,), Slice(ratio=0.0))
+    with torch.no_grad():
+        assert _rel(model(ids), out(ids)) < 1e-4
+    assert _count(torch.ops.aten.layer_norm.default, out) == 0  # LayerNorms became RMS form (writers centred)
+
+
+def test_refuses_a_linear_reading_an_unnormalised_layernorm_stream():
     ids = torch.randint(0, 30, (2, 8))
-    with pytest.raises(PassError, match="post-norm"):
-        sparsecomp.compress(PostNorm().eval(), (ids,), Slice(ratio=0.25))
+    with pytest.raises(PassError, match="at node 'linear'.*before any LayerNorm"):
+        sparsecomp.compress(PostNorm(embedding_norm=False).eval(), (ids,), Slice(ratio=0.25))
+
+
+def test_refuses_a_norm_of_a_norm():
+    ids = torch.randint(0, 30, (2, 8))
+    with pytest.raises(PassError, match="normalised again directly"):
+        sparsecomp.compress(NormTwice().eval(), (ids,), Slice(ratio=0.25))
 
 
 def test_composes_with_structured_pruning():

@@ -161,7 +161,32 @@ def _find_segments(dg: DependencyGraph, prep: stream.Prepared) -> list[Segment]:
         raise AssertionError
     for seg in segs.values():
         _check_segment(dg, seg, nodes)
+    _check_centering(gm, list(segs.values()))
     return list(segs.values())
+
+
+def _check_centering(gm: fx.GraphModule, segs: list[Segment]) -> None:
+    """A segment read by a (former) LayerNorm is made zero-mean, which is exact only if nothing but norms
+    and skip matrices into other zero-mean segments reads it."""
+    if not any(s.centered for s in segs):
+        return
+    if not all(s.centered for s in segs):
+        raise PassError(PASS, "the stream is read by both LayerNorms and RMSNorms: a LayerNorm's mean "
+                        "subtraction cannot be folded into writers that also feed an RMSNorm")
+    members = {(m.name, m.dim) for s in segs for m in s.group.param_members()}
+    for n in gm.graph.nodes:
+        spec = READERS.get(n.target)
+        if spec is None or not isinstance(n.args[spec[1]], fx.Node) or n.args[spec[1]].op != "get_attr":
+            continue
+        w = n.args[spec[1]].target
+        if (w, spec[2]) not in members or w.startswith(stream.SKIP_PREFIX):
+            continue
+        src = n.args[spec[0]]
+        while src.op == "call_function" and src.target in stream.ROW_OPS:
+            src = src.args[0]
+        if src.target != aten.rms_norm.default:
+            raise PassError(PASS, "this linear reads the stream before any LayerNorm: the mean that the "
+                            "LayerNorms remove cannot be folded into the writers", n.name)
 
 
 def _check_segment(dg: DependencyGraph, seg: Segment, nodes: dict[str, fx.Node]) -> None:
