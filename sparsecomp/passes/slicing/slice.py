@@ -28,7 +28,6 @@ import dataclasses
 import math
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.fx as fx
 
@@ -157,8 +156,6 @@ def _find_segments(dg: DependencyGraph, prep: stream.Prepared) -> list[Segment]:
                 raise PassError(PASS, f"a residual branch ({target}, dim {dim}) is not a removable group")
             if by_member[("param", target, dim)].id not in segs:
                 raise PassError(PASS, f"a stream segment (around skip {target}) is read by no norm")
-    if len({k for k in segs}) != len(segs):  # pragma: no cover - dict keys
-        raise AssertionError
     for seg in segs.values():
         _check_segment(dg, seg, nodes)
     _check_centering(gm, list(segs.values()))
@@ -194,26 +191,31 @@ def _check_segment(dg: DependencyGraph, seg: Segment, nodes: dict[str, fx.Node])
     if g.kind != "channel":
         raise PassError(PASS, f"the stream's hidden dim is split into {g.kind}s somewhere "
                         f"(members {[m.name for m in g.members][:6]})")
+    names = {(m.kind, m.name) for m in g.members}
+    order = g.members[0].index_map
     for m in g.members:
         if any(len(ix) != 1 for ix in m.index_map.values()):
             raise PassError(PASS, "the stream's hidden dim is merged with another dim here", m.name)
+        if m.index_map != order:
+            raise PassError(PASS, "the stream's hidden dim is permuted here (one basis needs one order)", m.name)
         if m.kind != "op":
             continue
         node = nodes[m.name]
-        reason = _not_equivariant(node, g, dg)
+        reason = _not_equivariant(node, names)
         if reason:
             raise PassError(PASS, f"{node.target} on the residual stream: {reason}; the stream cannot be "
                             "rotated through it", node.name)
 
 
-def _in_group(arg: Any, g: Group, dg: DependencyGraph) -> bool:
+def _in_group(arg: Any, names: set[tuple[str, str]]) -> bool:
     if not isinstance(arg, fx.Node):
         return False
-    names = {(m.kind, m.name) for m in g.members}
     return ("op", arg.name) in names or (arg.op == "get_attr" and ("param", arg.target) in names)
 
 
-def _not_equivariant(node: fx.Node, g: Group, dg: DependencyGraph) -> str | None:
+def _not_equivariant(node: fx.Node, names: set[tuple[str, str]]) -> str | None:
+    """Why ``node``, whose output lives in a stream segment (members ``names``), does not commute with a
+    rotation of that segment; ``None`` when it does."""
     if node.op != "call_function":
         return None
     t = node.target
@@ -223,7 +225,7 @@ def _not_equivariant(node: fx.Node, g: Group, dg: DependencyGraph) -> str | None
         return "dropout in training mode"
     if t in (aten.add.Tensor, aten.sub.Tensor):
         a, b = node.args[0], node.args[1]
-        if not (_in_group(a, g, dg) and _in_group(b, g, dg)):
+        if not (_in_group(a, names) and _in_group(b, names)):
             return "adds a value that is not itself in the stream's space (a constant or broadcast bias)"
     if t in (aten.mul.Tensor, aten.div.Tensor):
         if not all(isinstance(a, (int, float)) for a in node.args[1:2]) or not isinstance(node.args[0], fx.Node):
