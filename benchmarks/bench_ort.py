@@ -3,7 +3,7 @@
 Part 1 (``--part models``): all-MiniLM-L6-v2 (bundled, offline) exported with
 ``sparsecomp.lower(..., backend="ort")`` dense, after ``StructuredPruning(ratio=r)`` for each ``--ratios``
 and after ``LowRank(rank_ratio=--rank-ratio)``; every variant runs in ONNX Runtime with ``--threads``
-intra-op threads, timed in interleaved rounds (``sparsecomp.metrics.measure_latencies``), so the ratios
+intra-op threads, timed in interleaved rounds (``sparsecomp.app.metrics.measure_latencies``), so the ratios
 to ORT dense are comparable within the run. Each variant's output is checked against torch.
 
 Part 2 (``--part layers``): for one ``--shape`` linear (default 3072x768, the MiniLM/BERT FFN size) with
@@ -37,7 +37,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import sparsecomp
 
 from sparsecomp.backends.onnx import choose_sparse_linear, format_timings  # noqa: E402
-from sparsecomp.metrics import count_params, markdown_table, measure_latencies  # noqa: E402
+from sparsecomp.app.metrics import count_params, markdown_table, measure_latencies  # noqa: E402
 
 
 def _rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -45,7 +45,7 @@ def _rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 
 def bench_models(args) -> tuple[str, list[dict]]:
-    from sparsecomp.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
 
     hf, tok = load_minilm()
     model = SentenceEncoder(hf).eval()

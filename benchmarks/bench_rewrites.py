@@ -17,7 +17,7 @@ that batch size -- the others it keeps dense-with-zeros):
 * ``lowrank 0.25``       LowRank(rank_ratio=0.25, method="activation")     -> two thin linears
 
 All candidates of a target and batch size are timed interleaved in one run
-(``sparsecomp.metrics.measure_latencies``: rounds, each timing every candidate once) with one intra-op
+(``sparsecomp.app.metrics.measure_latencies``: rounds, each timing every candidate once) with one intra-op
 thread, and the table shows ``median ms`` and ``x dense`` = median / dense median (below 1 is faster).
 The dense baseline is the captured dense graph (same execution path as the rewrites).
 
@@ -46,8 +46,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import sparsecomp
 
-from sparsecomp import cost_model
-from sparsecomp.metrics import count_params, markdown_table, measure_latencies
+from sparsecomp.passes.sparsify import cost_model
+from sparsecomp.app.metrics import count_params, markdown_table, measure_latencies
 from sparsecomp.passes.sparsify import SPARSE_OPS
 
 _FORCE_LOWRANK = {"cost_model": False} if "cost_model" in sparsecomp.LowRank.__dataclass_fields__ else {}
@@ -69,7 +69,7 @@ def _linear_target():
 
 
 def _minilm_target(seq_len: int = 128):
-    from sparsecomp.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
 
     hf, tok = load_minilm()
     model = SentenceEncoder(hf).eval()

@@ -10,7 +10,7 @@ All models run in torch eager mode (the fx GraphModule that ``torch.export``
 produces) with ``--threads`` intra-op threads. The dense baseline is the
 *captured* dense graph, so dense and pruned models run through the same
 execution path. Latencies are measured in interleaved rounds (see
-``sparsecomp.metrics.measure_latencies``) so that a noisy period of a shared
+``sparsecomp.app.metrics.measure_latencies``) so that a noisy period of a shared
 machine does not bias one candidate.
 
 Usage::
@@ -43,7 +43,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import sparsecomp
 
-from sparsecomp.metrics import count_macs, count_params, markdown_table, measure_latencies
+from sparsecomp.app.metrics import count_macs, count_params, markdown_table, measure_latencies
 
 BuildResult = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
 
@@ -67,7 +67,7 @@ class BenchRow:
 
 def build_minilm(seq_len: int = 128) -> BuildResult:
     """all-MiniLM-L6-v2 wrapped as ``SentenceEncoder``, batch 1, ``seq_len`` tokens."""
-    from sparsecomp.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
 
     hf_model, tokenizer = load_minilm()
     args = encode_batch(tokenizer, BUILTIN_SENTENCES[0], seq_len=seq_len)

@@ -562,7 +562,7 @@ def bench_models(names=None) -> None:
 
 
 def minilm_case(seq_len=128):
-    from sparsecomp.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
 
     hf, tok = load_minilm()
     enc = SentenceEncoder(hf).eval()

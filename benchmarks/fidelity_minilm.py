@@ -4,7 +4,7 @@ For each target (the global fraction of MACs removed), the dense captured encode
 calibration-driven selection (FLAP fluctuation criterion, sensitivity-scaled global allocation over heads
 and MLP neurons, hidden size kept): once without reconstruction and once with sequential least-squares
 reconstruction of every linear (residual-stream targets). Calibration: the packaged corpus
-(``sparsecomp.models.calibration_corpus()``, ~1200 sentences) in length-bucketed batches on a graph captured
+(``sparsecomp.app.models.calibration_corpus()``, ~1200 sentences) in length-bucketed batches on a graph captured
 with a dynamic sequence length (padding only up to each batch's longest sentence, masked out).
 Fidelity is measured on ``HELDOUT_SENTENCES`` (disjoint from the calibration corpus): mean cosine of the
 sentence embeddings to the dense model's, and the Spearman correlation of the pairwise-similarity matrix
@@ -39,8 +39,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import sparsecomp
 
 from sparsecomp import Slice, StructuredPruning
-from sparsecomp.metrics import count_macs, count_params, markdown_table, measure_latencies
-from sparsecomp.models import (
+from sparsecomp.app.metrics import count_macs, count_params, markdown_table, measure_latencies
+from sparsecomp.app.models import (
     HELDOUT_SENTENCES,
     SentenceEncoder,
     calibration_corpus,

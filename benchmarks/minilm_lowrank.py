@@ -7,7 +7,7 @@ For every ``LowRank(param_ratio=b, method=m, allocation=a)`` this script compres
 * relative error ``||E - E_dense||_F / ||E_dense||_F`` of the embedding matrix;
 * parameters of the whole model, and how many of the 36 encoder linears were factored;
 * single-thread latency at batch 1, seq 128, as a ratio to the dense captured graph, measured in
-  interleaved rounds with the dense baseline of the same budget (``sparsecomp.metrics.measure_latencies``).
+  interleaved rounds with the dense baseline of the same budget (``sparsecomp.app.metrics.measure_latencies``).
 
 The model is captured once with dynamic batch and sequence dims, so calibration and evaluation run on
 short padded batches (seq 32: the sentences are short; long padding would flood the calibration Gram
@@ -37,7 +37,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import sparsecomp
 
-from sparsecomp.metrics import count_params, markdown_table, measure_latencies
+from sparsecomp.app.metrics import count_params, markdown_table, measure_latencies
 
 
 def _log(msg: str) -> None:
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(argv)
     from torch.export import Dim
 
-    from sparsecomp.models import (BUILTIN_SENTENCES, HELDOUT_SENTENCES, SentenceEncoder, encode_batch,
+    from sparsecomp.app.models import (BUILTIN_SENTENCES, HELDOUT_SENTENCES, SentenceEncoder, encode_batch,
                                    load_minilm, sentence_embeddings)
 
     torch.set_num_threads(ns.threads)  # the factorizations too: on a shared host more threads only thrash

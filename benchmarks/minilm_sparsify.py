@@ -34,8 +34,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import sparsecomp
 
-from sparsecomp.metrics import markdown_table
-from sparsecomp.models import (
+from sparsecomp.app.metrics import markdown_table
+from sparsecomp.app.models import (
     BUILTIN_SENTENCES,
     HELDOUT_SENTENCES,
     SentenceEncoder,

@@ -27,7 +27,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import sparsecomp
 
 from sparsecomp import Slice, StructuredPruning
-from sparsecomp.metrics import count_macs, count_params, markdown_table, measure_latencies
+from sparsecomp.app.metrics import count_macs, count_params, markdown_table, measure_latencies
 from sparsecomp.testing import bytelm
 
 

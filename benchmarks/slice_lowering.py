@@ -24,7 +24,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import sparsecomp
 
 from sparsecomp import Slice
-from sparsecomp.metrics import markdown_table, measure_latencies
+from sparsecomp.app.metrics import markdown_table, measure_latencies
 from sparsecomp.testing import bytelm
 
 

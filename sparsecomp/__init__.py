@@ -19,7 +19,7 @@ from .errors import (
 from .graph.depgraph import DependencyGraph, Group, Member
 from .graph.registry import OpRegistry, OpRule
 from .backends.onnx import export_onnx
-from .lower import load, lower
+from .backends.registry import load, lower
 from .passes import LowRank, Slice, Sparsify, StructuredPruning
 from .report import report
 

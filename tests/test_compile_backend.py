@@ -265,7 +265,7 @@ def test_zoo_through_compile(name, target):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [_target_param(t) for t in ("eager", "ort", "inductor", "tvm")])
 def test_minilm_through_compile(target):
-    from sparsecomp.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
 
     try:
         hf, tok = load_minilm()

@@ -12,7 +12,7 @@ from torch import nn
 
 import sparsecomp
 from sparsecomp import StructuredPruning
-from sparsecomp.metrics import count_macs
+from sparsecomp.app.metrics import count_macs
 
 sklearn = pytest.importorskip("sklearn.datasets")
 

@@ -1,4 +1,4 @@
-"""Calibration engine, calibration-driven selection and reconstruction (sparsecomp.reconstruct)."""
+"""Calibration engine, calibration-driven selection and reconstruction (sparsecomp.calibration.reconstruct)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from torch import nn
 
 import sparsecomp
 from sparsecomp import StructuredPruning
-from sparsecomp.calibration import collect_moments, flat_batches, token_masks
+from sparsecomp.calibration.data.data import collect_moments, flat_batches, token_masks
 from sparsecomp.errors import ConfigError
-from sparsecomp.metrics import count_macs
-from sparsecomp.models import BUILTIN_SENTENCES, HELDOUT_SENTENCES, calibration_corpus
-from sparsecomp.reconstruct import (Moments, add_to_folds, cross_validated_damp, merge, obs_profile, output_error,
+from sparsecomp.app.metrics import count_macs
+from sparsecomp.app.models import BUILTIN_SENTENCES, HELDOUT_SENTENCES, calibration_corpus
+from sparsecomp.calibration.data.reconstruct import (Moments, add_to_folds, cross_validated_damp, merge, obs_profile, output_error,
                                    refit, sequential_refit, token_rows)
 
 aten = torch.ops.aten
@@ -263,7 +263,7 @@ def test_user_model_not_mutated():
 # ------------------------------------------------------------------------------------------------ unpadded calibration
 def _tokenizer():
     transformers = pytest.importorskip("transformers")
-    from sparsecomp.models import minilm_path
+    from sparsecomp.app.models import minilm_path
 
     try:
         path = minilm_path()
@@ -273,7 +273,7 @@ def _tokenizer():
 
 
 def test_length_batches_pad_minimally_and_spread_lengths():
-    from sparsecomp.models import encode_batch, length_batches
+    from sparsecomp.app.models import encode_batch, length_batches
 
     _, tok = _tokenizer()
     sentences = list(calibration_corpus()[:70])
@@ -292,7 +292,7 @@ def test_unpadded_calibration_on_dynamic_sequence_matches_padded_static():
     """A BERT captured with a dynamic sequence dim, calibrated on length-bucketed batches, selects and refits
     exactly as the static capture calibrated on padded batches (padding is masked out of the statistics),
     and the compressed model runs at other lengths."""
-    from sparsecomp.models import SentenceEncoder, encode_batch, encoder_dynamic_shapes, length_batches
+    from sparsecomp.app.models import SentenceEncoder, encode_batch, encoder_dynamic_shapes, length_batches
 
     transformers, tok = _tokenizer()
     torch.manual_seed(0)

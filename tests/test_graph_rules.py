@@ -10,7 +10,7 @@ import torch.nn as nn
 import sparsecomp
 from sparsecomp.graph.registry import OpRegistry, OpRule
 from sparsecomp.graph.rules import DEFAULT_RULES
-from sparsecomp.verify import group_equivalence
+from sparsecomp.testing.verify import group_equivalence
 
 aten = torch.ops.aten
 

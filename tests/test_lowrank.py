@@ -15,25 +15,12 @@ from torch import nn
 import sparsecomp
 from sparsecomp.config import config_from_dict
 from sparsecomp.errors import ConfigError
-from sparsecomp.passes.lowrank import (
-    _COST,
-    LowRank,
-    _Choice,
-    _conv_args,
-    _ints,
-    allocate_global,
-    asvd_scale,
-    choose_rank,
-    conv_patches,
-    decompose,
-    energy_rank,
-    error_curve,
-    factored_is_faster,
-    lowrank_factors,
-    max_fast_rank,
-    relative_output_error,
-    whitened_error_curve,
-)
+from sparsecomp.passes.lowrank import LowRank
+from sparsecomp.passes.lowrank.allocate import _Choice, allocate_global
+from sparsecomp.passes.lowrank.factor import (_COST, asvd_scale, choose_rank, decompose, energy_rank, error_curve,
+                                              factored_is_faster, lowrank_factors, max_fast_rank,
+                                              relative_output_error, whitened_error_curve)
+from sparsecomp.passes.lowrank.transform import _conv_args, _ints, conv_patches
 from sparsecomp.testing import zoo
 
 LINEAR = torch.ops.aten.linear.default
@@ -522,7 +509,7 @@ def test_global_reports_dense_layers_and_tiny_budget_error():
 # ------------------------------------------------------------------------------------------------ MiniLM
 @pytest.fixture(scope="module")
 def minilm():
-    from sparsecomp.models import (BUILTIN_SENTENCES, HELDOUT_SENTENCES, SentenceEncoder, encode_batch,
+    from sparsecomp.app.models import (BUILTIN_SENTENCES, HELDOUT_SENTENCES, SentenceEncoder, encode_batch,
                                    load_minilm, sentence_embeddings)
 
     hf, tok = load_minilm()

@@ -1,4 +1,4 @@
-"""Tests of sparsecomp.metrics, the command line and the demo (fast unless marked slow)."""
+"""Tests of sparsecomp.app.metrics, the command line and the demo (fast unless marked slow)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from sparsecomp.cli import main
-from sparsecomp.metrics import (
+from sparsecomp.app.cli import main
+from sparsecomp.app.metrics import (
     LatencyStats,
     count_macs,
     count_params,
@@ -299,7 +299,7 @@ def test_cli_usage_errors_exit_2(capsys):
 
 def _tiny_bert_loader():
     transformers = pytest.importorskip("transformers")
-    from sparsecomp.models import minilm_path
+    from sparsecomp.app.models import minilm_path
 
     try:
         path = minilm_path()  # only the tokenizer is used; the model is tiny and random
@@ -324,7 +324,7 @@ def _tiny_bert_loader():
 
 
 def test_demo_smoke_tiny_bert():
-    from sparsecomp.demo import DemoRow, run_demo
+    from sparsecomp.app.demo import DemoRow, run_demo
 
     lines: list[str] = []
     rows = run_demo(
@@ -354,8 +354,8 @@ def test_demo_smoke_tiny_bert():
 @pytest.mark.slow
 def test_demo_real_minilm():
     pytest.importorskip("transformers")
-    from sparsecomp.demo import run_demo
-    from sparsecomp.models import HELDOUT_SENTENCES
+    from sparsecomp.app.demo import run_demo
+    from sparsecomp.app.models import HELDOUT_SENTENCES
 
     rows = run_demo(
         ratios=(0.0, 0.5),

@@ -82,7 +82,7 @@ def test_zoo_through_ort(name, kind):
 # ------------------------------------------------------------------------------------------------ MiniLM
 @pytest.fixture(scope="module")
 def minilm():
-    from sparsecomp.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
 
     try:
         hf, tok = load_minilm()
@@ -95,7 +95,7 @@ def minilm():
 @pytest.mark.parametrize("kind", ["prune", pytest.param("dense", marks=pytest.mark.slow),
                                   pytest.param("lowrank", marks=pytest.mark.slow)])
 def test_minilm_through_ort(minilm, kind):
-    from sparsecomp.models import HELDOUT_SENTENCES, encode_batch
+    from sparsecomp.app.models import HELDOUT_SENTENCES, encode_batch
 
     model, args, tok = minilm
     if kind != "dense":
@@ -195,7 +195,7 @@ def test_sparsify_pass_output_through_ort(cfg):
 
 @pytest.mark.slow
 def test_sparsified_minilm_through_ort(minilm):
-    from sparsecomp.models import HELDOUT_SENTENCES, encode_batch
+    from sparsecomp.app.models import HELDOUT_SENTENCES, encode_batch
 
     if not hasattr(sparsecomp, "Sparsify"):
         pytest.skip("the Sparsify pass is not available")

@@ -7,7 +7,7 @@ from torch import nn
 import sparsecomp
 from sparsecomp import PassError, Slice
 from sparsecomp.config import config_from_dict
-from sparsecomp.metrics import count_params
+from sparsecomp.app.metrics import count_params
 from sparsecomp.testing import bytelm, zoo
 
 EXACT_MODELS = ["llama", "vit", "hf_llama", pytest.param("gpt", marks=pytest.mark.slow),

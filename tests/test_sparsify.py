@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 import sparsecomp
-from sparsecomp import cost_model
+from sparsecomp.passes.sparsify import cost_model
 from sparsecomp.config import config_from_dict, load_recipe
 from sparsecomp.errors import ConfigError
 from sparsecomp.graph.context import get_attr
@@ -191,7 +191,7 @@ def test_nm_structure_is_exact():
 @pytest.mark.parametrize("kw", [dict(sparsity=0.9), dict(sparsity=0.5, pattern="block", block=(16, 1)),
                                 dict(pattern="n:m")], ids=["csr", "bsr", "nm"])
 def test_count_macs_counts_stored_values(kw):
-    from sparsecomp.metrics import count_macs
+    from sparsecomp.app.metrics import count_macs
 
     model, x = _mlp()
     out = sparsecomp.compress(model, (x,), Sparsify(cost_model="always", **kw))
@@ -443,7 +443,7 @@ def test_zoo_transformer_rewrite():
 # ------------------------------------------------------------------------------------------------ MiniLM
 @pytest.fixture(scope="module")
 def minilm():
-    from sparsecomp.models import (
+    from sparsecomp.app.models import (
         BUILTIN_SENTENCES,
         HELDOUT_SENTENCES,
         SentenceEncoder,
@@ -462,7 +462,7 @@ def minilm():
 
 
 def _embedding_error(minilm, cfg) -> float:
-    from sparsecomp.models import sentence_embeddings
+    from sparsecomp.app.models import sentence_embeddings
 
     enc, captured, calib, (ids, mask) = minilm
     out = sparsecomp.compress(captured, None, cfg, calibration=[calib])
@@ -485,7 +485,7 @@ def test_minilm_wanda_beats_magnitude(minilm, kw):
 # ------------------------------------------------------------------------------------------------ CLI recipe
 def test_cli_multi_pass_recipe(tmp_path, capsys):
     yaml = pytest.importorskip("yaml")
-    from sparsecomp.cli import main
+    from sparsecomp.app.cli import main
 
     factory = tmp_path / "factory.py"
     factory.write_text(

@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 
 import sparsecomp
 from sparsecomp.testing import zoo
-from sparsecomp.verify import group_equivalence, max_abs_diff, output_scale
+from sparsecomp.testing.verify import group_equivalence, max_abs_diff, output_scale
 
 LIGHT = zoo.names(include_heavy=False)
 

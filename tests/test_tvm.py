@@ -898,7 +898,7 @@ def test_zoo_dense_matches(name):
 
 @pytest.mark.slow
 def test_minilm_dense_matches():
-    from sparsecomp.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
 
     hf, tok = load_minilm()
     enc = SentenceEncoder(hf).eval()

@@ -15,7 +15,7 @@ tvm = pytest.importorskip("tvm")
 import sparsecomp  # noqa: E402
 from sparsecomp.backends.tvm import calibrate, frontend, kernels, target  # noqa: E402
 from sparsecomp.backends.tvm.kernels import DEFAULT_PLAN, OFF, Prefetch, PrefetchPlan  # noqa: E402
-from sparsecomp.cli import main  # noqa: E402
+from sparsecomp.app.cli import main  # noqa: E402
 from sparsecomp.errors import ConfigError  # noqa: E402
 from sparsecomp.ops import SparseLinear  # noqa: E402
 from sparsecomp.ops.formats import pack  # noqa: E402

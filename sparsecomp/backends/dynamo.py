@@ -261,7 +261,7 @@ def _lowered(module: torch.nn.Module, cap, user, spec, opts: CompileOptions) -> 
         from torch._inductor import compile as inductor_compile
 
         return inductor_compile(module, list(user))
-    from ..lower import lower
+    from .registry import lower
 
     return lower(cap, backend=opts.target, **opts.target_options)
 

@@ -504,7 +504,7 @@ class OnnxExport:
 
     def report_table(self) -> str:
         """Markdown table: per sparse layer, the chosen form and why."""
-        from ..metrics import markdown_table
+        from ..app.metrics import markdown_table
 
         body = [[c.layer, "x".join(map(str, c.shape)), c.format, f"{1 - c.density:.0%}", str(c.rows),
                  c.representation, c.storage,

@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture.export import Captured, capture
 from ..errors import ConfigError, MissingDependencyError, UnsupportedError
-from ..lower import MANIFEST
+from .registry import MANIFEST
 from .onnx import OnnxExport, export_onnx
 
 __all__ = ["OrtModule", "latency", "load", "lower"]
@@ -151,15 +151,15 @@ def load(path: str | os.PathLike, num_threads: int | None = None) -> OrtModule:
 
 def latency(module: Any, example_inputs: Any, num_threads: int = 1, *, example_kwargs: dict | None = None,
             **measure: Any):
-    """ONNX Runtime latency of ``module`` on ``example_inputs`` (a :class:`~sparsecomp.metrics.LatencyStats`,
+    """ONNX Runtime latency of ``module`` on ``example_inputs`` (a :class:`~sparsecomp.app.metrics.LatencyStats`,
     median/p10/p90 in ms). ``module`` may be an ``nn.Module``, a compressed module, a ``Captured`` or an
-    :class:`OrtModule`; ``measure`` goes to :func:`sparsecomp.metrics.measure_latency`.
+    :class:`OrtModule`; ``measure`` goes to :func:`sparsecomp.app.metrics.measure_latency`.
 
     >>> stats = latency(torch.nn.Linear(8, 4), (torch.randn(2, 8),), num_threads=1, min_time=0.05)
     >>> stats.median_ms > 0
     True
     """
-    from ..metrics import measure_latency
+    from ..app.metrics import measure_latency
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

@@ -517,7 +517,7 @@ def _(x, values, indices, bias, n, m, in_features):
 
 
 # --------------------------------------------------------------------------- #
-# FLOP formulas: FlopCounterMode (sparsecomp.metrics.count_macs) counts the
+# FLOP formulas: FlopCounterMode (sparsecomp.app.metrics.count_macs) counts the
 # multiply-adds actually done, 2 * rows * stored values (N:M padding included).
 # --------------------------------------------------------------------------- #
 def _rows(x_shape) -> int:

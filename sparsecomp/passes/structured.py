@@ -21,16 +21,16 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ..calibration import collect_moments, flat_batches, iter_batches, observe, token_masks
+from ..calibration.data import collect_moments, flat_batches, iter_batches, observe, token_masks
 from ..capture.export import Captured
 from ..config import PassConfig, register_config
 from ..errors import ConfigError
 from ..graph.apply import _deepcopy, prune
 from ..graph.depgraph import DependencyGraph, Group
 from ..graph.context import get_attr
-from ..importance import (allocate, group_consumers, group_profile, mac_model, output_rows_error, removed_macs,
+from ..calibration.importance import (allocate, group_consumers, group_profile, mac_model, output_rows_error, removed_macs,
                           unit_macs)
-from ..reconstruct import damping, get_tensor, solve_psd, refittable, sequential_refit, weight_target
+from ..calibration.reconstruct import damping, get_tensor, solve_psd, refittable, sequential_refit, weight_target
 from .base import PassResult, matches_pattern, register_pass
 
 IMPORTANCES = ("l1", "l2", "random", "taylor", "activation", "fluctuation", "reconstruction")
@@ -75,7 +75,7 @@ class StructuredPruning(PassConfig):
         Alias of ``importance`` (give one of the two). Besides the above: ``"fluctuation"`` (FLAP:
         ``||W_col||^2 * Var(x_col)`` at the consuming ops) and ``"reconstruction"`` (greedy OBS: the output
         error left at the consuming op after its remaining weights and bias are refit); see
-        :mod:`sparsecomp.importance`.
+        :mod:`sparsecomp.calibration.importance`.
     allocation:
         ``"uniform"``: ``ratio`` of every group. ``"global"``: ``ratio`` is the fraction of the model's
         MACs (linear, conv and attention ops at the example inputs) to remove; units of all groups compete
@@ -86,7 +86,7 @@ class StructuredPruning(PassConfig):
         After removal, refit every linear/conv whose inputs lost units (``True`` or ``"consumers"``), or
         every linear/conv of the model (``"all"``), by ridge least squares on calibration data so that its
         output matches the dense model's, sequentially on the compressed model's own activations
-        (:func:`sparsecomp.reconstruct.sequential_refit`). The bias absorbs the mean of what was removed.
+        (:func:`sparsecomp.calibration.reconstruct.sequential_refit`). The bias absorbs the mean of what was removed.
     damp:
         Ridge strength of the reconstruction refits (toward the pruned weights, relative to the mean
         diagonal of the input covariance), or ``"cv"`` (default): chosen per op by 4-fold

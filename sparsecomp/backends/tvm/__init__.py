@@ -38,7 +38,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
 
 from ...capture.export import Captured, capture
 from ...errors import ConfigError, UnsupportedError
-from ...lower import MANIFEST
+from ..registry import MANIFEST
 from . import frontend, schedule
 from .target import default_threads, resolve_target, set_threads
 from .weights import WeightArena, lift_weights

@@ -31,14 +31,14 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from ...calibration import _Observer, flat_batches, token_masks
+from ...calibration.data import _Observer, flat_batches, token_masks
 from ...capture.export import Captured
 from ...config import PassConfig, register_config
 from ...errors import ConfigError, PassError
 from ...graph.apply import _deepcopy, prune
 from ...graph.context import get_attr
 from ...graph.depgraph import DependencyGraph, Group
-from ...reconstruct import token_rows
+from ...calibration.reconstruct import token_rows
 from ..base import PassResult, register_pass
 from . import stream
 from .stream import PASS, READERS, _set_param, aten
@@ -370,7 +370,7 @@ def run_slice(captured: Captured, cfg: Slice, calibration: Any = None) -> PassRe
 
 
 def _refit(dg: DependencyGraph, gm: fx.GraphModule, removed: list[int], cfg: Slice, calibration: Any) -> list:
-    from ...reconstruct import refittable, sequential_refit
+    from ...calibration.reconstruct import refittable, sequential_refit
 
     batches = flat_batches(calibration, dg.captured)
     masks = token_masks(dg.captured.module, batches, cfg.token_mask)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import MissingDependencyError
+from ..errors import MissingDependencyError
 
 __all__ = [
     "BUILTIN_SENTENCES",
@@ -151,7 +151,7 @@ def calibration_corpus() -> tuple[str, ...]:
     refits fit the calibration text far better than held-out text (docs/BENCHMARKS.md).
     """
     lines: list[str] = []
-    for path in sorted((Path(__file__).parent / "data").glob("calibration_sentences*.txt")):
+    for path in sorted((Path(__file__).parent.parent / "data").glob("calibration_sentences*.txt")):
         lines += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
     extra = tuple(dict.fromkeys(ln for ln in lines if ln and not ln.startswith("#")))
     return extra + tuple(s for s in BUILTIN_SENTENCES if s not in extra)

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from .calibration import observe
-from .graph.context import get_attr
-from .graph.depgraph import DependencyGraph, Group
+from .data import observe
+from ..graph.context import get_attr
+from ..graph.depgraph import DependencyGraph, Group
 from .reconstruct import Moments, obs_profile, refittable, token_rows
 
 aten = torch.ops.aten

@@ -172,7 +172,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(ns: argparse.Namespace) -> int:
-    from .backends.tvm import calibrate
+    from ..backends.tvm import calibrate
 
     if ns.show:
         path = calibrate.plan_path()
@@ -200,7 +200,7 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
 def _recipe_configs(path: str) -> list[Any]:
     if not Path(path).is_file():
         raise CLIError(f"no such recipe file: {path!r}")
-    from .config import load_recipe
+    from ..config import load_recipe
 
     configs = load_recipe(path)
     if not configs:

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .capture.export import Captured, capture
-from .errors import ConfigError, VerificationError
+from ..capture.export import Captured, capture
+from ..errors import ConfigError, VerificationError
 
 # backend name -> module implementing ``lower``/``load``
 BACKENDS: dict[str, str] = {

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
-from .graph.apply import prune, zeroed
-from .graph.depgraph import DependencyGraph, Group
+from ..graph.apply import prune, zeroed
+from ..graph.depgraph import DependencyGraph, Group
 
 
 def max_abs_diff(a: Any, b: Any) -> float:

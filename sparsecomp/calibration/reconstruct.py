@@ -29,8 +29,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .calibration import progress_bar
-from .errors import PassError
+from .data import progress_bar
+from ..errors import PassError
 
 aten = torch.ops.aten
 REFITTABLE = (aten.linear.default, aten.conv2d.default)

@@ -9,8 +9,8 @@ import torch
 import torch.fx as fx
 from torch.fx import _pytree as fx_pytree
 
-from .capture.export import Captured
-from .errors import ConfigError
+from ..capture.export import Captured
+from ..errors import ConfigError
 
 
 def iter_batches(calibration: Any, captured: Captured) -> Iterator[tuple[tuple, dict]]:
@@ -92,7 +92,7 @@ def token_masks(gm: fx.GraphModule, batches: list[list[Any]], mask_input: str | 
     """Per batch, the value of the placeholder named ``mask_input`` (e.g. ``"attention_mask"``) or ``None``.
 
     Statistics keep only activation rows where this mask is non-zero (padding is ignored) for activations
-    whose leading dims match the mask; see :func:`sparsecomp.reconstruct.token_rows`.
+    whose leading dims match the mask; see :func:`sparsecomp.calibration.reconstruct.token_rows`.
     """
     if mask_input is None:
         return [None] * len(batches)

@@ -9,7 +9,7 @@ Runs on a captured graph (after ``capture``, and after any earlier pass of a ``c
    output row; ``"block"`` scores ``(r, c)`` blocks by the sum of their scores and keeps the best blocks of
    every block row (``r`` output rows); ``"n:m"`` keeps the best ``n`` of every group of ``m`` consecutive
    inputs of every row. Both criteria use the same comparison groups, so they differ only by the score;
-3. **decide** with :mod:`sparsecomp.cost_model` whether the sparse operator beats dense for this format,
+3. **decide** with :mod:`sparsecomp.passes.sparsify.cost_model` whether the sparse operator beats dense for this format,
    block, actual sparsity and rows per call (``batch_size`` x the other leading dims of the input);
 4. **rewrite**: the masked weight is packed (``sparsecomp.ops.pack_csr`` / ``pack_bsr`` / ``pack_nm``) into
    buffers of the graph module (read by ``get_attr`` nodes) and the node becomes
@@ -35,14 +35,14 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from .. import cost_model
-from ..calibration import iter_batches, observe
-from ..capture.export import Captured
-from ..config import PassConfig, register_config
-from ..errors import ConfigError
-from ..graph.context import get_attr
-from ..ops import pack_bsr, pack_csr, pack_nm
-from .base import PassResult, matches_pattern, register_pass
+from . import cost_model
+from ...calibration.data import iter_batches, observe
+from ...capture.export import Captured
+from ...config import PassConfig, register_config
+from ...errors import ConfigError
+from ...graph.context import get_attr
+from ...ops import pack_bsr, pack_csr, pack_nm
+from ..base import PassResult, matches_pattern, register_pass
 
 PATTERNS = ("unstructured", "block", "n:m")
 CRITERIA = ("magnitude", "wanda")
@@ -80,7 +80,7 @@ class Sparsify(PassConfig):
     ignore:
         Parameter or module-name patterns (fnmatch, or a module prefix) of layers to leave untouched.
     cost_model:
-        ``"auto"`` (a layer uses the sparse operator only where :mod:`sparsecomp.cost_model` says it beats
+        ``"auto"`` (a layer uses the sparse operator only where :mod:`sparsecomp.passes.sparsify.cost_model` says it beats
         dense, else it is kept dense-with-zeros), ``"always"`` (sparse operator everywhere) or ``"never"``
         (dense-with-zeros everywhere: the accuracy of the pattern without the kernels).
     batch_size:

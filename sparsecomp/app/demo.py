@@ -9,7 +9,7 @@ size, MACs, single-thread latency and the fidelity of the sentence embeddings
 sentences), with least-squares reconstruction and, side by side, the same
 pruning without it.
 
-Run it with ``sparsecomp demo`` or ``python -m sparsecomp.demo``.
+Run it with ``sparsecomp demo`` or ``python -m sparsecomp.app.demo``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .calibration import progress_bar
+from ..calibration.data import progress_bar
 from .metrics import count_macs, count_params, markdown_table, measure_latencies
 from .models import (
     HELDOUT_SENTENCES,
@@ -51,9 +51,9 @@ class DemoRow:
         Pruning ratio passed to ``StructuredPruning`` (``0.0`` is the dense
         captured model).
     params : int
-        Stored weight elements (:func:`sparsecomp.metrics.count_params`).
+        Stored weight elements (:func:`sparsecomp.app.metrics.count_params`).
     macs : int
-        MACs of one batch-1 call (:func:`sparsecomp.metrics.count_macs`).
+        MACs of one batch-1 call (:func:`sparsecomp.app.metrics.count_macs`).
     latency_ms, latency_p10_ms, latency_p90_ms : float
         Median / p10 / p90 latency of one batch-1 call.
     speedup : float
@@ -143,7 +143,7 @@ def _capture(sparsecomp: Any, encoder: nn.Module, hf_model: nn.Module, tokenizer
     (some encoders), the graph is captured with a static length and calibration is padded to ``seq_len``
     (masked, same statistics, slower). The flag is whether the capture has a dynamic sequence length.
     """
-    from .errors import CaptureError
+    from ..errors import CaptureError
 
     max_pos = getattr(getattr(hf_model, "config", None), "max_position_embeddings", None)
     max_seq = max(seq_len, max_pos) if isinstance(max_pos, int) else seq_len
@@ -244,7 +244,7 @@ def run_demo(
     *captured* dense graph, so dense and pruned models run through the same
     execution path and the speedup reflects only the smaller weights.
     Latencies are measured interleaved (see
-    :func:`sparsecomp.metrics.measure_latencies`) with ``threads`` intra-op
+    :func:`sparsecomp.app.metrics.measure_latencies`) with ``threads`` intra-op
     threads. Fidelity is the cosine similarity between each model's sentence
     embeddings (mean pooling + L2 normalisation) and the dense eager model's,
     over ``eval_sentences`` (by default the held-out sentences, which are never
@@ -267,11 +267,11 @@ def run_demo(
         ``"fluctuation"``, ``"reconstruction"``; others fall back to a uniform
         ratio per group without reconstruction).
     eval_sentences : sequence of str, optional
-        Fidelity sentences; defaults to :data:`sparsecomp.models.HELDOUT_SENTENCES`.
+        Fidelity sentences; defaults to :data:`sparsecomp.app.models.HELDOUT_SENTENCES`.
     calibration_sentences : sequence of str, optional
-        Calibration sentences; defaults to :func:`sparsecomp.models.calibration_corpus`
+        Calibration sentences; defaults to :func:`sparsecomp.app.models.calibration_corpus`
         (~300 sentences). The model is captured with a dynamic sequence length and
-        calibrated on length-bucketed batches (:func:`sparsecomp.models.length_batches`),
+        calibrated on length-bucketed batches (:func:`sparsecomp.app.models.length_batches`),
         so calibration costs the real token count, not ``seq_len`` per sentence.
     rounds : int, default 3
         Interleaved latency rounds.
@@ -281,7 +281,7 @@ def run_demo(
         Print progress to stderr.
     loader : callable, optional
         Returns ``(hf_model, tokenizer)``; defaults to
-        :func:`sparsecomp.models.load_minilm`. Tests pass a tiny model here.
+        :func:`sparsecomp.app.models.load_minilm`. Tests pass a tiny model here.
     reconstruct : bool, default True
         Refit the pruned model by least squares (the reported rows).
     compare : bool, default True

@@ -1,0 +1,2 @@
+"""Application code on top of the library: the ``sparsecomp`` CLI (cli.py), the MiniLM demo (demo.py), model
+loaders (models.py), parameters / MACs / latency (metrics.py)."""

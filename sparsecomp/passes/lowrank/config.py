@@ -1,0 +1,128 @@
+"""The LowRank config: what to factor, how ranks are chosen, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+
+from ...config import PassConfig, register_config
+from ...errors import ConfigError
+
+METHODS = ("svd", "activation", "asvd")
+ALLOCATIONS = ("uniform", "global")
+TARGETS = ("params", "macs")
+
+#: ASVD's exponent of the per-column activation scale (alpha = 0.5 in the ASVD paper).
+ASVD_ALPHA = 0.5
+
+
+
+
+
+@register_config
+@dataclasses.dataclass(frozen=True)
+class LowRank(PassConfig):
+    """Factor every large ``linear`` / convolution weight into two low-rank ones.
+
+    Exactly one of ``rank_ratio``, ``energy`` and ``param_ratio`` chooses the ranks (``W`` is ``[m, n]``,
+    ``n = in * prod(kernel)`` for a convolution):
+
+    rank_ratio:
+        ``r = ceil(rank_ratio * min(m, n))``, in (0, 1].
+    energy:
+        The smallest ``r`` keeping this fraction of the squared singular values (of ``W``, of the whitened
+        ``W L`` for ``"activation"``, of the scaled ``W S`` for ``"asvd"``), in (0, 1].
+    param_ratio:
+        In (0, 1). Uniform allocation: ``r = floor(param_ratio * m*n / (m+n))`` (at least 1), so every
+        factored layer keeps about this fraction of its weights. Global allocation: the factored layers
+        together keep at most this fraction of the candidate layers' parameters (or MACs, ``target``).
+
+    Other parameters
+    ----------------
+    method:
+        ``"svd"`` (plain truncated SVD), ``"activation"`` (whitened by the calibration inputs' Gram matrix;
+        minimises the output error rather than the weight error) or ``"asvd"`` (scaled by mean |input| per
+        column).
+    allocation:
+        ``"uniform"`` (each layer on its own) or ``"global"`` (needs ``param_ratio``: one budget, ranks
+        allocated where they reduce the output error most).
+    target:
+        What the global budget counts: ``"params"`` or ``"macs"`` (MACs per call on the calibration data).
+    ignore:
+        Parameter or module-name patterns (fnmatch, or a module prefix) of layers to leave dense.
+    min_features:
+        Layers whose weight matrix has fewer rows or columns than this are left dense.
+    damping:
+        ``eps`` of the whitening, relative to ``trace(X^T X) / n``.
+    cost_model:
+        ``True``: a layer stays dense when ``r*(m+n) >= m*n`` or when the factored pair is not predicted to
+        be faster on CPU (``factored_is_faster``). ``False``: factor at the chosen rank regardless (e.g. to
+        check that full rank reproduces the model).
+
+    Examples
+    --------
+    >>> cfg = LowRank(param_ratio=0.5, method="activation", allocation="global", ignore=("classifier",))
+    >>> small = sparsecomp.compress(model, (x,), cfg, calibration=batches)  # doctest: +SKIP
+    """
+
+    type_name: ClassVar[str] = "LowRank"
+
+    rank_ratio: float | None = None
+    energy: float | None = None
+    param_ratio: float | None = None
+    method: str = "svd"
+    ignore: tuple[str, ...] = ()
+    min_features: int = 16
+    damping: float = 1e-6
+    allocation: str = "uniform"
+    target: str = "params"
+    cost_model: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ignore, str):
+            object.__setattr__(self, "ignore", (self.ignore,))
+        if not isinstance(self.ignore, (tuple, list)) or not all(isinstance(p, str) for p in self.ignore):
+            raise ConfigError(f"ignore must be a tuple of name patterns, got {self.ignore!r}")
+        object.__setattr__(self, "ignore", tuple(self.ignore))
+        chosen = [k for k in ("rank_ratio", "energy", "param_ratio") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ConfigError(
+                f"LowRank needs exactly one of rank_ratio, energy, param_ratio; got {chosen or 'none'}"
+            )
+        if self.rank_ratio is not None:
+            _check_number("rank_ratio", self.rank_ratio, upper_inclusive=True)
+        if self.energy is not None:
+            _check_number("energy", self.energy, upper_inclusive=True)
+        if self.param_ratio is not None:
+            _check_number("param_ratio", self.param_ratio, upper_inclusive=False)
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.allocation == "global" and self.param_ratio is None:
+            raise ConfigError(
+                f"allocation='global' needs param_ratio (the global budget), got {chosen[0]}"
+            )
+        if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:
+            raise ConfigError(f"min_features must be a positive integer, got {self.min_features!r}")
+        d = self.damping
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
+            raise ConfigError(f"damping must be a positive number, got {d!r}")
+        if not isinstance(self.cost_model, bool):
+            raise ConfigError(f"cost_model must be True or False, got {self.cost_model!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "svd" or self.allocation == "global"
+
+
+def _check_number(name: str, v: Any, *, upper_inclusive: bool) -> None:
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    ok = ok and 0.0 < v and (v <= 1.0 if upper_inclusive else v < 1.0)
+    if not ok:
+        interval = "(0, 1]" if upper_inclusive else "(0, 1)"
+        raise ConfigError(f"{name} must be a number in {interval}, got {v!r}")
