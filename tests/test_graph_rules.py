@@ -189,7 +189,7 @@ def test_unknown_op_is_fixed_and_reported():
 
 
 def test_user_rule_can_declare_the_unknown_op_elementwise():
-    from sparsecomp.graph.rules import _elementwise
+    from sparsecomp.graph.rules.common import _elementwise
 
     m = _Unknown()
     rules = {torch.ops.sparsecomp_test.channel_shuffle.default: OpRule(_elementwise)}

@@ -70,6 +70,18 @@ class OpRegistry:
     def __len__(self) -> int:
         return len(self._rules)
 
+    def items(self) -> Iterable[tuple[Any, OpRule]]:
+        return self._rules.items()
+
+    @classmethod
+    def union(cls, *registries: "OpRegistry") -> "OpRegistry":
+        """One registry holding the rules of all ``registries``; an op registered twice is an error."""
+        merged = cls()
+        for registry in registries:
+            for op, rule in registry.items():
+                merged.add(op, rule)
+        return merged
+
     def with_overrides(self, extra: Mapping[Any, OpRule] | None) -> "OpRegistry":
         """A copy in which ``extra`` entries replace or add rules (user-supplied rules)."""
         merged = OpRegistry()

@@ -18,9 +18,6 @@ TARGETS = ("params", "macs")
 ASVD_ALPHA = 0.5
 
 
-
-
-
 @register_config
 @dataclasses.dataclass(frozen=True)
 class LowRank(PassConfig):
