@@ -1,7 +1,7 @@
 """Measure the cost model constants of ``LowRank``: one dense op vs the factored pair, on this CPU.
 
 ``LowRank`` leaves a layer dense unless the factored pair is predicted to be faster (see
-``sparsecomp/passes/lowrank.py``, ``factored_is_faster``). Its model of the time of one op is
+``sparsecomp/passes/lowrank/factor.py``, ``factored_is_faster``). Its model of the time of one op is
 ``t = a * MACs + b`` at one thread, for both the dense op and each of the two factored ops, with a
 separate slope for the thin factored matmuls/convs (``a_f = kappa * a``: thin GEMMs run below peak).
 So factoring pays when::
@@ -11,7 +11,7 @@ So factoring pays when::
 This script times dense ops and factored pairs over a grid of shapes, interleaved (each round times every
 candidate once, medians over rounds), fits ``t = a*MACs_dense + a_f*MACs_factored + b*n_ops`` by least
 squares, separately for ``linear`` and for ``conv2d``, and prints ``kappa = a_f / a`` and ``b / a``.
-Those are the constants in ``lowrank.py``; re-run it on the deployment CPU to re-derive them::
+Those are the constants ``_COST`` in ``passes/lowrank/factor.py``; re-run it on the deployment CPU to re-derive them::
 
     python benchmarks/bench_lowrank_overhead.py            # ~1-2 minutes, 1 thread
     python benchmarks/bench_lowrank_overhead.py --quick    # smaller grid

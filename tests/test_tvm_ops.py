@@ -6,7 +6,7 @@ booleans exactly, same dtypes and shapes) or raises ``UnsupportedError`` at lowe
 wrong answer. The sweep found the importer's silent errors on integer promotion, integer true division,
 ``selu``, non-integer nearest resizes, several-index reads and writes, and scatters, and the build
 failing on ``logsumexp`` / ``cosine_similarity`` (dlight's GEMV analysis asserting) and on ``x / 0``
-(fixed in ``backends/tvm/frontend.py`` and ``schedule.py``). The full list is ``slow``; :data:`ALWAYS` runs in the default suite.
+(fixed in ``backends/tvm/frontend/`` and ``schedule.py``). The full list is ``slow``; :data:`ALWAYS` runs in the default suite.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Dependency-graph analysis: atoms (labels.py), op rules (rules.py), groups (depgraph.py), apply.py."""
+"""Dependency-graph analysis: atoms (labels.py), op rules by op family (rules/), groups (depgraph.py), apply.py."""
 
 from .depgraph import DependencyGraph, Group, Member
 from .registry import OpRegistry, OpRule

@@ -1,7 +1,7 @@
 """The dependency graph: which dims of which tensors are coupled, as pruning groups.
 
 Build order: ``capture`` -> ``DependencyGraph.build`` walks the ATen graph once in topological order,
-asks each op's rule (``rules.py``) to couple the atoms of its inputs and outputs, fixes whatever reaches a
+asks each op's rule (``rules/``) to couple the atoms of its inputs and outputs, fixes whatever reaches a
 graph input or output, then collects the surviving (removable) atoms into *groups*: sets of units that
 occupy the same dims, so that one ratio and one importance ranking apply to them.
 """
