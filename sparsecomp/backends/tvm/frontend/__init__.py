@@ -80,7 +80,7 @@ import torch
 import tvm
 from tvm import relax
 
-from ...errors import UnsupportedError
+from ....errors import UnsupportedError
 from .. import kernels
 from .lowering import _Lowering
 
