@@ -9,11 +9,11 @@ from torch import nn
 
 import sparsecomp
 from sparsecomp import StructuredPruning
-from sparsecomp.calibration.data.data import collect_moments, flat_batches, token_masks
+from sparsecomp.calibration.data import collect_moments, flat_batches, token_masks
 from sparsecomp.errors import ConfigError
 from sparsecomp.app.metrics import count_macs
 from sparsecomp.app.models import BUILTIN_SENTENCES, HELDOUT_SENTENCES, calibration_corpus
-from sparsecomp.calibration.data.reconstruct import (Moments, add_to_folds, cross_validated_damp, merge, obs_profile, output_error,
+from sparsecomp.calibration.reconstruct import (Moments, add_to_folds, cross_validated_damp, merge, obs_profile, output_error,
                                    refit, sequential_refit, token_rows)
 
 aten = torch.ops.aten
