@@ -126,7 +126,7 @@ def import_program(ep: torch.export.ExportedProgram, parallel: bool = True,
     generic ones. ``prefetch``: the sparse kernels' software prefetch; ``None``: the plan calibrated
     for ``target`` on this machine if there is one (:func:`.calibrate.plan_for`), else the default.
     """
-    from .calibrate import plan_for
+    from ..calibrate import plan_for
 
     from tvm.relax.frontend.torch import from_exported_program
 
