@@ -22,6 +22,7 @@ from .backends.onnx import export_onnx
 from .backends.registry import load, lower
 from .passes import LowRank, Slice, Sparsify, StructuredPruning
 from .report import report
+from .writeback import load_compressed, save_compressed, write_back
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,9 @@ __all__ = [
     "export_onnx",
     "load",
     "load_recipe",
+    "load_compressed",
     "lower",
     "report",
+    "save_compressed",
+    "write_back",
 ]
