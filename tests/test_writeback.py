@@ -142,3 +142,20 @@ def test_write_back_of_unchanged_graph_is_identity():
     wb = sparsecomp.write_back(model, small, (x,))
     assert wb.sparsecomp_layout == {}
     assert all(torch.equal(a, b) for a, b in zip(wb.parameters(), model.parameters()))
+
+
+def test_compressed_decoder_exports_to_onnx_for_prefill(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    model = _tiny_llama()
+    small, ids = _compress_llama(model, sparsecomp.StructuredPruning(ratio=0.5))
+    cap = sparsecomp.capture(small, (ids,), dynamic_shapes=({0: Dim("batch", min=1, max=16),
+                                                              1: Dim("seq", min=2, max=64)},))
+    exp = sparsecomp.export_onnx(cap, (ids,), tmp_path / "decoder.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randint(0, 128, (3, 21))  # another batch and prompt length than captured
+    got = sess.run(None, {exp.input_names[0]: x.numpy()})[0]
+    with torch.no_grad():
+        want = small(x).logits
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
