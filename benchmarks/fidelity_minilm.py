@@ -87,7 +87,7 @@ def load(model_dir: str | None) -> tuple[Any, Any]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.15, 0.25, 0.35, 0.45, 0.55])
+    ap.add_argument("--ratios", type=float, nargs="*", default=[0.15, 0.25, 0.35, 0.45, 0.55])
     ap.add_argument("--calibration", type=int, default=0, help="use the first N corpus sentences (0: all)")
     ap.add_argument("--threads", type=int, default=1, help="threads for the latency measurement")
     ap.add_argument("--compress-threads", type=int, default=0, help="threads while compressing (0: torch default)")
