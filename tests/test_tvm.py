@@ -1257,3 +1257,26 @@ def test_lower_verifies_against_torch(monkeypatch):
         assert _rel_err(low(*args), model(*args)) > 0.01
     with pytest.raises(ConfigError, match="verify"):
         sparsecomp.lower(model, args, backend="tvm", verify=2.0)
+
+
+@pytest.mark.parametrize("entry, value", [
+    ("library", "../outside.so"), ("library", "/tmp/outside.so"), ("weights", "../weights.npz"),
+    ("library", "link.so"),
+])
+def test_load_refuses_manifest_paths_outside_the_directory(tmp_path, entry, value):
+    """A manifest can only name files directly inside the saved directory: ``load`` dlopens the library."""
+    import json
+    import os
+
+    _, _, _, low = _compiled("all_formats")
+    low.save(tmp_path / "m")
+    import shutil
+
+    shutil.copy(tmp_path / "m" / "model.so", tmp_path / "outside.so")
+    os.symlink(tmp_path / "outside.so", tmp_path / "m" / "link.so")  # a link that leads out
+    manifest = tmp_path / "m" / "sparsecomp.json"
+    meta = json.loads(manifest.read_text())
+    meta[entry] = value
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=f"manifest entry '{entry}'"):
+        sparsecomp.load(tmp_path / "m")

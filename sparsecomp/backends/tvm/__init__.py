@@ -240,17 +240,36 @@ def lower(captured: Captured, *, target: Any = None, num_threads: int | None = N
                     static, weights)
 
 
+def _member(path: str, meta: dict, key: str) -> str:
+    """The file named by manifest entry ``key``, refused unless it is a file directly inside ``path``
+    (a manifest must not make ``load`` open, let alone dlopen, anything outside the saved directory)."""
+    name = meta.get(key)
+    if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+        raise ConfigError(f"{path}: manifest entry {key!r} must be a file name inside the directory, got {name!r}")
+    root = os.path.realpath(path)
+    full = os.path.realpath(os.path.join(root, name))
+    if os.path.dirname(full) != root:
+        raise ConfigError(f"{path}: manifest entry {key!r} ({name!r}) resolves outside the directory ({full})")
+    return full
+
+
 def load(path: str | os.PathLike, *, num_threads: int | None = None) -> TVMModel:
-    """Load a model written by :meth:`TVMModel.save`."""
+    """Load a model written by :meth:`TVMModel.save`.
+
+    A saved model is code: ``model.so`` is a native library that this call loads into the process
+    (``dlopen``), with the rights of the process. Load only directories you trust as you would trust a
+    Python package. The manifest's file names are checked to stay inside ``path`` (no absolute paths,
+    no ``..``, no symbolic links leading out), so a manifest alone cannot point ``load`` elsewhere.
+    """
     path = os.fspath(path)
     with open(os.path.join(path, MANIFEST)) as f:
         meta = json.load(f)
     if meta.get("backend") != "tvm":
         raise ConfigError(f"{path} holds a {meta.get('backend')!r} model, not a TVM one")
-    module = tvm.runtime.load_module(os.path.join(path, meta["library"]))
+    module = tvm.runtime.load_module(_member(path, meta, "library"))
     weights = []
     if meta.get("weights"):  # straight into the huge-page arena, one array at a time
-        weights = WeightArena.from_npz(os.path.join(path, meta["weights"]))
+        weights = WeightArena.from_npz(_member(path, meta, "weights"))
     return TVMModel(
         module,
         torch.utils._pytree.treespec_loads(meta["in_spec"]),
