@@ -19,6 +19,10 @@ class CaptureError(SparsecompError):
     """The model could not be captured with ``torch.export``."""
 
 
+class ShapeError(SparsecompError, ValueError):
+    """A captured model was called with an input shape outside what was captured."""
+
+
 class UnsupportedError(SparsecompError):
     """An op, construct or setting that sparsecomp cannot handle correctly."""
 

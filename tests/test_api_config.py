@@ -75,8 +75,14 @@ class _FixedBatch(nn.Module):
 
 
 def test_static_fallback_warns():
-    with pytest.warns(UserWarning, match="static shapes"):
+    with pytest.warns(UserWarning, match=r"pins x dim 0 \(= 2\)"):
         cap = sparsecomp.capture(_FixedBatch(), (torch.randn(2, 6),))
+    assert not cap.dynamic and cap.input_dims() == [("x", (2, 6))]
+
+
+def test_static_fallback_when_export_refuses_dynamic_dims_warns():
+    with pytest.warns(UserWarning, match="static shapes"):
+        cap = sparsecomp.capture(_FixedBatch(), (torch.randn(2, 6),), dynamic_dims=False)
     assert not cap.dynamic
 
 

@@ -247,7 +247,7 @@ def _capture(module: torch.nn.Module, user: list[torch.Tensor], spec):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cap = capture(module, tuple(user), dynamic_batch=False, dynamic_shapes=spec)
+        cap = capture(module, tuple(user), dynamic_batch=False, dynamic_dims=False, dynamic_shapes=spec)
     if spec is not None and cap.dynamic_shapes is None:
         reason = next((str(w.message) for w in caught), "torch.export refused the dynamic dims")
         raise _Unsupported(f"the graph is dynamic but could only be captured with static shapes ({reason})")

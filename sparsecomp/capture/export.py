@@ -2,14 +2,17 @@
 
 The passes work on the *unlifted* graph module (``ExportedProgram.module()``): parameters and buffers are
 ``get_attr`` nodes named by their qualified names, so a pass can replace a weight by a smaller tensor and
-edit the shape arguments of the ops that read it. The batch dimension (dim 0 of every tensor input) is
-dynamic by default, so the compressed model runs at other batch sizes.
+edit the shape arguments of the ops that read it. Every dim of every tensor input is captured dynamic where
+the model allows it (``torch.export``'s ``Dim.AUTO``), so the compressed model runs at other batch sizes,
+sequence lengths and image sizes; dims the model pins stay static, and a call outside what was captured
+raises :class:`~sparsecomp.errors.ShapeError` naming the input and dim.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings as _warnings
 import dataclasses
 import warnings
@@ -20,7 +23,7 @@ import torch.fx as fx
 from torch.export import Dim, ExportedProgram, ShapesCollection
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError
+from ..errors import CaptureError, ShapeError
 
 
 @dataclasses.dataclass
@@ -38,6 +41,9 @@ class Captured:
         The inputs used for capture (after batch widening, see ``capture``).
     dynamic_shapes:
         The dynamic-shape spec that was used (``None`` when static).
+    notes:
+        What capture did that the user did not ask for (e.g. ``use_cache=False`` for a Hugging Face
+        model, dims that stayed static); passes copy them into the report.
     """
 
     module: fx.GraphModule
@@ -45,10 +51,12 @@ class Captured:
     example_args: tuple
     example_kwargs: dict
     dynamic_shapes: Any
+    notes: list = dataclasses.field(default_factory=list)
 
     @property
     def dynamic(self) -> bool:
-        return self.dynamic_shapes is not None
+        """Whether any input dim was captured dynamic."""
+        return any(isinstance(s, str) for _, dims in self.input_dims() for s in dims)
 
     def run(self, module: torch.nn.Module | None = None) -> Any:
         """Run ``module`` (default: the captured graph) on the example inputs."""
@@ -63,7 +71,15 @@ class Captured:
         """
         spec = _rebind_shapes(self.dynamic_shapes, self.example_args, self.example_kwargs)
         ep = _export(module, self.example_args, self.example_kwargs, spec)
-        return Captured(ep.module(), ep, self.example_args, self.example_kwargs, self.dynamic_shapes)
+        return Captured(_unlifted(ep), ep, self.example_args, self.example_kwargs, self.dynamic_shapes,
+                        list(self.notes))
+
+    def input_dims(self) -> list[tuple[str, tuple]]:
+        """Per user input: its name and, per dim, the captured size (an int when static, the symbol's
+        name when dynamic)."""
+        return [(n.name, tuple(str(s) if is_symbolic(s) else int(s) for s in n.meta["val"].shape))
+                for n in self.module.graph.nodes if n.op == "placeholder"
+                and isinstance(n.meta.get("val"), torch.Tensor)]
 
 
 def _export(model, args, kwargs, dynamic_shapes) -> ExportedProgram:
@@ -73,7 +89,7 @@ def _export(model, args, kwargs, dynamic_shapes) -> ExportedProgram:
 
 def _rebind_shapes(spec, args, kwargs):
     """ShapesCollection is keyed by tensor identity, so rebuild it for the stored example inputs."""
-    if spec is None or not isinstance(spec, _BatchSpec):
+    if spec is None or not isinstance(spec, (_BatchSpec, _AutoSpec)):
         return spec
     return spec.collection(args, kwargs)
 
@@ -89,6 +105,94 @@ class _BatchSpec:
             if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
                 sc[leaf] = {0: batch}
         return sc
+
+
+@dataclasses.dataclass(frozen=True)
+class _AutoSpec:
+    """Every dim of every tensor input is ``Dim.AUTO``: dynamic unless the model pins it (then static)."""
+
+    def collection(self, args, kwargs) -> ShapesCollection:
+        sc = ShapesCollection()
+        for leaf in pytree.tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+                sc[leaf] = {d: Dim.AUTO for d in range(leaf.dim())}
+        return sc
+
+
+def _unlifted(ep: ExportedProgram) -> fx.GraphModule:
+    """``ep.module()`` with a shape check in front of torch's guards: a call at a shape outside what was
+    captured raises :class:`ShapeError` naming the input, the dim and what it was captured as."""
+    return _guarded(ep.module(), ep)
+
+
+def _guarded(gm: fx.GraphModule, ep: ExportedProgram) -> fx.GraphModule:
+    """Put the shape check in front of ``gm`` (copies of a GraphModule lose their hooks: call again)."""
+    ranges = {}
+    for sym, vr in ep.range_constraints.items():
+        lo = int(vr.lower) if vr.lower.is_Integer and int(vr.lower) > 2 else None  # 0/1: a trace-time
+        # assumption of torch.export, not a limit of the graph (torch accepts size 1 there too)
+        hi = int(vr.upper) if vr.upper.is_Integer else None
+        ranges[sym] = (lo, hi)
+    gm.register_forward_pre_hook(functools.partial(_check_input_shapes, ranges=ranges), prepend=True,
+                                 with_kwargs=True)
+    return gm
+
+
+def _placeholder_dims(gm: fx.GraphModule) -> list[tuple[str, tuple]]:
+    return [(n.name, tuple(n.meta["val"].shape)) for n in gm.graph.nodes if n.op == "placeholder"
+            and isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+def _check_input_shapes(module: fx.GraphModule, args: tuple, kwargs: dict, ranges: dict) -> None:
+    from torch.fx import _pytree as fx_pytree
+
+    info = getattr(module.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        return None
+    try:
+        flat = fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec)
+    except Exception:  # a different input structure: torch's own check reports it
+        return None
+    nodes = [n for n in module.graph.nodes if n.op == "placeholder"]
+    if len(flat) != len(nodes):
+        return None
+    seen: dict[Any, tuple[str, int, int]] = {}
+    for node, value in zip(nodes, flat):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor):
+            continue
+        if isinstance(value, torch._subclasses.FakeTensor) or any(isinstance(s, torch.SymInt) for s in value.shape):
+            return None  # being traced (re-export): torch.export checks shapes itself
+        if value.dim() != val.dim():
+            raise ShapeError(f"input {node.name!r} has {value.dim()} dims; the model was captured with "
+                             f"{val.dim()} (shape {_show(val.shape)})")
+        for d, (want, got) in enumerate(zip(val.shape, value.shape)):
+            if isinstance(want, int) or not is_symbolic(want):
+                if int(want) != got:
+                    raise ShapeError(
+                        f"input {node.name!r} dim {d} is {got}, but the model was captured with this dim "
+                        f"static at {int(want)} (captured shape {_show(val.shape)}): the model, or "
+                        "torch.export, pinned it. Call it at that size, or capture again with an example "
+                        "of the size you need.")
+                continue
+            expr = want.node.expr
+            if len(expr.free_symbols) == 1 and expr.is_Symbol:
+                if expr in seen and seen[expr][2] != got:
+                    other, od, osize = seen[expr]
+                    raise ShapeError(
+                        f"input {node.name!r} dim {d} is {got} but input {other!r} dim {od} is {osize}; "
+                        f"the model was captured with the two equal (captured shape {_show(val.shape)})")
+                seen.setdefault(expr, (node.name, d, got))
+                lo, hi = ranges.get(expr, (None, None))
+                if (lo is not None and got < lo) or (hi is not None and got > hi):
+                    raise ShapeError(f"input {node.name!r} dim {d} is {got}, outside the range "
+                                     f"[{lo}, {'inf' if hi is None else hi}] it was captured for "
+                                     f"(captured shape {_show(val.shape)})")
+    return None
+
+
+def _show(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 @contextlib.contextmanager
@@ -128,6 +232,7 @@ def capture(
     *,
     dynamic_batch: bool = True,
     dynamic_shapes: Any = None,
+    dynamic_dims: bool = True,
 ) -> Captured:
     """Capture ``model`` as an ATen graph with ``torch.export``.
 
@@ -141,11 +246,18 @@ def capture(
     example_kwargs:
         Keyword inputs.
     dynamic_batch:
-        Make dim 0 of every tensor input a shared dynamic ``batch`` dimension. If the model does not
-        allow it, capture falls back to static shapes with a warning.
+        Make dim 0 of every tensor input dynamic (a batch of 1 is traced as 2, rows repeated).
+    dynamic_dims:
+        Also try every other dim of every tensor input dynamic (``Dim.AUTO``): a dim stays dynamic unless
+        the model pins it (a weight's size, a reshape to a constant), in which case it is captured static
+        and, for dim 0 and for the dims of integer (token id) inputs, a warning names it. If torch.export
+        refuses the automatic dims outright, capture falls back to a dynamic batch only, then to static
+        shapes, each with a warning. ``Captured.input_dims()`` says what was captured.
     dynamic_shapes:
-        A ``torch.export`` dynamic-shape spec (e.g. to also mark a sequence dimension dynamic); it
-        replaces the default batch spec.
+        A ``torch.export`` dynamic-shape spec; it replaces the automatic one.
+
+    A Hugging Face model whose config has ``use_cache=True`` is captured with ``use_cache`` off (a
+    ``DynamicCache`` is not a graph output): the compressed model returns no past key values.
 
     Raises
     ------
@@ -165,20 +277,23 @@ def capture(
     example_kwargs = dict(example_kwargs or {})
 
     if isinstance(model, ExportedProgram):
-        gm = _deepcopy(model.module())
+        gm = _guarded(_deepcopy(model.module()), model)
         return Captured(gm, model, example_inputs, example_kwargs, None)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture expects an nn.Module or ExportedProgram, got {type(model).__name__}")
 
     name = type(model).__name__
-    with _eval_mode(model):
+    with _eval_mode(model), _no_kv_cache(model) as notes:
         attempts: list[tuple[tuple, dict, Any]] = []
         if dynamic_shapes is not None:
             attempts.append((example_inputs, example_kwargs, dynamic_shapes))
-        elif dynamic_batch:
-            widened = _widen_batch(example_inputs, example_kwargs)
+        elif dynamic_batch or dynamic_dims:
+            widened = _widen_batch(example_inputs, example_kwargs) if dynamic_batch else None
             a, k = widened if widened else (example_inputs, example_kwargs)
-            attempts.append((a, k, _BatchSpec()))
+            if dynamic_dims:
+                attempts.append((a, k, _AutoSpec()))
+            if dynamic_batch:
+                attempts.append((a, k, _BatchSpec()))
         attempts.append((example_inputs, example_kwargs, None))
 
         errors: list[str] = []
@@ -200,14 +315,54 @@ def capture(
                     ) from exc
                 continue
             if i > 0 and errors:
+                what = ("a dynamic batch only" if isinstance(spec, _BatchSpec) else "static shapes, so the "
+                        "compressed model only accepts the example shapes")
                 warnings.warn(
-                    f"{name}: a dynamic batch dimension was refused by torch.export ({errors[0]}); "
-                    "captured with static shapes, so the compressed model only accepts the example shapes.",
+                    f"{name}: torch.export refused dynamic input dims ({errors[0]}); captured with {what}.",
                     stacklevel=2,
                 )
-            gm = _deepcopy(ep.module())  # own the weights: later edits never reach the user's model
-            return Captured(gm, ep, args, kwargs, spec)
+            gm = _guarded(_deepcopy(ep.module()), ep)  # own the weights: later edits never reach the user's model
+            cap = Captured(gm, ep, args, kwargs, spec, notes)
+            if isinstance(spec, _AutoSpec):
+                _warn_static_dims(name, cap)
+            return cap
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: torch.nn.Module) -> Iterator[list]:
+    """Hugging Face models return a ``DynamicCache`` (not a graph output) unless ``config.use_cache``
+    is off: capture with it off, restored afterwards."""
+    notes: list[str] = []
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "use_cache", None) is not True:
+        yield notes
+        return
+    config.use_cache = False
+    notes.append("captured with config.use_cache=False: the compressed model returns no KV cache")
+    try:
+        yield notes
+    finally:
+        config.use_cache = True
+
+
+def _warn_static_dims(name: str, cap: Captured) -> None:
+    """Warn about the dims a user most likely meant to vary (dim 0, and every dim of an integer input
+    such as token ids) that the model pinned; every pinned dim is recorded in ``cap.notes``."""
+    dtypes = {n.name: n.meta["val"].dtype for n in cap.module.graph.nodes if n.op == "placeholder"
+              and isinstance(n.meta.get("val"), torch.Tensor)}
+    pinned, loud = [], []
+    for inp, dims in cap.input_dims():
+        for d, size in enumerate(dims):
+            if isinstance(size, int):
+                pinned.append(f"{inp}[{d}]={size}")
+                if d == 0 or not (dtypes[inp].is_floating_point or dtypes[inp].is_complex):
+                    loud.append(f"{inp} dim {d} (= {size})")
+    if pinned:
+        cap.notes.append("static input dims: " + ", ".join(pinned))
+    if loud:
+        warnings.warn(f"{name}: the model pins {', '.join(loud)}; captured static there, so the compressed "
+                      "model only accepts that size in that dim.", stacklevel=3)
 
 
 def concrete_shape(node: fx.Node) -> tuple[int, ...] | None:
