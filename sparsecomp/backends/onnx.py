@@ -664,7 +664,7 @@ def export_onnx(
     if not isinstance(num_threads, int) or num_threads < 1:
         raise ConfigError(f"num_threads must be a positive integer, got {num_threads!r}")
     captured = module if isinstance(module, Captured) else capture(
-        module, example_inputs, example_kwargs, dynamic_batch=dynamic_batch)
+        module, example_inputs, example_kwargs, dynamic_batch=dynamic_batch, dynamic_dims=False)
     rows = _sparse_layer_rows(captured)
     table = _translation_table()
     # the exporter's chatter (typeless placeholder outputs, optional torchvision ops, folding attempts)

@@ -166,6 +166,7 @@ def latency(module: Any, example_inputs: Any, num_threads: int = 1, *, example_k
     if isinstance(module, OrtModule):
         runner = module
     else:
-        captured = module if isinstance(module, Captured) else capture(module, example_inputs, example_kwargs)
+        captured = module if isinstance(module, Captured) else capture(module, example_inputs, example_kwargs,
+                                                                             dynamic_dims=False)
         runner = lower(captured, num_threads=num_threads)
     return measure_latency(runner, tuple(example_inputs), example_kwargs, threads=num_threads, **measure)

@@ -47,7 +47,9 @@ def lower(model: Any, example_inputs: Any = None, backend: str = "tvm", *,
     """Compile ``model`` (an ``nn.Module``, a compressed module, or a ``Captured``) for ``backend``.
 
     ``options`` are backend specific (e.g. ``target``, ``num_threads``). Returns a callable taking the same
-    inputs as the model and returning torch tensors in the same structure.
+    inputs as the model and returning torch tensors in the same structure. A module is captured with a
+    dynamic batch only (the backends' kernels are specialised on the other dims); pass a ``Captured``
+    (``sparsecomp.capture(model, x)``, every dim dynamic where the model allows) to lower more dynamic dims.
 
     ``verify`` (default ``True``) runs the lowered model once on the example inputs and compares it with
     the captured graph run by torch: same output structure, shapes and dtypes, integer and boolean
@@ -59,7 +61,8 @@ def lower(model: Any, example_inputs: Any = None, backend: str = "tvm", *,
     if not (isinstance(verify, bool) or (isinstance(verify, float) and 0 < verify < 1)):
         raise ConfigError(f"verify must be True, False or a tolerance in (0, 1), got {verify!r}")
     mod = _backend_module(backend)
-    captured = model if isinstance(model, Captured) else capture(model, example_inputs, example_kwargs)
+    captured = model if isinstance(model, Captured) else capture(model, example_inputs, example_kwargs,
+                                                                          dynamic_dims=False)
     lowered = mod.lower(captured, **options)
     if verify is not False:
         got = lowered(*captured.example_args, **captured.example_kwargs)

@@ -294,7 +294,7 @@ def latency(module: Any, example_inputs: Any, *, num_threads: int = 1, target: A
         model.num_threads = num_threads
     else:
         if not isinstance(module, Captured):
-            module = capture(module, example_inputs, example_kwargs)
+            module = capture(module, example_inputs, example_kwargs, dynamic_dims=False)
         model = lower(module, target=target, num_threads=num_threads)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = example_kwargs or {}
