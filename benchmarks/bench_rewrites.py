@@ -7,7 +7,7 @@ Targets:
 * ``minilm`` -- all-MiniLM-L6-v2 (bundled, offline), input ``[batch, 128]`` tokens: the whole model with
   all 36 linears rewritten (rows per linear call = batch x 128).
 
-Variants (every rewrite is forced, ``cost_model="always"`` / ``cost_model=False``, so the table shows what
+Variants (every rewrite is forced, ``cost_model="always"`` / ``cost_model="always"``, so the table shows what
 each kernel costs; the ``auto`` column counts the layers the Sparsify cost model would have rewritten at
 that batch size -- the others it keeps dense-with-zeros):
 
@@ -50,7 +50,7 @@ from sparsecomp.passes.sparsify import cost_model
 from sparsecomp.app.metrics import count_params, markdown_table, measure_latencies
 from sparsecomp.passes.sparsify import SPARSE_OPS
 
-_FORCE_LOWRANK = {"cost_model": False} if "cost_model" in sparsecomp.LowRank.__dataclass_fields__ else {}
+_FORCE_LOWRANK = {"cost_model": "always"} if "cost_model" in sparsecomp.LowRank.__dataclass_fields__ else {}
 
 VARIANTS: dict[str, Callable[..., Any]] = {
     "csr 90%": lambda **kw: sparsecomp.Sparsify(sparsity=0.9, **kw),

@@ -56,7 +56,7 @@ TORCH_PRUNING = ((1.04, 0.955), (1.13, 0.942), (1.25, 0.870), (1.58, 0.673), (1.
 
 
 def config(ratio: float, reconstruct: bool, round_to: int = 16) -> StructuredPruning:
-    return StructuredPruning(ratio=ratio, criterion="fluctuation", allocation="sensitivity",
+    return StructuredPruning(mac_ratio=ratio, criterion="fluctuation", allocation="sensitivity",
                              reconstruct="all" if reconstruct else False, residual=reconstruct,
                              round_to=round_to)
 

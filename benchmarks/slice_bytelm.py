@@ -32,7 +32,7 @@ from sparsecomp.testing import bytelm
 
 
 def prune_cfg(ratio: float) -> StructuredPruning:
-    return StructuredPruning(ratio=ratio, criterion="fluctuation", allocation="global", reconstruct="all",
+    return StructuredPruning(mac_ratio=ratio, criterion="fluctuation", allocation="global", reconstruct="all",
                              residual=True, round_to=8)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -70,7 +72,10 @@ def compress(
         if not isinstance(c, PassConfig):
             raise ConfigError(f"expected a sparsecomp config, got {type(c).__name__}")
     captured = _as_captured(model, example_inputs, example_kwargs)
+    original = captured
     reference = _signature(captured.run())
+    drift_inputs = _drift_inputs(captured, calibration)
+    reference_out = _outputs(captured.module, drift_inputs)
     reports = []
     for cfg in configs:
         result = run_pass(captured, cfg, calibration)
@@ -79,8 +84,67 @@ def compress(
             if got != reference:
                 raise VerificationError(result.name, f"output structure changed: {reference} -> {got}")
         captured = result.captured
-        reports.append({"pass": result.name, "config": cfg.to_dict(), "modified": result.modified,
-                        "layers": result.report})
+        entry = {"pass": result.name, "config": cfg.to_dict(), "modified": result.modified,
+                 "layers": result.report, **result.notes}
+        entry["output_error"] = _relative_error(_outputs(captured.module, drift_inputs), reference_out)
+        _warn_unknown_ops(result.name, result.notes.get("unknown_ops"))
+        reports.append(entry)
+    if original.notes:
+        reports[0]["capture"] = list(original.notes)
+    err = reports[-1]["output_error"]
+    where = "the calibration data" if calibration is not None else "the example inputs"
+    if err is not None and err > LARGE_OUTPUT_ERROR:
+        warnings.warn(
+            f"compress: the output moved by {err:.3g} (relative L2 error on {where}) from the original model's; "
+            "check the result on your task before using it"
+            + ("" if calibration is not None else ", and consider passing calibration= for data-driven pruning")
+            + ". Each pass's figure is in result.sparsecomp_report[i]['output_error'].", stacklevel=2)
     out = captured.module
     out.sparsecomp_report = reports
     return out
+
+
+#: relative L2 output error above which ``compress`` warns
+LARGE_OUTPUT_ERROR = 0.1
+#: calibration batches on which ``compress`` measures the output error
+DRIFT_BATCHES = 8
+
+
+def _drift_inputs(captured: Captured, calibration: Any) -> list[tuple[tuple, dict]]:
+    from .calibration import iter_batches
+
+    if calibration is None:
+        return [(captured.example_args, captured.example_kwargs)]
+    return list(itertools.islice(iter_batches(calibration, captured), DRIFT_BATCHES))
+
+
+def _outputs(module: torch.nn.Module, inputs: list[tuple[tuple, dict]]) -> list[list[torch.Tensor]]:
+    with torch.no_grad():
+        return [[t for t in pytree.tree_leaves(module(*a, **k)) if isinstance(t, torch.Tensor)
+                 and t.is_floating_point()] for a, k in inputs]
+
+
+def _relative_error(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]]) -> float | None:
+    """``||got - want|| / ||want||`` over every floating output of every batch."""
+    num = den = 0.0
+    for gs, ws in zip(got, want):
+        for g, w in zip(gs, ws):
+            if g.shape != w.shape:
+                return None
+            num += float(((g.double() - w.double()) ** 2).sum())
+            den += float((w.double() ** 2).sum())
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return round((num / den) ** 0.5, 6)
+
+
+def _warn_unknown_ops(name: str, unknown: dict | None) -> None:
+    if not unknown:
+        return
+    ops = ", ".join(f"{op} (x{n})" for op, n in unknown["ops"].items())
+    share = ("" if unknown["frozen_fraction"] is None else
+             f"; they kept {unknown['frozen_params']} parameters ({100 * unknown['frozen_fraction']:.1f} % of the "
+             "model) out of every prunable group")
+    warnings.warn(f"{name}: ops without a sparsecomp rule fixed the dims they touch: {ops}{share}. Add an "
+                  "OpRule for them (docs/ARCHITECTURE.md, 'Adding an op rule') to compress those parts.",
+                  stacklevel=3)

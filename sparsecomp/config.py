@@ -20,6 +20,12 @@ class PassConfig:
     """Base of all pass configs. Subclasses are frozen dataclasses and call ``register_config``."""
 
     type_name: ClassVar[str] = "PassConfig"
+    #: old field names -> the new ones; given, they raise ConfigError naming the new name
+    renamed: ClassVar[dict[str, str]] = {}
+
+    def resolve(self, has_calibration: bool) -> "PassConfig":
+        """The config with its ``"auto"`` settings resolved (whether calibration data was given)."""
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type_name}
@@ -33,6 +39,9 @@ class PassConfig:
         name = data.pop("type", cls.type_name)
         if name != cls.type_name:
             raise ConfigError(f"{cls.__name__}.from_dict got a config of type {name!r}")
+        for old, new in cls.renamed.items():
+            if old in data:
+                raise ConfigError(f"{cls.__name__}: {old!r} was renamed to {new!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

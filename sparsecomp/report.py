@@ -138,6 +138,20 @@ def format_report(reports: Iterable[dict[str, Any]]) -> str:
         out.append(f"## {i}. {name} ({state})")
         if config is not None:
             out.append(f"config: {json.dumps(config, sort_keys=True)}")
+        resolved = rep.get("resolved")
+        if resolved is not None and resolved != config:
+            changed = {k: v for k, v in resolved.items() if config is None or config.get(k) != v}
+            out.append(f"resolved ({'with' if rep.get('calibration') == 'given' else 'without'} calibration "
+                       f"data): {json.dumps(changed, sort_keys=True)}")
+        if rep.get("output_error") is not None:
+            out.append(f"output error: {rep['output_error']:.4g} (relative L2 vs the original, on "
+                       f"{'calibration data' if rep.get('calibration') == 'given' else 'the example inputs'})")
+        for key, label in (("unknown_ops", "ops without a rule (their dims were fixed)"),
+                           ("criterion_swaps", "criterion swaps"), ("over_memory_budget", "no statistics "
+                           "(over memory_budget)"), ("refit_over_memory_budget", "not refit (over memory_budget)"),
+                           ("capture", "capture")):
+            if rep.get(key):
+                out.append(f"{label}: {json.dumps(rep[key], sort_keys=True, default=str)}")
         rows = list(rep.get("layers", []))
         summary = _summary(rows)
         if summary:

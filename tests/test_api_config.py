@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -21,8 +22,16 @@ def test_invalid_ratio_is_refused(bad):
 
 
 def test_invalid_fields_are_refused():
-    with pytest.raises(ConfigError, match="importance"):
-        StructuredPruning(importance="magic")
+    with pytest.raises(ConfigError, match="criterion"):
+        StructuredPruning(criterion="magic")
+    with pytest.raises(ConfigError, match="'importance' was renamed to 'criterion'"):
+        StructuredPruning(importance="l2")
+    with pytest.raises(ConfigError, match="'importance' was renamed to 'criterion'"):
+        StructuredPruning.from_dict({"type": "StructuredPruning", "importance": "l2"})
+    with pytest.raises(ConfigError, match="mac_ratio"):
+        StructuredPruning(ratio=0.3, allocation="global", criterion="fluctuation")
+    with pytest.raises(ConfigError, match="not both"):
+        StructuredPruning(ratio=0.3, mac_ratio=0.3)
     with pytest.raises(ConfigError, match="granularity"):
         StructuredPruning(granularity="block")
     with pytest.raises(ConfigError, match="round_to"):
@@ -32,7 +41,7 @@ def test_invalid_fields_are_refused():
 
 
 def test_config_is_frozen_and_round_trips(tmp_path):
-    cfg = StructuredPruning(ratio=0.3, importance="l2", ignore=["head*"], per_layer={"layer1": 0.1}, round_to=8)
+    cfg = StructuredPruning(ratio=0.3, criterion="l2", ignore=["head*"], per_layer={"layer1": 0.1}, round_to=8)
     with pytest.raises(Exception):
         cfg.ratio = 0.9
     d = json.loads(cfg.to_json())
@@ -119,14 +128,37 @@ def test_ignore_and_per_layer():
     assert dict(out.named_parameters())["0.weight"].shape[0] % 8 == 0
 
 
-@pytest.mark.parametrize("importance", ["l1", "l2", "random", "taylor", "activation"])
-def test_importances_produce_valid_models(importance):
+def _half_dead_mlp():
+    """``_mlp`` whose hidden neurons 0-15 of both layers are dead (zero in and out, bias 0): every
+    criterion must remove exactly them at ratio 0.5."""
     m = _mlp()
+    with torch.no_grad():
+        for i in (0, 2):
+            m[i].weight[:16] = 0.0
+            m[i].bias[:16] = 0.0
+            m[i + 2].weight[:, :16] = 0.0
+    return m
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "taylor", "activation"])
+def test_criteria_remove_the_dead_neurons(criterion):
+    m = _half_dead_mlp()
     x = torch.randn(4, 8)
-    calib = [torch.randn(16, 8) for _ in range(3)]
-    out = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.5, importance=importance), calibration=calib)
-    assert out(x).shape == (4, 4)
-    assert dict(out.named_parameters())["2.weight"].shape == (16, 16)
+    calib = [torch.randn(16, 8) for _ in range(3)] if criterion in ("taylor", "activation") else None
+    out = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.5, criterion=criterion), calibration=calib)
+    params = dict(out.named_parameters())
+    torch.testing.assert_close(params["0.weight"], m[0].weight[16:], rtol=0, atol=0)  # exactly 16-31 kept
+    torch.testing.assert_close(params["2.weight"], m[2].weight[16:, 16:], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), m(x), rtol=1e-6, atol=1e-6)
+
+
+def test_random_criterion_is_seeded():
+    x = torch.randn(4, 8)
+    runs = [sparsecomp.compress(_mlp(), (x,), StructuredPruning(ratio=0.5, criterion="random", seed=s))
+            for s in (0, 0, 1)]
+    w = [dict(r.named_parameters())["0.weight"] for r in runs]
+    assert w[0].shape == (16, 8) and torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
 
 
 def test_activation_importance_prefers_used_channels():
@@ -138,8 +170,8 @@ def test_activation_importance_prefers_used_channels():
         m[0].bias[:4] = -1.0
         m[2].weight[:, :4] = 10.0  # ... but have large outgoing weights (an l1 criterion keeps them)
     x = torch.randn(16, 4)
-    act = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.5, importance="activation"), calibration=x)
-    l1 = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.5, importance="l1"))
+    act = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.5, criterion="activation"), calibration=x)
+    l1 = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.5, criterion="l1"))
     torch.testing.assert_close(act(x), m(x), rtol=1e-5, atol=1e-5)  # only dead neurons removed: exact
     assert (l1(x) - m(x)).abs().max() > 1e-3
 
@@ -159,3 +191,82 @@ def test_compressed_model_can_be_compressed_again():
     twice = sparsecomp.compress(once, (x,), StructuredPruning(ratio=0.5))
     assert dict(twice.named_parameters())["2.weight"].shape == (8, 8)
     assert twice(x).shape == (4, 4)
+
+
+# ------------------------------------------------------------------------------------ no silent degradation
+@pytest.mark.parametrize("cfg", [
+    StructuredPruning(ratio=0.5, criterion="activation"),
+    StructuredPruning(ratio=0.5, criterion="l2", reconstruct=True),
+    StructuredPruning(mac_ratio=0.5, criterion="fluctuation", allocation="global"),
+    sparsecomp.LowRank(rank_ratio=0.5, method="activation"),
+    sparsecomp.Sparsify(sparsity=0.5, criterion="wanda"),
+])
+def test_data_driven_settings_without_calibration_are_refused(cfg):
+    """The capture's example inputs are never calibration data behind the user's back."""
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        sparsecomp.compress(_mlp(), (torch.randn(4, 8),), cfg)
+
+
+def test_auto_resolves_to_data_free_default_without_calibration_and_recipe_with_it():
+    x = torch.randn(4, 8)
+    plain = sparsecomp.compress(_mlp(), (x,), StructuredPruning(mac_ratio=0.3))
+    rep = plain.sparsecomp_report[0]
+    assert rep["calibration"] == "none"
+    assert {k: rep["resolved"][k] for k in ("criterion", "allocation", "reconstruct")} == {
+        "criterion": "l2", "allocation": "uniform", "reconstruct": False}
+    assert 0 < rep["uniform_fraction"] < 1
+    data = sparsecomp.compress(_mlp(), (x,), StructuredPruning(mac_ratio=0.3),
+                               calibration=[torch.randn(32, 8) for _ in range(2)])
+    rep = data.sparsecomp_report[0]
+    assert rep["calibration"] == "given"
+    assert {k: rep["resolved"][k] for k in ("criterion", "allocation", "reconstruct")} == {
+        "criterion": "fluctuation", "allocation": "sensitivity", "reconstruct": "all"}
+
+
+def test_uniform_mac_ratio_reaches_the_mac_target():
+    from sparsecomp.metrics import count_macs
+
+    m, x = _mlp(), torch.randn(4, 8)
+    dense = count_macs(m, (x,))
+    for target in (0.2, 0.5):
+        out = sparsecomp.compress(m, (x,), StructuredPruning(mac_ratio=target, allocation="uniform"))
+        removed = 1 - count_macs(out, (x,)) / dense
+        assert target <= removed < target + 0.1, (target, removed)
+
+
+class _Erfcx(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.special.erfcx(self.a(x)))))  # erfcx: no op rule
+
+
+def test_unknown_ops_that_freeze_groups_reach_the_user():
+    with pytest.warns(UserWarning, match=r"aten.special_erfcx.default \(x1\).*144 parameters \(29.8 %"):
+        out = sparsecomp.compress(_Erfcx(), (torch.randn(4, 8),), StructuredPruning(ratio=0.5))
+    unknown = out.sparsecomp_report[0]["unknown_ops"]
+    assert unknown["ops"] == {"aten.special_erfcx.default": 1}
+    assert unknown["frozen_tensors"] == ["a.bias", "a.weight"] and unknown["frozen_params"] == 144
+
+
+def test_no_unknown_op_warning_for_a_covered_model():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sparsecomp.compress(_mlp(), (torch.randn(4, 8),), StructuredPruning(ratio=0.1))
+    assert "unknown_ops" not in out.sparsecomp_report[0]
+
+
+def test_every_result_reports_its_output_error_and_warns_when_large():
+    m, x = _mlp(), torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="output moved by .* on the example inputs"):
+        out = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.75))
+    with torch.no_grad():
+        want = float((out(x) - m(x)).norm() / m(x).norm())
+    assert out.sparsecomp_report[0]["output_error"] == pytest.approx(want, rel=1e-3)
+    calib = [torch.randn(16, 8)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = sparsecomp.compress(m, (x,), StructuredPruning(ratio=0.0), calibration=calib)
+    assert same.sparsecomp_report[0]["output_error"] == 0.0

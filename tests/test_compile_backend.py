@@ -285,3 +285,31 @@ def test_minilm_through_compile(target):
         with torch.no_grad():
             _close(got, expected(*args), 1e-4)
     assert got.shape == model(*args).shape
+
+
+def test_calibration_option_feeds_data_driven_recipes():
+    """options["calibration"] reaches compress (the data-driven recipe runs on it, the report says so);
+    without data the recipe is refused (the graph runs uncompressed, or the error with on_failure="error")."""
+    torch._dynamo.reset()
+    model = MLP().eval()
+    x = torch.randn(4, 16)
+    calib = [torch.randn(4, 16) for _ in range(8)]
+    recipe = [{"type": "StructuredPruning", "mac_ratio": 0.4, "criterion": "fluctuation", "allocation": "global",
+               "reconstruct": "all"}]
+    rec = Recorder()
+    compiled = _compile(model, {"recipe": recipe, "calibration": calib}, rec)
+    with torch.no_grad():
+        got, ref = compiled(x), model(x)
+    graph = rec.graphs[0]
+    assert graph.fallback_reason is None and graph.module is not None
+    report = graph.module.sparsecomp_report[0]
+    assert report["modified"] and report["calibration"] == "given"
+    assert report["resolved"]["criterion"] == "fluctuation"
+    assert sum(p.numel() for p in graph.module.parameters()) < sum(p.numel() for p in model.parameters())
+    assert float((got - ref).norm() / ref.norm()) < 0.5
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="needs calibration data"):
+        with torch.no_grad():
+            _compile(MLP().eval(), {"recipe": recipe, "on_failure": "error"})(x)
+    with pytest.raises(ConfigError, match="calibration"):
+        CompileOptions.from_options({"calibration": "data.txt"})

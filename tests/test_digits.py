@@ -65,7 +65,7 @@ def test_digits_half_macs_reconstruction(digits_model):
     dense_macs = count_macs(model, example)
     results = {}
     for rec in (False, True):
-        cfg = StructuredPruning(ratio=0.5, criterion="fluctuation", allocation="global", reconstruct=rec)
+        cfg = StructuredPruning(mac_ratio=0.5, criterion="fluctuation", allocation="global", reconstruct=rec)
         small = sparsecomp.compress(model, example, cfg, calibration=calibration)
         reduction = 1 - count_macs(small, example) / dense_macs
         results[rec] = (_accuracy(small, x_test, y_test), reduction)

@@ -226,7 +226,7 @@ def test_cost_model_keeps_small_calls_dense():
     assert out.sparsecomp_report[0]["modified"] is False
     assert _count(out, LINEAR) == _count(before, LINEAR)
     # switching the cost model off factors them anyway
-    out = sparsecomp.compress(model, (x,), LowRank(rank_ratio=0.25, cost_model=False))
+    out = sparsecomp.compress(model, (x,), LowRank(rank_ratio=0.25, cost_model="always"))
     assert _count(out, LINEAR) == _count(before, LINEAR) + 4
 
 
@@ -248,8 +248,8 @@ def test_full_rank_linear_is_identity(method):
     torch.manual_seed(0)
     model = MLP().eval()
     x = torch.randn(16, 64)
-    out = sparsecomp.compress(model, (x,), LowRank(rank_ratio=1.0, method=method, cost_model=False,
-                                                   min_features=1, ignore=("keep",)))
+    out = sparsecomp.compress(model, (x,), LowRank(rank_ratio=1.0, method=method, cost_model="always",
+                                                   min_features=1, ignore=("keep",)), calibration=x)
     assert _count(out, LINEAR) == _count(sparsecomp.capture(model, (x,)).module, LINEAR) + 4
     assert "keep.weight" in dict(out.named_parameters())  # the ignored layer did not fire
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
@@ -310,7 +310,7 @@ def test_activation_energy_criterion():
 
 def test_hf_bert_param_ratio():
     model, args, kwargs = zoo.build("hf_bert")
-    out = sparsecomp.compress(model, args, LowRank(param_ratio=0.5, cost_model=False), example_kwargs=kwargs)
+    out = sparsecomp.compress(model, args, LowRank(param_ratio=0.5, cost_model="always"), example_kwargs=kwargs)
     layers = _layers(out)
     done = [r for r in layers.values() if "skipped" not in r]
     assert len(done) >= 24  # q, k, v, o, ffn up/down of 4 layers
@@ -373,7 +373,7 @@ def test_conv_rewrite_structure_and_numerics():
     x = torch.randn(2, 16, 16, 16)
     captured = sparsecomp.capture(model, (x,))
     before = captured.module
-    out = sparsecomp.compress(captured, None, LowRank(rank_ratio=0.5, cost_model=False, ignore=("c2",)))
+    out = sparsecomp.compress(captured, None, LowRank(rank_ratio=0.5, cost_model="always", ignore=("c2",)))
     layers = _layers(out)
     assert layers["grouped.weight"]["skipped"] == "grouped convolution (groups=4; not factored)"
     assert layers["c2.weight"]["skipped"] == "ignored"
@@ -411,7 +411,7 @@ def test_zoo_conv_full_rank_matches_eager(name):
     model, args, kwargs = zoo.build(name)
     captured = sparsecomp.capture(model, args, kwargs)  # compress never mutates it
     before = captured.module
-    out = sparsecomp.compress(captured, None, LowRank(rank_ratio=1.0, cost_model=False, min_features=1))
+    out = sparsecomp.compress(captured, None, LowRank(rank_ratio=1.0, cost_model="always", min_features=1))
     layers = list(_layers(out).values())
     fired = [r for r in layers if "skipped" not in r]
     skipped = [r for r in layers if "skipped" in r]
@@ -502,7 +502,7 @@ def test_global_reports_dense_layers_and_tiny_budget_error():
     fired = [r for r in rows.values() if "skipped" not in r]
     assert fired and all(r["allocation"] == "global" for r in fired)
     with pytest.raises(ConfigError, match="budget"):
-        sparsecomp.compress(model, (x,), LowRank(param_ratio=0.01, allocation="global", cost_model=False),
+        sparsecomp.compress(model, (x,), LowRank(param_ratio=0.01, allocation="global", cost_model="always"),
                             calibration=calib)
 
 
@@ -580,7 +580,7 @@ def test_config_round_trip():
     for cfg in (LowRank(rank_ratio=0.25, ignore=("lm_head", "*.query")),
                 LowRank(energy=0.9, method="activation", min_features=8),
                 LowRank(param_ratio=0.5),
-                LowRank(param_ratio=0.5, method="asvd", allocation="global", target="macs", cost_model=False)):
+                LowRank(param_ratio=0.5, method="asvd", allocation="global", target="macs", cost_model="always")):
         data = json.loads(cfg.to_json())
         assert data["type"] == "LowRank"
         back = config_from_dict(data)
@@ -615,6 +615,8 @@ def test_config_round_trip():
     {"energy": 0.9, "allocation": "global"},
     {"param_ratio": 0.5, "cost_model": "yes"},
     {"param_ratio": 0.5, "cost_model": 1},
+    {"param_ratio": 0.5, "cost_model": True},
+    {"param_ratio": 0.5, "cost_model": False},
 ])
 def test_bad_configs(kwargs):
     with pytest.raises(ConfigError):
@@ -624,3 +626,19 @@ def test_bad_configs(kwargs):
 def test_from_dict_unknown_field():
     with pytest.raises(ConfigError):
         config_from_dict({"type": "LowRank", "rank_ratio": 0.5, "rank": 3})
+
+
+def test_cost_model_is_the_sparsify_vocabulary():
+    """cost_model takes Sparsify's strings; a bool names them; "never" keeps the rank-r weight dense."""
+    with pytest.raises(ConfigError, match="'auto', 'always', 'never'"):
+        LowRank(rank_ratio=0.5, cost_model=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 32)
+    factored = sparsecomp.compress(model, (x,), LowRank(rank_ratio=0.25, cost_model="always", min_features=8))
+    dense = sparsecomp.compress(model, (x,), LowRank(rank_ratio=0.25, cost_model="never", min_features=8))
+    assert sorted(n for n, _ in dense.named_parameters()) == sorted(n for n, _ in model.named_parameters())
+    assert any(n.endswith("_lr_a") for n, _ in factored.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), factored(x), rtol=1e-5, atol=1e-5)
+        assert torch.linalg.matrix_rank(dense.get_parameter("0.weight")) == 8

@@ -199,6 +199,11 @@ def not_a_model():
 
 def broken():
     raise ValueError("factory exploded")
+
+
+def calibration_batches(lines):
+    """Text calibration: one image batch per sentence (a stand-in for a tokenizer)."""
+    return [torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(len(line))) for line in lines]
 '''
 
 
@@ -209,16 +214,29 @@ def tiny_file(tmp_path: Path) -> Path:
     return path
 
 
+def _tiny_summary(tiny_file: Path) -> str:
+    import importlib.util
+
+    import sparsecomp
+
+    spec = importlib.util.spec_from_file_location("tiny_ref", tiny_file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model, args = mod.make()
+    return sparsecomp.dependency_graph(model, args).summary()
+
+
 def test_cli_inspect(tiny_file: Path, capsys: pytest.CaptureFixture[str]):
     assert main(["inspect", f"{tiny_file}:make"]) == 0
     out = capsys.readouterr().out
-    assert out.strip(), "inspect printed nothing"
+    assert out.strip() == _tiny_summary(tiny_file).strip()
+    assert "features.0.weight" in out and "features.3.weight" in out  # the two 16-channel groups
 
 
 def test_cli_inspect_dotted_module(tiny_file: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     monkeypatch.syspath_prepend(str(tiny_file.parent))
     assert main(["inspect", "tiny_model:make"]) == 0
-    assert capsys.readouterr().out.strip()
+    assert capsys.readouterr().out.strip() == _tiny_summary(tiny_file).strip()
 
 
 def test_cli_compress_saves_loadable_program(tiny_file: Path, tmp_path: Path, capsys):
@@ -247,6 +265,26 @@ def test_cli_compress_kwargs_factory_and_recipe(tiny_file: Path, tmp_path: Path,
     assert rc == 0, capsys.readouterr().err
     loaded = torch.export.load(str(out_path)).module()
     assert loaded(x=torch.randn(2, 3, 12, 12)).shape == (2, 4)
+    shapes = {n: tuple(p.shape) for n, p in loaded.named_parameters()}
+    assert shapes["features.0.weight"] == (12, 3, 3, 3) and shapes["features.3.weight"] == (12, 12, 3, 3)
+
+
+def test_cli_compress_with_calibration_files(tiny_file: Path, tmp_path: Path, capsys):
+    """--calibration takes a .pt of tensors or a text file (encoded by the spec module); "auto" then
+    resolves to the calibrated recipe, and the output error is printed."""
+    torch.save([torch.randn(8, 3, 12, 12) for _ in range(2)], tmp_path / "calib.pt")
+    (tmp_path / "calib.txt").write_text("a first sentence\nanother one\n\nand a third\n")
+    for name in ("calib.pt", "calib.txt"):
+        rc = main(["compress", f"{tiny_file}:make", "--mac-ratio", "0.3", "--calibration", str(tmp_path / name),
+                   "--report"])
+        out = capsys.readouterr().out
+        assert rc == 0, name
+        assert "output error:" in out and "on the calibration data" in out
+    rc = main(["compress", f"{tiny_file}:make", "--criterion", "fluctuation"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs calibration data" in err
+    assert main(["compress", f"{tiny_file}:make", "--importance", "l2"]) == 2
+    assert "renamed to --criterion" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

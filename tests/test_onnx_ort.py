@@ -60,8 +60,8 @@ ALWAYS = {(name, KINDS[i % 3]) for i, name in enumerate(ZOO)}
 def _recipe(kind):
     if kind == "prune":
         return sparsecomp.StructuredPruning(ratio=0.5)
-    # cost_model=False: factor even the zoo's small layers, which the CPU cost model would keep dense
-    return sparsecomp.LowRank(rank_ratio=0.25, cost_model=False)
+    # cost_model="always": factor even the zoo's small layers, which the CPU cost model would keep dense
+    return sparsecomp.LowRank(rank_ratio=0.25, cost_model="always")
 
 
 @pytest.mark.parametrize(

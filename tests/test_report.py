@@ -89,3 +89,20 @@ def test_format_report_accepts_list_and_rejects_garbage():
         format_report(["not a dict"])
     with pytest.raises(TypeError, match="sparsecomp_report"):
         sparsecomp.report(nn.Linear(2, 2))
+
+
+def test_report_shows_resolved_settings_output_error_and_unknown_ops():
+    class Erfcx(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(torch.special.erfcx(self.a(x)) + self.a(x)))
+
+    with pytest.warns(UserWarning):
+        out = sparsecomp.compress(Erfcx(), (torch.randn(4, 8),), sparsecomp.StructuredPruning(mac_ratio=0.3))
+    text = sparsecomp.report(out, show=False)
+    assert 'resolved (without calibration data): {"allocation": "uniform", "criterion": "l2", "reconstruct": false}' in text
+    assert f"output error: {out.sparsecomp_report[0]['output_error']:.4g}" in text
+    assert "ops without a rule (their dims were fixed)" in text and "aten.special_erfcx.default" in text

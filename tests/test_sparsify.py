@@ -385,7 +385,7 @@ def test_structured_lowrank_sparsify_compose_in_order():
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
     x = torch.randn(8, 64)
     # LowRank's own cost model would keep these small layers dense: force the factorization
-    force = {"cost_model": False} if "cost_model" in sparsecomp.LowRank.__dataclass_fields__ else {}
+    force = {"cost_model": "always"} if "cost_model" in sparsecomp.LowRank.__dataclass_fields__ else {}
     first = [sparsecomp.StructuredPruning(ratio=0.25), sparsecomp.LowRank(rank_ratio=0.25, **force)]
     sp = Sparsify(sparsity=0.5, cost_model="always", ignore=("4",))
     out = sparsecomp.compress(model, (x,), [*first, sp])

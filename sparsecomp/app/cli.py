@@ -164,7 +164,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
         ratios=tuple(ns.ratios),
         seq_len=ns.seq_len,
         threads=ns.threads,
-        importance=ns.importance,
+        criterion=ns.criterion,
         progress=not ns.quiet,
         backends=tuple(ns.backends),
     )
@@ -216,7 +216,8 @@ def _build_configs(ns: argparse.Namespace) -> list[Any]:
             flag
             for flag, value in (
                 ("--ratio", ns.ratio),
-                ("--importance", ns.importance),
+                ("--mac-ratio", ns.mac_ratio),
+                ("--criterion", ns.criterion),
                 ("--granularity", ns.granularity),
             )
             if value is not None
@@ -224,9 +225,12 @@ def _build_configs(ns: argparse.Namespace) -> list[Any]:
         if given:
             raise CLIError(f"--recipe cannot be combined with {', '.join(given)}")
         return _recipe_configs(ns.recipe)
-    options: dict[str, Any] = {"ratio": 0.5 if ns.ratio is None else ns.ratio}
-    if ns.importance is not None:
-        options["importance"] = ns.importance
+    if ns.ratio is not None and ns.mac_ratio is not None:
+        raise CLIError("give --ratio (fraction of each group) or --mac-ratio (fraction of the MACs), not both")
+    options: dict[str, Any] = ({"mac_ratio": ns.mac_ratio} if ns.mac_ratio is not None
+                               else {"ratio": 0.5 if ns.ratio is None else ns.ratio})
+    if ns.criterion is not None:
+        options["criterion"] = ns.criterion
     if ns.granularity is not None:
         options["granularity"] = ns.granularity
     return [sparsecomp.StructuredPruning(**options)]
@@ -274,13 +278,39 @@ def _export_for_saving(
         return torch.export.export(module, args, kwargs, strict=False), False
 
 
+def load_calibration(path: str, spec: str) -> Any:
+    """Calibration data from ``--calibration FILE``.
+
+    ``*.pt`` / ``*.pth``: ``torch.load`` of a tensor, a tuple of tensors, a dict of keyword tensors or a
+    list of such batches. Any other file is text, one sentence per line: the spec's module must define
+    ``calibration_batches(lines: list[str])`` returning batches (e.g. tokenizer outputs) in that form.
+    """
+    if not Path(path).is_file():
+        raise CLIError(f"no such calibration file: {path!r}")
+    if path.endswith((".pt", ".pth")):
+        return torch.load(path, weights_only=True)
+    with open(path, encoding="utf-8") as fh:
+        lines = [line.strip() for line in fh if line.strip()]
+    if not lines:
+        raise CLIError(f"calibration file {path!r} holds no sentences")
+    module = _import_target(spec.rpartition(":")[0], spec)
+    encode = getattr(module, "calibration_batches", None)
+    if not callable(encode):
+        raise CLIError(f"a text calibration file needs {spec.rpartition(':')[0]}.calibration_batches(lines) "
+                       "to turn sentences into model inputs (or pass a .pt file of tensors)")
+    return encode(lines)
+
+
 def _cmd_compress(ns: argparse.Namespace) -> int:
     import sparsecomp
 
     from .metrics import count_macs, count_params
 
+    if ns.importance is not None:
+        raise CLIError("--importance was renamed to --criterion")
     configs = _build_configs(ns)
     model, args, kwargs = load_factory(ns.spec)
+    calibration = None if ns.calibration is None else load_calibration(ns.calibration, ns.spec)
     model.eval()
     if ns.output is not None and os.path.isdir(ns.output):
         raise CLIError(f"output path {ns.output!r} is a directory")
@@ -290,7 +320,11 @@ def _cmd_compress(ns: argparse.Namespace) -> int:
     config: Any = configs[0] if len(configs) == 1 else configs
     for c in configs:
         print(f"config: {c.to_json() if hasattr(c, 'to_json') else c}")
-    compressed = sparsecomp.compress(model, args, config, example_kwargs=kwargs or None)
+    compressed = sparsecomp.compress(model, args, config, calibration=calibration, example_kwargs=kwargs or None)
+    err = compressed.sparsecomp_report[-1].get("output_error")
+    if err is not None:
+        on = "the calibration data" if calibration is not None else "the example inputs"
+        print(f"output error: {err:.4g} (relative L2 on {on})")
     params_after = count_params(compressed)
     macs_after = count_macs(compressed, args, kwargs)
 
@@ -365,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads (default 1)")
     demo.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per input (default 128)")
-    demo.add_argument("--importance", default="fluctuation",
-                      help="importance criterion (default fluctuation, calibrated on the packaged corpus)")
+    demo.add_argument("--criterion", default="fluctuation",
+                      help="ranking criterion (default fluctuation, calibrated on the packaged corpus)")
     demo.add_argument("--backends", nargs="*", choices=["ort", "tvm"], default=["ort", "tvm"],
                       help="also time each model lowered to these backends (default: ort tvm; none: torch only)")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -405,8 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
         "MACs before/after, and save the result with torch.export.save.",
     )
     compress.add_argument("spec", metavar="MODULE:FUNCTION", help=spec_help)
-    compress.add_argument("--ratio", type=_ratio, default=None, help="pruning ratio (default 0.5)")
-    compress.add_argument("--importance", default=None, help="importance criterion (default l1)")
+    compress.add_argument("--ratio", type=_ratio, default=None,
+                          help="fraction of each group's units to remove (default 0.5)")
+    compress.add_argument("--mac-ratio", type=_ratio, default=None,
+                          help="fraction of the model's MACs to remove (instead of --ratio)")
+    compress.add_argument("--criterion", default=None,
+                          help="ranking criterion (default auto: the calibrated recipe with --calibration, "
+                               "else l2 weight norms)")
+    compress.add_argument("--importance", default=None, help=argparse.SUPPRESS)  # renamed: refused
+    compress.add_argument("--calibration", default=None, metavar="FILE",
+                          help="calibration data: a .pt file of tensors (a batch or a list of batches), or a "
+                               "text file, one sentence per line, encoded by the spec module's "
+                               "calibration_batches(lines)")
     compress.add_argument("--granularity", default=None, help="pruning granularity (default auto)")
     compress.add_argument(
         "--recipe", default=None, metavar="FILE",

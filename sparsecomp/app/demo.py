@@ -219,7 +219,7 @@ def run_demo(
     threads: int = 1,
     out: Callable[[str], Any] | None = print,
     *,
-    importance: str = "fluctuation",
+    criterion: str = "fluctuation",
     eval_sentences: Sequence[str] | None = None,
     calibration_sentences: Sequence[str] | None = None,
     rounds: int = 3,
@@ -234,7 +234,7 @@ def run_demo(
 
     For each ratio the encoder is captured and compressed with
     ``sparsecomp.compress(encoder, (input_ids, attention_mask),
-    StructuredPruning(ratio=r, criterion=importance, allocation="sensitivity",
+    StructuredPruning(mac_ratio=r, criterion=criterion, allocation="sensitivity",
     reconstruct="all", residual=True, round_to=16))`` using a batch-1,
     ``seq_len``-token example: ``r`` is the fraction of the model's MACs
     removed, allocated across heads and MLP neurons by calibrated sensitivity,
@@ -248,7 +248,7 @@ def run_demo(
     threads. Fidelity is the cosine similarity between each model's sentence
     embeddings (mean pooling + L2 normalisation) and the dense eager model's,
     over ``eval_sentences`` (by default the held-out sentences, which are never
-    used for calibration). Data-aware importances (``"activation"``,
+    used for calibration). Data-aware criteria (``"activation"``,
     ``"taylor"``) are calibrated on ``calibration_sentences``.
 
     Parameters
@@ -262,7 +262,7 @@ def run_demo(
         Intra-op threads for the latency measurement.
     out : callable or None, default print
         Called with each line of the final table; ``None`` prints nothing.
-    importance : str, default "fluctuation"
+    criterion : str, default "fluctuation"
         Criterion passed to ``StructuredPruning`` (one of ``"activation"``,
         ``"fluctuation"``, ``"reconstruction"``; others fall back to a uniform
         ratio per group without reconstruction).
@@ -315,9 +315,9 @@ def run_demo(
     if not calibration_sentences:
         raise ValueError("run_demo needs at least one calibration sentence")
     def make_config(r: float, rec: bool) -> Any:
-        if importance not in ("activation", "fluctuation", "reconstruction"):
-            return sparsecomp.StructuredPruning(ratio=r, importance=importance)
-        return sparsecomp.StructuredPruning(ratio=r, criterion=importance, allocation="sensitivity",
+        if criterion not in ("activation", "fluctuation", "reconstruction"):
+            return sparsecomp.StructuredPruning(ratio=r, criterion=criterion)
+        return sparsecomp.StructuredPruning(mac_ratio=r, criterion=criterion, allocation="sensitivity",
                                             reconstruct="all" if rec else False, residual=rec, round_to=16)
 
     variants = [reconstruct] + ([not reconstruct] if compare and reconstruct else [])
@@ -351,7 +351,7 @@ def run_demo(
     for key in pruned_ratios:
         config = configs[key]
         r, rec = key
-        stage(f"compressing {r:g} of the MACs away ({importance}, "
+        stage(f"compressing {r:g} of the MACs away ({criterion}, "
               f"{'with' if rec else 'without'} reconstruction)")
         needs_data = bool(getattr(config, "needs_calibration", False))
         models[key] = sparsecomp.compress(
@@ -365,7 +365,7 @@ def run_demo(
         try:
             for _, key in reported:
                 # lowered at the timed shape (batch 1, seq_len): the torch graphs keep their dynamic dims
-                fixed = sparsecomp.capture(models[key], example, dynamic_batch=False)
+                fixed = sparsecomp.capture(models[key], example, dynamic_batch=False, dynamic_dims=False)
                 timed[f"{backend}:{key}"] = sparsecomp.lower(fixed, backend=backend, num_threads=threads)
         except sparsecomp.MissingDependencyError as exc:
             say(f"skipping the {backend} column: {exc}")

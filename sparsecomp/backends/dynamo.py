@@ -12,6 +12,11 @@ Options (validated; unknown keys, targets or values raise :class:`~sparsecomp.er
 ``target_options``  dict passed to ``sparsecomp.lower`` for ``"ort"``/``"tvm"`` (e.g. ``num_threads``)
 ``on_failure``      ``"warn"`` (default: run the uncompressed graph and warn with the reason) or
                     ``"error"``
+``calibration``     calibration data for data-driven recipes (``compress(..., calibration=)``): a tensor,
+                    a tuple of tensors or a list of such batches, given as the model's tensor inputs in
+                    order (the inputs of the graph Dynamo captures; with graph breaks, of the first graph).
+                    Without it, "auto" settings resolve to the data-free default and data-driven ones
+                    raise (the graph runs uncompressed with a warning, or the error with "error").
 
 **Inference only.** Dynamo passes parameters and buffers as graph inputs; the backend treats them as
 *frozen constants*: their values at compile time are copied into the compiled graph, and later in-place
@@ -55,6 +60,7 @@ class CompileOptions:
     target: str = "eager"
     target_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     on_failure: str = "warn"
+    calibration: Any = None
 
     def __post_init__(self) -> None:
         from ..config import PassConfig, config_from_dict
@@ -84,6 +90,10 @@ class CompileOptions:
         object.__setattr__(self, "target_options", dict(self.target_options))
         if self.on_failure not in _ON_FAILURE:
             raise ConfigError(f"option 'on_failure' must be one of {list(_ON_FAILURE)}, got {self.on_failure!r}")
+        cal = self.calibration
+        if cal is not None and not isinstance(cal, (torch.Tensor, tuple, list)):
+            raise ConfigError(f"option 'calibration' must be a tensor, a tuple of tensors or a list of batches, "
+                              f"got {type(cal).__name__}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "CompileOptions":
@@ -277,7 +287,7 @@ def _build(gm, plan, constants, user, user_nodes, opts: CompileOptions) -> tuple
         cap = _capture(frozen, user, spec)
         module = cap.module
         if opts.recipe:
-            module = compress(cap, None, list(opts.recipe))
+            module = compress(cap, None, list(opts.recipe), calibration=opts.calibration)
             cap = _capture(module, user, spec)
         with torch.no_grad():
             return _lowered(module, cap, user, spec, opts), module

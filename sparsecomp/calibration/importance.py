@@ -44,6 +44,8 @@ class GroupProfile:
     error: np.ndarray  # error[k]: after removing order[:k+1]; in units comparable across groups
     macs: np.ndarray  # per unit, aligned with group.units
     scale: float = 1.0
+    #: set when the group was ranked by another criterion than the one asked for, with the reason
+    swapped: str | None = None
 
     def cost(self, k: int) -> float:
         return 0.0 if k == 0 else float(self.error[k - 1]) * self.scale
@@ -153,7 +155,10 @@ def group_profile(dg: DependencyGraph, group: Group, moments: dict[str, Moments]
     pos = {u: i for i, u in enumerate(units)}
     if not consumers:
         score = np.zeros(len(units))
+        weights = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
         for m in group.param_members():
+            if m.name not in weights:
+                continue  # buffers (BatchNorm statistics) are not weights
             w = get_attr(gm, m.name).detach().float()
             other = [d for d in range(w.dim()) if d != m.dim]
             per = (w * w).sum(dim=other).numpy() if other else (w * w).numpy()
@@ -161,7 +166,9 @@ def group_profile(dg: DependencyGraph, group: Group, moments: dict[str, Moments]
                 score[pos[u]] += per[list(ix)].sum()
         order = [units[i] for i in np.argsort(score, kind="stable")]
         err = np.cumsum(np.sort(score)) / max(score.sum(), 1e-30)
-        return GroupProfile(group, order, err, macs)
+        return GroupProfile(group, order, err, macs,
+                            swapped=f"{criterion} -> l2 weight norms (no linear/conv consumer with calibration "
+                                    "statistics; errors are fractions of the group's weight energy)")
     energy = sum(moments[n.name].yy for n, _ in consumers) or 1.0
     if criterion == "reconstruction" and len(consumers) == 1:
         node, cols = consumers[0]
@@ -178,7 +185,9 @@ def group_profile(dg: DependencyGraph, group: Group, moments: dict[str, Moments]
         for u, c in cols.items():
             score[pos[u]] += cs[c].sum()
     idx = np.argsort(score, kind="stable")
-    return GroupProfile(group, [units[i] for i in idx], np.cumsum(score[idx]) / energy, macs)
+    swapped = (f"reconstruction -> fluctuation ({len(consumers)} consuming ops: the greedy OBS refit handles one)"
+               if crit != criterion else None)
+    return GroupProfile(group, [units[i] for i in idx], np.cumsum(score[idx]) / energy, macs, swapped=swapped)
 
 
 # ------------------------------------------------------------------------------------------------ allocation

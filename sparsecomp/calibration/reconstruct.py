@@ -296,6 +296,18 @@ def refittable(node: fx.Node) -> str | None:
     return None
 
 
+def format_bytes(n: float) -> str:
+    for unit, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= unit:
+            return f"{n / unit:.2f} {name}"
+    return f"{int(n)} B"
+
+
+def gram_bytes(d_in: int, copies: int = 1) -> int:
+    """Bytes of ``copies`` float64 ``d_in x d_in`` Gram matrices (the statistics of one refit)."""
+    return 8 * d_in * d_in * copies
+
+
 def weight_target(node: fx.Node) -> str:
     return node.args[1].target
 
@@ -433,6 +445,7 @@ def sequential_refit(
     progress: bool = False,
     residual: bool = False,
     n_folds: int = CV_FOLDS,
+    memory_budget: int | None = None,
 ) -> list[RefitRecord]:
     """Refit, in place and in topological order, the selected ops of ``compressed`` against ``dense``.
 
@@ -447,6 +460,9 @@ def sequential_refit(
     With ``residual``, an op whose output only feeds a residual ``add(op(x), r)`` (and keeps all its
     output indices) is fit to ``dense add output - compressed r`` instead: it then also absorbs the error
     that earlier layers left in the residual stream.
+
+    ``memory_budget`` (bytes): an op whose float64 statistics (one ``d_in x d_in`` Gram matrix per fold
+    and their sum, :func:`gram_bytes`) would exceed it is left as it is, with the reason in its record.
     """
     masks = list(masks) if masks is not None else [None] * len(batches)
     d_run, c_run = _Stepper(dense, list(batches)), _Stepper(compressed, list(batches))
@@ -471,6 +487,12 @@ def sequential_refit(
             if c_run.done:
                 raise PassError("reconstruction", f"node {node.name} not reached in the compressed graph")
             c_run.step()
+        if why is None and memory_budget is not None:
+            w_shape = get_tensor(compressed, wt).shape
+            need = gram_bytes(int(np.prod(w_shape[1:])) + 1, (n_folds if damp == "cv" else 1) + 1)
+            if need > memory_budget:
+                why = (f"over memory_budget: its {int(np.prod(w_shape[1:]))}-input Gram matrices need "
+                       f"{format_bytes(need)} (budget {format_bytes(memory_budget)})")
         if why is not None:
             records.append(RefitRecord(wt, 0, 0.0, 0.0, False, why))
             continue

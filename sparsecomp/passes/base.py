@@ -21,6 +21,8 @@ class PassResult:
     modified: bool
     report: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     name: str = ""
+    #: what the pass decided beyond its config (solved fractions, swapped criteria, skipped layers)
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 PassFn = Callable[[Captured, Any, Any], PassResult]
@@ -40,12 +42,35 @@ def register_pass(config_type: type[PassConfig]) -> Callable[[PassFn], PassFn]:
 
 
 def run_pass(captured: Captured, config: PassConfig, calibration: Any = None) -> PassResult:
+    """Run the pass registered for ``type(config)``.
+
+    ``"auto"`` settings are resolved first (``config.resolve(has_calibration)``); the result's
+    ``notes["resolved"]`` holds the resolved config. A config whose settings read calibration data
+    (``needs_calibration``) with ``calibration=None`` raises :class:`ConfigError`: the capture's example
+    inputs are never used as calibration data behind the user's back.
+    """
     fn = _PASSES.get(type(config))
     if fn is None:
         raise ConfigError(
             f"no pass for config {type(config).__name__}; known: {sorted(t.__name__ for t in _PASSES)}"
         )
-    return fn(captured, config, calibration)
+    resolved = config.resolve(calibration is not None)
+    if calibration is None and getattr(resolved, "needs_calibration", False):
+        raise ConfigError(
+            f"{config.type_name}: {_data_settings(resolved)} needs calibration data, and none was given. Pass "
+            "calibration= to compress (CLI: --calibration FILE; torch.compile: options={'calibration': ...}), "
+            "or use the data-free settings (e.g. StructuredPruning(criterion='auto') without calibration)."
+        )
+    result = fn(captured, resolved, calibration)
+    result.notes.setdefault("resolved", resolved.to_dict())
+    result.notes.setdefault("calibration", "none" if calibration is None else "given")
+    return result
+
+
+def _data_settings(config: PassConfig) -> str:
+    names = ("criterion", "method", "allocation", "reconstruct")
+    shown = [f"{n}={getattr(config, n)!r}" for n in names if hasattr(config, n)]
+    return ", ".join(shown)
 
 
 def matches_pattern(name: str, pattern: str) -> bool:

@@ -27,15 +27,18 @@ from ..config import PassConfig, register_config
 from ..errors import ConfigError
 from ..graph.apply import _deepcopy, prune
 from ..graph.depgraph import DependencyGraph, Group
+from ..graph.registry import OpRule
 from ..graph.context import get_attr
 from ..calibration.importance import (allocate, group_consumers, group_profile, mac_model, output_rows_error, removed_macs,
                           unit_macs)
-from ..calibration.reconstruct import damping, get_tensor, solve_psd, refittable, sequential_refit, weight_target
+from ..calibration.reconstruct import damping, format_bytes, get_tensor, gram_bytes, solve_psd, refittable, sequential_refit, weight_target
 from .base import PassResult, matches_pattern, register_pass
 
-IMPORTANCES = ("l1", "l2", "random", "taylor", "activation", "fluctuation", "reconstruction")
+CRITERIA = ("auto", "l1", "l2", "random", "taylor", "activation", "fluctuation", "reconstruction")
+#: criteria that read calibration data
+DATA_CRITERIA = ("taylor", "activation", "fluctuation", "reconstruction")
 GRANULARITIES = ("channel", "head", "auto")
-ALLOCATIONS = ("uniform", "global", "sensitivity")
+ALLOCATIONS = ("auto", "uniform", "global", "sensitivity")
 #: criteria whose errors are comparable across groups (needed by global / sensitivity allocation)
 OUTPUT_CRITERIA = ("activation", "fluctuation", "reconstruction")
 #: calibration samples (batch rows) that the sensitivity probes run on
@@ -47,50 +50,54 @@ SENSITIVITY_ROUNDS = 2
 @register_config
 @dataclasses.dataclass(frozen=True)
 class StructuredPruning(PassConfig):
-    """Remove a fraction of every prunable group (channels, neurons, heads).
+    """Remove channels, neurons and attention heads.
+
+    How much (give at most one; neither means ``ratio=0.5``):
+
+    ratio:
+        Fraction of each group's units to remove, in [0, 1) (uniform allocation only).
+    mac_ratio:
+        Fraction of the model's MACs (linear, conv and attention ops at the example inputs) to remove, in
+        [0, 1). With ``allocation="global"`` / ``"sensitivity"`` units of all groups compete for it; with
+        ``"uniform"`` the pass solves for the one per-group fraction that removes at least this much.
 
     Parameters
     ----------
-    ratio:
-        Fraction of each group's units to remove, in [0, 1).
-    importance:
-        ``"l1"`` / ``"l2"`` weight norms, ``"random"`` (seeded), ``"taylor"`` (|w * dL/dw| with
-        L = mean squared output on the calibration batches) or ``"activation"`` (||W_col|| * ||X_col|| of
-        every op that consumes the group, from calibration batches).
+    criterion:
+        How units are ranked. ``"auto"`` (default) resolves when the pass runs: with calibration data the
+        best measured recipe (``"fluctuation"``, ``allocation="sensitivity"`` when ``mac_ratio`` is given,
+        ``reconstruct="all"``); without, the data-free default (``"l2"`` weight norms, uniform, no refit).
+        The report records what was resolved. Explicit: ``"l1"`` / ``"l2"`` weight norms (``nn.Parameter``
+        members only, never buffers such as BatchNorm statistics), ``"random"`` (seeded), and, needing
+        calibration data: ``"taylor"`` (|w * dL/dw| with L = mean squared output), ``"activation"``
+        (||W_col|| * ||X_col|| of every op that consumes the group), ``"fluctuation"`` (FLAP:
+        ``||W_col||^2 * Var(x_col)``), ``"reconstruction"`` (greedy OBS); see :mod:`sparsecomp.calibration.importance`.
     granularity:
         ``"channel"`` prunes channel/neuron groups only, ``"head"`` attention heads (and conv groups) only,
         ``"auto"`` both. Heads are always removed whole.
     ignore:
         Parameter or module-name patterns (fnmatch, or a module prefix); a group touching any is kept.
     per_layer:
-        ``(pattern, ratio)`` pairs (or a dict) overriding ``ratio`` for groups touching the pattern.
+        ``(pattern, ratio)`` pairs (or a dict): that fraction of each group touching the pattern.
     round_to:
         Keep a multiple of this many units in channel groups (e.g. 8 for SIMD-friendly widths).
     prune_norm_dims:
         Also prune dims normalised by LayerNorm/RMSNorm (e.g. a transformer's hidden size). This changes
         the norm's statistics, so it is approximate; off by default.
     seed:
-        Seed of ``"random"`` importance.
-    criterion:
-        Alias of ``importance`` (give one of the two). Besides the above: ``"fluctuation"`` (FLAP:
-        ``||W_col||^2 * Var(x_col)`` at the consuming ops) and ``"reconstruction"`` (greedy OBS: the output
-        error left at the consuming op after its remaining weights and bias are refit); see
-        :mod:`sparsecomp.calibration.importance`.
+        Seed of ``"random"``.
     allocation:
-        ``"uniform"``: ``ratio`` of every group. ``"global"``: ``ratio`` is the fraction of the model's
-        MACs (linear, conv and attention ops at the example inputs) to remove; units of all groups compete
-        in one ranking by relative output error per MAC saved. ``"sensitivity"``: as global, with each
-        group's error scaled by how much it grows by the model output (measured by one probe per group).
-        Global allocations need ``criterion`` in ``("activation", "fluctuation", "reconstruction")``.
+        ``"auto"`` (see ``criterion``), ``"uniform"``, ``"global"`` (units of all groups in one ranking by
+        relative output error per MAC saved) or ``"sensitivity"`` (as global, each group's error scaled by
+        how much it grows by the model output, one probe per group). Global allocations need
+        ``mac_ratio`` and a criterion in ``("activation", "fluctuation", "reconstruction")``.
     reconstruct:
-        After removal, refit every linear/conv whose inputs lost units (``True`` or ``"consumers"``), or
-        every linear/conv of the model (``"all"``), by ridge least squares on calibration data so that its
-        output matches the dense model's, sequentially on the compressed model's own activations
+        ``"auto"`` (see ``criterion``), ``False``, ``True`` / ``"consumers"`` (refit every linear/conv
+        whose inputs lost units) or ``"all"`` (every linear/conv of the model), by ridge least squares on
+        calibration data, sequentially on the compressed model's own activations
         (:func:`sparsecomp.calibration.reconstruct.sequential_refit`). The bias absorbs the mean of what was removed.
     damp:
-        Ridge strength of the reconstruction refits (toward the pruned weights, relative to the mean
-        diagonal of the input covariance), or ``"cv"`` (default): chosen per op by 4-fold
-        cross-validation over the calibration rows, so each refit is as strong as the data supports.
+        Ridge strength of the refits, or ``"cv"`` (default): chosen per op by 4-fold cross-validation.
         The OBS profiles and sensitivity probes use ``damp`` too (0.01 under ``"cv"``).
     token_mask:
         Name of the model input that marks real tokens (e.g. ``"attention_mask"``); calibration statistics
@@ -100,37 +107,49 @@ class StructuredPruning(PassConfig):
     residual:
         With ``reconstruct``: an op that feeds a residual add is fit to the dense model's *sum* minus the
         compressed residual, so it also absorbs the error earlier layers left in the residual stream.
+    memory_budget:
+        Largest float64 Gram matrix (bytes) a refit or an OBS profile may build (default 2 GiB); a layer
+        that would need more is left as it is and the report says so.
+
+    A setting that needs calibration data (a data-driven criterion, a refit, a global allocation) given
+    without any raises :class:`~sparsecomp.errors.ConfigError` when the pass runs.
     """
 
     type_name: ClassVar[str] = "StructuredPruning"
+    renamed: ClassVar[dict[str, str]] = {"importance": "criterion"}
 
-    ratio: float = 0.5
-    importance: str = "l1"
+    ratio: float | None = None
+    mac_ratio: float | None = None
+    criterion: str = "auto"
     granularity: str = "auto"
     ignore: tuple[str, ...] = ()
     per_layer: tuple[tuple[str, float], ...] = ()
     round_to: int = 1
     prune_norm_dims: bool = False
     seed: int = 0
-    criterion: str | None = None
-    allocation: str = "uniform"
-    reconstruct: bool | str = False
+    allocation: str = "auto"
+    reconstruct: bool | str = "auto"
     damp: float | str = "cv"
     token_mask: str | None = "attention_mask"
     progress: bool = False
     residual: bool = False
+    memory_budget: int = 2 << 30
+    importance: dataclasses.InitVar[Any] = None  # the old name: refused in __post_init__
 
     @property
     def profile_damp(self) -> float:
         """The ridge of OBS profiles and sensitivity probes (a number even when ``damp="cv"``)."""
         return 1e-2 if self.damp == "cv" else float(self.damp)
 
-    def __post_init__(self) -> None:
-        if self.criterion is not None:
-            if self.importance not in ("l1", self.criterion):
-                raise ConfigError(f"give importance or criterion, not both ({self.importance!r} vs {self.criterion!r})")
-            object.__setattr__(self, "importance", self.criterion)
-        object.__setattr__(self, "criterion", self.importance)
+    def __post_init__(self, importance: Any = None) -> None:
+        if importance is not None:
+            raise ConfigError(f"StructuredPruning: 'importance' was renamed to 'criterion' "
+                              f"(use criterion={importance!r})")
+        if self.ratio is not None and self.mac_ratio is not None:
+            raise ConfigError("StructuredPruning takes ratio (fraction of each group) or mac_ratio (fraction "
+                              "of the model's MACs), not both")
+        if self.ratio is None and self.mac_ratio is None:
+            object.__setattr__(self, "ratio", 0.5)
         if isinstance(self.ignore, str):
             object.__setattr__(self, "ignore", (self.ignore,))
         object.__setattr__(self, "ignore", tuple(self.ignore))
@@ -138,32 +157,56 @@ class StructuredPruning(PassConfig):
         if isinstance(per_layer, dict):
             per_layer = tuple(per_layer.items())
         object.__setattr__(self, "per_layer", tuple((str(p), float(r)) for p, r in per_layer))
-        _check_ratio("ratio", self.ratio)
+        if self.ratio is not None:
+            _check_ratio("ratio", self.ratio)
+        if self.mac_ratio is not None:
+            _check_ratio("mac_ratio", self.mac_ratio)
         for pattern, r in self.per_layer:
             _check_ratio(f"per_layer[{pattern!r}]", r)
-        if self.importance not in IMPORTANCES:
-            raise ConfigError(f"importance must be one of {IMPORTANCES}, got {self.importance!r}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ConfigError(f"round_to must be a positive integer, got {self.round_to!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.allocation != "uniform" and self.importance not in OUTPUT_CRITERIA:
+        if self.allocation in ("global", "sensitivity") and self.ratio is not None:
+            raise ConfigError(f"allocation={self.allocation!r} budgets the model's MACs: give mac_ratio (the "
+                              "fraction of MACs to remove), not ratio (the fraction of each group)")
+        if self.allocation in ("global", "sensitivity") and self.criterion not in OUTPUT_CRITERIA + ("auto",):
             raise ConfigError(f"allocation={self.allocation!r} needs criterion in {OUTPUT_CRITERIA}, "
-                              f"got {self.importance!r}")
-        if self.reconstruct not in (True, False, "consumers", "all"):
-            raise ConfigError(f"reconstruct must be True, False, 'consumers' or 'all', got {self.reconstruct!r}")
+                              f"got {self.criterion!r}")
+        if self.reconstruct not in (True, False, "consumers", "all", "auto"):
+            raise ConfigError(f"reconstruct must be 'auto', True, False, 'consumers' or 'all', "
+                              f"got {self.reconstruct!r}")
         if self.damp != "cv" and (isinstance(self.damp, bool) or not isinstance(self.damp, (int, float))
                                   or not self.damp > 0):
             raise ConfigError(f"damp must be a positive number or 'cv', got {self.damp!r}")
         if self.token_mask is not None and not isinstance(self.token_mask, str):
             raise ConfigError(f"token_mask must be an input name or None, got {self.token_mask!r}")
+        if isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, int) or self.memory_budget <= 0:
+            raise ConfigError(f"memory_budget must be a positive number of bytes, got {self.memory_budget!r}")
+
+    def resolve(self, has_calibration: bool) -> "StructuredPruning":
+        """The config with every ``"auto"`` replaced by what it means with or without calibration data."""
+        changes: dict[str, Any] = {}
+        data = has_calibration
+        if self.criterion == "auto":
+            changes["criterion"] = "fluctuation" if data else "l2"
+        if self.allocation == "auto":
+            changes["allocation"] = "sensitivity" if data and self.mac_ratio is not None else "uniform"
+        if self.reconstruct == "auto":
+            changes["reconstruct"] = "all" if data else False
+        if not changes:
+            return self
+        return dataclasses.replace(self, **changes)
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.importance in ("taylor", "activation", "fluctuation", "reconstruction")
-                or bool(self.reconstruct) or self.allocation != "uniform")
+        """Whether the (resolved) settings read calibration data."""
+        return (self.criterion in DATA_CRITERIA or self.reconstruct not in (False, "auto")
+                or self.allocation in ("global", "sensitivity"))
 
 
 def _check_ratio(name: str, r: Any) -> None:
@@ -186,7 +229,7 @@ def group_ratio(group: Group, cfg: StructuredPruning) -> float | None:
     for pattern, r in cfg.per_layer:
         if any(matches_pattern(p, pattern) for p in params):
             return r
-    return cfg.ratio
+    return cfg.ratio if cfg.ratio is not None else cfg.mac_ratio
 
 
 def n_keep(n: int, ratio: float, round_to: int) -> int:
@@ -218,20 +261,26 @@ def _scatter(group: Group, member_scores: dict[tuple[str, int], np.ndarray]) -> 
 
 
 def unit_scores(dg: DependencyGraph, groups: list[Group], cfg: StructuredPruning, calibration: Any) -> dict[int, np.ndarray]:
-    """Importance of each unit, per group id (higher = more important)."""
+    """Importance of each unit, per group id (higher = more important).
+
+    Weight criteria score the group's ``nn.Parameter`` members only: buffers such as BatchNorm's
+    ``running_mean`` / ``running_var`` are statistics, not weights (a dead channel keeps a running
+    variance of about 1, which a norm over every member would count as importance).
+    """
     gm = dg.captured.module
     member_scores: dict[tuple[str, int], np.ndarray] = {}
-    needed = {(m.name, m.dim) for g in groups for m in g.param_members()}
-    if cfg.importance in ("l1", "l2"):
-        power = 1 if cfg.importance == "l1" else 2
+    weights = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    needed = {(m.name, m.dim) for g in groups for m in g.param_members() if m.name in weights}
+    if cfg.criterion in ("l1", "l2"):
+        power = 1 if cfg.criterion == "l1" else 2
         for name, dim in needed:
             member_scores[(name, dim)] = _per_index(get_attr(gm, name), dim, power)
-    elif cfg.importance == "random":
+    elif cfg.criterion == "random":
         rng = np.random.default_rng(cfg.seed)
         return {g.id: rng.random(g.size) for g in groups}
-    elif cfg.importance == "taylor":
+    elif cfg.criterion == "taylor":
         member_scores = _taylor_scores(dg, needed, calibration)
-    elif cfg.importance == "activation":
+    elif cfg.criterion == "activation":
         member_scores = _activation_scores(dg, calibration)
     return {g.id: _scatter(g, member_scores) for g in groups}
 
@@ -300,24 +349,38 @@ class _Calib:
     moments: dict[str, Any]
 
 
-def _calibrate(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any, groups: list[Group]) -> _Calib:
+def _fan_in(gm: fx.GraphModule, node: fx.Node) -> int:
+    w = get_attr(gm, node.args[1].target)
+    return int(np.prod(w.shape[1:]))
+
+
+def _calibrate(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any, groups: list[Group],
+               notes: dict | None = None) -> _Calib:
+    """Calibration batches and the dense input statistics of the ops consuming ``groups``; an op whose
+    Gram matrix would exceed ``cfg.memory_budget`` gets none (its groups fall back to weight norms, and
+    ``notes["over_memory_budget"]`` names it)."""
 
     gm = dg.captured.module
     batches = flat_batches(calibration, dg.captured)
     masks = token_masks(gm, batches, cfg.token_mask)
     nodes = {n for g in groups for n, _ in group_consumers(dg, g)}
+    over = {n for n in nodes if gram_bytes(_fan_in(gm, n)) > cfg.memory_budget}
+    if over and notes is not None:
+        notes["over_memory_budget"] = {n.name: format_bytes(gram_bytes(_fan_in(gm, n))) for n in sorted(
+            over, key=lambda n: n.name)}
+    nodes -= over
     moments = collect_moments(gm, batches, sorted(nodes, key=lambda n: n.name), masks, cfg.progress) if nodes else {}
     return _Calib(batches, masks, moments)
 
 
 def _uses_moments(cfg: StructuredPruning) -> bool:
-    return cfg.importance in ("fluctuation", "reconstruction") or cfg.allocation != "uniform"
+    return cfg.criterion in ("fluctuation", "reconstruction") or cfg.allocation != "uniform"
 
 
 def _profiles(dg: DependencyGraph, groups: list[Group], cfg: StructuredPruning, cal: _Calib) -> tuple[list, float]:
 
     per_elem, per_head, total = mac_model(dg)
-    return [group_profile(dg, g, cal.moments, cfg.importance, unit_macs(dg, g, per_elem, per_head), cfg.profile_damp)
+    return [group_profile(dg, g, cal.moments, cfg.criterion, unit_macs(dg, g, per_elem, per_head), cfg.profile_damp)
             for g in groups], total
 
 
@@ -453,9 +516,45 @@ def _run_flat(gm: fx.GraphModule, flat: list[Any]) -> Any:
     return fx.Interpreter(gm).run(*flat)
 
 
+def _rounding(g: Group, cfg: StructuredPruning) -> int:
+    return cfg.round_to if g.kind == "channel" else 1
+
+
+def _solve_uniform_fraction(dg: DependencyGraph, cfg: StructuredPruning, chosen: list[tuple[Group, float]],
+                            scores: dict[int, np.ndarray], fixed: dict[int, float]) -> float:
+    """The smallest per-group fraction whose removals take at least ``mac_ratio`` of the model's MACs
+    (exact count of the units ``choose`` would remove; bisection, removed MACs grow with the fraction)."""
+    per_elem, per_head, total = mac_model(dg)
+    groups = [g for g, _ in chosen]
+    target = cfg.mac_ratio * total
+
+    def removed_at(r: float) -> float:
+        rem: set[int] = set()
+        for g, _ in chosen:
+            k = g.size - n_keep(g.size, fixed.get(g.id, r), _rounding(g, cfg))
+            rem.update(dg.choose(g, scores[g.id], k))
+        return removed_macs(dg, rem, per_elem, per_head, groups)
+
+    hi = 1.0 - 1e-9
+    most = removed_at(hi)
+    if most < target:
+        raise ConfigError(f"mac_ratio={cfg.mac_ratio:g} cannot be reached with uniform allocation: removing all "
+                          f"but one unit of every prunable group removes {most / max(total, 1e-30):.3f} of the "
+                          "MACs; lower mac_ratio")
+    lo = 0.0
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        if removed_at(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def select_removed(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any = None,
-                   cal: "_Calib | None" = None) -> tuple[set[int], list[dict]]:
-    """Choose the units to remove; returns them and a per-group report."""
+                   cal: "_Calib | None" = None, notes: dict | None = None) -> tuple[set[int], list[dict]]:
+    """Choose the units to remove; returns them and a per-group report (``notes`` gets what was solved)."""
+    notes = {} if notes is None else notes
     chosen: list[tuple[Group, float]] = []
     for g in dg.prunable_groups():
         r = group_ratio(g, cfg)
@@ -463,25 +562,34 @@ def select_removed(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any
             chosen.append((g, r))
     if not chosen:
         return set(), []
+    fixed = {g.id: r for g, r in chosen if any(matches_pattern(q, pat) for q in g.params for pat, _ in cfg.per_layer)}
+    uniform = cfg.allocation == "uniform"
     if not _uses_moments(cfg):
         scores = unit_scores(dg, [g for g, _ in chosen], cfg, calibration)
-        counts = {g.id: g.size - n_keep(g.size, r, cfg.round_to if g.kind == "channel" else 1) for g, r in chosen}
     else:
         if cal is None:
             cal = _calibrate(dg, cfg, calibration, [g for g, _ in chosen])
         profiles, total = _profiles(dg, [g for g, _ in chosen], cfg, cal)
+        swaps = {p.group.id: p.swapped for p in profiles if p.swapped}
+        if swaps:
+            notes["criterion_swaps"] = swaps
         scores = {}
         for p in profiles:
             rank = {u: i for i, u in enumerate(p.order)}
             scores[p.group.id] = np.array([rank[u] for u in p.group.units], dtype=float)
-        fixed = {g.id: r for g, r in chosen if any(matches_pattern(q, pat) for q in g.params for pat, _ in cfg.per_layer)}
-        counts = {}
-        for g, r in chosen:
-            if cfg.allocation == "uniform" or g.id in fixed:
-                counts[g.id] = g.size - n_keep(g.size, r, cfg.round_to if g.kind == "channel" else 1)
+    if uniform and cfg.mac_ratio is not None:
+        r_all = _solve_uniform_fraction(dg, cfg, chosen, scores, fixed)
+        notes["uniform_fraction"] = round(r_all, 6)
+        chosen = [(g, fixed.get(g.id, r_all)) for g, _ in chosen]
+    counts: dict[int, int] = {}
+    for g, r in chosen:
+        if uniform or g.id in fixed:
+            counts[g.id] = g.size - n_keep(g.size, r, _rounding(g, cfg))
+    if not uniform:
         free = [p for p in profiles if p.group.id not in counts]
         if free:
-            target = cfg.ratio * total - sum(_prefix_macs(p, counts[p.group.id]) for p in profiles if p.group.id in counts)
+            target = cfg.mac_ratio * total - sum(_prefix_macs(p, counts[p.group.id]) for p in profiles
+                                                 if p.group.id in counts)
             alloc = allocate(free, target)
             for _ in range(SENSITIVITY_ROUNDS if cfg.allocation == "sensitivity" else 0):
                 _sensitivity(dg, free, alloc, cal, cfg.profile_damp)
@@ -494,9 +602,42 @@ def select_removed(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any
         drop = dg.choose(g, scores[g.id], counts[g.id])
         removed.update(drop)
         keep = g.size - len(drop)
-        report.append({"group": g.id, "kind": g.kind, "units": g.size, "kept": keep,
-                       "params": g.params[:4] + (["..."] if len(g.params) > 4 else [])})
+        row = {"group": g.id, "kind": g.kind, "units": g.size, "kept": keep,
+               "params": g.params[:4] + (["..."] if len(g.params) > 4 else [])}
+        if g.id in notes.get("criterion_swaps", {}):
+            row["reason"] = "ranked by " + notes["criterion_swaps"][g.id]
+        report.append(row)
     return removed, report
+
+
+def frozen_by_unknown_ops(dg: DependencyGraph) -> dict[str, Any] | None:
+    """Which ops without a rule fixed dims, and how many parameters they kept out of every prunable group:
+    the graph is analysed again with those ops fixing only their outputs, and the parameters that become
+    prunable are counted (``None`` when no unknown op touched a prunable dim)."""
+    unknown = dg.unknown_ops
+    if not unknown:
+        return None
+    gm = dg.captured.module
+    names = {n for nodes in unknown.values() for n in nodes}
+    targets = {node.target for node in gm.graph.nodes if node.name in names}
+    lenient = {t: OpRule(lambda node, ctx: ctx.unlabeled(node)) for t in targets}
+
+    def prunable_params(graph: DependencyGraph) -> set[str]:
+        return {p for g in graph.prunable_groups() for p in g.params}
+
+    sizes = {name: p.numel() for name, p in gm.named_parameters()}
+    total = max(sum(sizes.values()), 1)
+    try:
+        what_if = DependencyGraph.build(dg.captured, dg.rules.with_overrides(lenient),
+                                       dg.ctx.options.get("prune_norm_dims", False))
+        frozen = prunable_params(what_if) - prunable_params(dg)
+        count = sum(sizes.get(p, 0) for p in frozen)
+    except Exception:  # the what-if analysis is best effort: the op names are what matters
+        frozen, count = set(), None
+    return {"ops": {op: len(nodes) for op, nodes in unknown.items()},
+            "nodes": {op: nodes[:5] for op, nodes in unknown.items()},
+            "frozen_params": count, "frozen_fraction": None if count is None else round(count / total, 4),
+            "frozen_tensors": sorted(frozen)[:10]}
 
 
 def _reconstruct(dg: DependencyGraph, pruned: Captured, removed: set[int], cfg: StructuredPruning,
@@ -514,7 +655,8 @@ def _reconstruct(dg: DependencyGraph, pruned: Captured, removed: set[int], cfg: 
 
     gm = _deepcopy(pruned.module)
     records = sequential_refit(dg.captured.module, gm, cal.batches, out_keep, select, cal.masks,
-                               damp=cfg.damp, progress=cfg.progress, residual=cfg.residual)
+                               damp=cfg.damp, progress=cfg.progress, residual=cfg.residual,
+                               memory_budget=cfg.memory_budget)
     if not any(r.refit for r in records):
         return pruned, records
     return pruned.recapture(gm), records
@@ -522,16 +664,24 @@ def _reconstruct(dg: DependencyGraph, pruned: Captured, removed: set[int], cfg: 
 
 @register_pass(StructuredPruning)
 def run_structured_pruning(captured: Captured, cfg: StructuredPruning, calibration: Any = None) -> PassResult:
+    cfg = cfg.resolve(calibration is not None)
+    notes: dict[str, Any] = {}
     dg = DependencyGraph.build(captured, prune_norm_dims=cfg.prune_norm_dims)
     cal = None
     if _uses_moments(cfg) or cfg.reconstruct:
         groups = [g for g in dg.prunable_groups() if group_ratio(g, cfg) is not None]
-        cal = _calibrate(dg, cfg, calibration, groups)
-    removed, report = select_removed(dg, cfg, calibration, cal)
+        cal = _calibrate(dg, cfg, calibration, groups, notes)
+    removed, report = select_removed(dg, cfg, calibration, cal, notes)
+    unknown = frozen_by_unknown_ops(dg)
+    if unknown is not None:
+        notes["unknown_ops"] = unknown
     if not removed:
-        return PassResult(captured, False, report, "StructuredPruning")
+        return PassResult(captured, False, report, "StructuredPruning", notes)
     pruned = prune(dg, removed)
     if cfg.reconstruct:
         pruned, records = _reconstruct(dg, pruned, removed, cfg, cal)
         report.append({"reconstruction": [dataclasses.asdict(r) for r in records]})
-    return PassResult(pruned, True, report, "StructuredPruning")
+        over = {r.weight: r.reason for r in records if r.reason.startswith("over memory_budget")}
+        if over:
+            notes["refit_over_memory_budget"] = over
+    return PassResult(pruned, True, report, "StructuredPruning", notes)

@@ -13,6 +13,7 @@ from ...errors import ConfigError
 METHODS = ("svd", "activation", "asvd")
 ALLOCATIONS = ("uniform", "global")
 TARGETS = ("params", "macs")
+COST_POLICIES = ("auto", "always", "never")
 
 #: ASVD's exponent of the per-column activation scale (alpha = 0.5 in the ASVD paper).
 ASVD_ALPHA = 0.5
@@ -54,9 +55,11 @@ class LowRank(PassConfig):
     damping:
         ``eps`` of the whitening, relative to ``trace(X^T X) / n``.
     cost_model:
-        ``True``: a layer stays dense when ``r*(m+n) >= m*n`` or when the factored pair is not predicted to
-        be faster on CPU (``factored_is_faster``). ``False``: factor at the chosen rank regardless (e.g. to
-        check that full rank reproduces the model).
+        ``"auto"`` (default): a layer stays dense when ``r*(m+n) >= m*n`` or when the factored pair is not
+        predicted to be faster on CPU (``factored_is_faster``). ``"always"``: factor at the chosen rank
+        regardless (e.g. to check that full rank reproduces the model). ``"never"``: the chosen rank-r
+        approximation stored back into the dense weight, no second op (the accuracy of the ranks without
+        the factored form), as ``Sparsify(cost_model=...)``.
 
     Examples
     --------
@@ -75,7 +78,7 @@ class LowRank(PassConfig):
     damping: float = 1e-6
     allocation: str = "uniform"
     target: str = "params"
-    cost_model: bool = True
+    cost_model: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.ignore, str):
@@ -109,8 +112,11 @@ class LowRank(PassConfig):
         d = self.damping
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
             raise ConfigError(f"damping must be a positive number, got {d!r}")
-        if not isinstance(self.cost_model, bool):
-            raise ConfigError(f"cost_model must be True or False, got {self.cost_model!r}")
+        if isinstance(self.cost_model, bool):
+            raise ConfigError(f"cost_model is one of {COST_POLICIES} (as in Sparsify), not a bool: "
+                              f"{self.cost_model!r} was {'auto' if self.cost_model else 'always'!r}")
+        if self.cost_model not in COST_POLICIES:
+            raise ConfigError(f"cost_model must be one of {COST_POLICIES}, got {self.cost_model!r}")
 
     @property
     def needs_calibration(self) -> bool:

@@ -338,8 +338,14 @@ def run_lowrank(captured: Captured, cfg: LowRank, calibration: Any = None) -> Pa
         weight = get_attr(gm, layer.w_node.target)
         A64, B64 = factors_from(*decs[name], r)
         err = relative_output_error(weight, B64 @ A64, stats[name].gram)
-        _rewrite(gm, layer, A64, B64)
         modified = True
+        if cfg.cost_model == "never":  # the rank-r weight, kept in the dense op
+            with torch.no_grad():
+                weight.copy_((B64 @ A64).reshape(weight.shape).to(weight.dtype))
+            report.append({**row, "rank": int(r), "params_after": int(layer.m * layer.n), "relative_error": err,
+                           "method": cfg.method, "allocation": cfg.allocation, "reason": "cost_model='never': dense"})
+            continue
+        _rewrite(gm, layer, A64, B64)
         report.append({**row, "rank": int(r), "params_after": int(r * (layer.m + layer.n)),
                        "relative_error": err, "method": cfg.method, "allocation": cfg.allocation,
                        "rows_per_call": stats[name].rows_per_call})
@@ -361,7 +367,7 @@ def _uniform_ranks(layers, stats, decs, cfg: LowRank) -> tuple[dict[str, int], d
         name, m, n = layer.node.name, layer.m, layer.n
         r = choose_rank(cfg, m, n, decs[name][1] if cfg.energy is not None else None)
         ranks[name] = r
-        if not cfg.cost_model:
+        if cfg.cost_model != "auto":
             continue
         if r * (m + n) >= m * n:
             ranks[name], reasons[name] = 0, {"rank": r, "skipped": "no saving"}
@@ -385,7 +391,7 @@ def _global_ranks(gm, layers, stats, decs, cfg: LowRank) -> tuple[dict[str, int]
     for layer in layers:
         name, m, n = layer.node.name, layer.m, layer.n
         rows = stats[name].rows_per_call
-        max_rank = max_fast_rank(m, n, rows, layer.kind) if cfg.cost_model else min(m, n)
+        max_rank = max_fast_rank(m, n, rows, layer.kind) if cfg.cost_model == "auto" else min(m, n)
         if max_rank < 1:
             ranks[name] = 0
             reasons[name] = {"skipped": _not_faster(layer, 1, rows).replace("for r=1", "even at rank 1")}
