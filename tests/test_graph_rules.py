@@ -3,6 +3,7 @@ handled conservatively and reported. Every positive case has a negative twin."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -214,10 +215,16 @@ def test_wrong_rule_is_caught_by_equivalence_check():
     broken = DEFAULT_RULES.with_overrides({aten.linear.default: OpRule(linear_forgetting_bias)})
     dg = sparsecomp.dependency_graph(m, (torch.randn(2, 8),), rules=broken)
     (g,) = dg.prunable_groups()
-    with pytest.raises(Exception):
-        # the bias keeps 16 entries while the weight has fewer rows: the pruned graph is inconsistent
-        res = group_equivalence(dg, g)
-        assert res.relative < 1e-6
+    # the bias keeps 16 entries while the weight has fewer rows: the pruned graph is inconsistent, and
+    # the re-export of the pruned graph (the pass's postcondition) names the mismatch
+    from sparsecomp.errors import PassError
+    from sparsecomp.graph.apply import prune
+
+    removed = set(dg.choose(g, np.arange(g.size, dtype=float), g.size // 2))
+    with pytest.raises(PassError, match="does not re-export"):
+        prune(dg, removed)
+    good = sparsecomp.dependency_graph(m, (torch.randn(2, 8),))
+    assert group_equivalence(good, good.prunable_groups()[0]).relative < 1e-6  # the real rule: exact
 
 
 def test_registry_rejects_duplicates_and_lists_keys():
@@ -290,12 +297,26 @@ def test_dynamic_sequence_length_prunes_and_runs_at_other_lengths():
     shapes.update({k: {0: b, 1: s} for k in kwargs})
     cap = sparsecomp.capture(model, args, kwargs, dynamic_shapes=shapes)
     small = sparsecomp.compress(cap, None, sparsecomp.StructuredPruning(ratio=0.5))
+    assert small.sparsecomp_report[0]["modified"]
+    dg = sparsecomp.dependency_graph(cap)
     for length in (5, 16):
         a = tuple(t[:, :length] for t in args)
         k = {n: t[:, :length] for n, t in kwargs.items()}
-        out = small(*a, **k)
-        ref = model(*a, **k)
+        with torch.no_grad():
+            out = small(*a, **k)
+            ref = model(*a, **k)
         assert out[0].shape == ref[0].shape
+    # the pruned model equals the original with the same units zeroed, at another length too
+    from sparsecomp.graph.apply import prune, zeroed
+
+    removed = set()
+    for g in dg.prunable_groups():
+        removed.update(dg.choose(g, np.arange(g.size, dtype=float), g.size // 2))
+    pruned, twin = prune(dg, removed).module, zeroed(dg, removed)
+    a = tuple(t[:, :7] for t in args)
+    k = {n: t[:, :7] for n, t in kwargs.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(*a, **k)[0], twin(*a, **k)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_user_dynamic_shapes_that_export_refuses_raise():

@@ -84,14 +84,18 @@ def test_bsr_kernels_follow_their_prefetch(block):
     bias = torch.randn(n_out)
     default = _localities(kernels.bsr_kernel(n_out, k, r, c, p.values.shape[0], "int32", parallel=False))
     assert default == ([] if r >= 8 and r >= c else [2] * len(default)) and (r >= 8 or default)
+    xs = {batch: torch.randn(batch, k) for batch in (1, 3)}
+    results = {}
     for pf in (OFF, Prefetch(4096, 3)):
         func = kernels.bsr_kernel(n_out, k, r, c, p.values.shape[0], "int32", parallel=False, pf=pf)
         got = _localities(func)
         assert got == [pf.locality] * len(got) and bool(got) == bool(pf.distance), (pf, got)
-        for batch in (1, 3):
-            x = torch.randn(batch, k)
+        for batch, x in xs.items():
             y = _run(func, [x, p.crow_indices.to(torch.int32), *stored, bias], (batch, n_out))
             torch.testing.assert_close(y, x @ w.T + bias, rtol=1e-4, atol=1e-4, msg=f"{block} {pf} batch {batch}")
+            results.setdefault(batch, []).append(y)
+    for batch, (off, on) in results.items():  # a prefetch changes no arithmetic: bit-identical
+        assert torch.equal(off, on), (block, batch)
 
 
 def test_csr_and_nm_kernels_follow_their_prefetch():
@@ -102,12 +106,15 @@ def test_csr_and_nm_kernels_follow_their_prefetch():
     sell = kernels.sell_layout(csr.crow_indices.numpy(), csr.col_indices.numpy().astype("int16"), csr.values.numpy())
     assert set(_localities(kernels.csr_kernel(n_out, k, len(sell[0]) - 1, sell[1].shape[0], "int16",
                                               parallel=False))) == {2}
+    x = torch.randn(1, k)
+    ys = []
     for pf in (OFF, Prefetch(4096, 3)):
         func = kernels.csr_kernel(n_out, k, len(sell[0]) - 1, sell[1].shape[0], "int16", parallel=False, pf=pf)
         assert set(_localities(func)) == ({3} if pf.distance else set())
-        x = torch.randn(1, k)
         y = _run(func, [x.T, *(torch.from_numpy(a) for a in sell), bias], (1, n_out))
         torch.testing.assert_close(y, x @ w.T + bias, rtol=1e-4, atol=1e-4)
+        ys.append(y)
+    assert torch.equal(ys[0], ys[1])  # bit-identical across plans
     if not _host_has("avx2"):
         return
     # N:M lanes: the lockstep walk of two groups follows the plan; the single-group walk (an odd
@@ -118,13 +125,16 @@ def test_csr_and_nm_kernels_follow_their_prefetch():
     pn = pack(wn, "nm", n=1, m=4)
     vals, pos = kernels.nm_lane_layout(pn.values.numpy(), pn.indices.numpy())
     assert set(_localities(kernels.nm_lanes_kernel(n_out, k, 1, 4, parallel=False))) == {2}
+    xs = {batch: torch.randn(batch, k) for batch in (1, 2)}
+    results = {}
     for pf in (OFF, Prefetch(4096, 3)):
         func = kernels.nm_lanes_kernel(n_out, k, 1, 4, parallel=False, pf=pf)
         assert (3 in _localities(func)) == bool(pf.distance)
-        for batch in (1, 2):
-            x = torch.randn(batch, k)
+        for batch, x in xs.items():
             y = _run(func, [x, torch.from_numpy(vals), torch.from_numpy(pos), bias], (batch, n_out))
             torch.testing.assert_close(y, x @ wn.T + bias, rtol=1e-4, atol=1e-4)
+            results.setdefault(batch, []).append(y)
+    assert all(torch.equal(off, on) for off, on in results.values())  # bit-identical across plans
 
 
 def test_lowering_uses_the_saved_plan_for_its_target():
