@@ -111,7 +111,7 @@ DRIFT_BATCHES = 8
 
 
 def _drift_inputs(captured: Captured, calibration: Any) -> list[tuple[tuple, dict]]:
-    from .calibration import iter_batches
+    from .calibration.data import iter_batches
 
     if calibration is None:
         return [(captured.example_args, captured.example_kwargs)]

@@ -224,7 +224,7 @@ def test_auto_resolves_to_data_free_default_without_calibration_and_recipe_with_
 
 
 def test_uniform_mac_ratio_reaches_the_mac_target():
-    from sparsecomp.metrics import count_macs
+    from sparsecomp.app.metrics import count_macs
 
     m, x = _mlp(), torch.randn(4, 8)
     dense = count_macs(m, (x,))

@@ -28,7 +28,7 @@ from hypothesis import strategies as st  # noqa: E402
 import sparsecomp  # noqa: E402
 from sparsecomp.graph.apply import prune, zeroed  # noqa: E402
 from sparsecomp.passes.structured import n_keep  # noqa: E402
-from sparsecomp.verify import max_abs_diff, output_scale  # noqa: E402
+from sparsecomp.testing.verify import max_abs_diff, output_scale  # noqa: E402
 
 EXAMPLES = 30
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
