@@ -60,7 +60,7 @@ def test_refit_shrinks_toward_the_prior_and_folds_merge_back():
     whole.add(x, y)
     merged = merge(folds)
     # float64 sums in another order: equal to rounding, not "within 1e-4"
-    assert torch.allclose(merged.xx, whole.xx, rtol=1e-12, atol=1e-12) and torch.allclose(merged.xy, whole.xy, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(merged.xx, whole.xx, rtol=1e-10, atol=1e-10) and torch.allclose(merged.xy, whole.xy, rtol=1e-10, atol=1e-10)
     assert merged.n == 64
     prior = torch.randn(3, 10, dtype=torch.float64)
     w_far, _ = refit(whole, damp=1e9, prior=prior)
