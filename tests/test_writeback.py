@@ -45,7 +45,7 @@ def test_llama_prune_lowrank_write_back_generate_save_load(tmp_path):
     model = _tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     small, ids = _compress_llama(model, [sparsecomp.StructuredPruning(ratio=0.5),
-                                         sparsecomp.LowRank(rank_ratio=0.25, cost_model=False)])
+                                         sparsecomp.LowRank(rank_ratio=0.25, cost_model="always")])
     wb = sparsecomp.write_back(model, small, (ids,))
     # the user's model is untouched
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -112,7 +112,7 @@ def test_write_back_cnn_with_batchnorm_and_user_built_model_reload(tmp_path):
         model[1].running_var.uniform_(0.5, 2)
     x = torch.randn(2, 3, 12, 12)
     small = sparsecomp.compress(model, (x,), [sparsecomp.StructuredPruning(ratio=0.5),
-                                             sparsecomp.LowRank(rank_ratio=0.5, cost_model=False)])
+                                             sparsecomp.LowRank(rank_ratio=0.5, cost_model="always")])
     wb = sparsecomp.write_back(model, small, (x,))
     assert wb[1].num_features == 8 and wb[4].num_groups == 4 and wb[4].num_channels == 16
     assert isinstance(wb[3], LowRankConv) and wb[3].conv.in_channels == 8 and wb[3].conv.out_channels == 8
