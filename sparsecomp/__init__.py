@@ -21,7 +21,7 @@ from .graph.depgraph import DependencyGraph, Group, Member
 from .graph.registry import OpRegistry, OpRule
 from .backends.onnx import export_onnx
 from .backends.registry import load, lower
-from .passes import LowRank, Slice, Sparsify, StructuredPruning
+from .passes import LowRank, Recover, Slice, Sparsify, StructuredPruning
 from .report import report
 from .writeback import load_compressed, save_compressed, write_back
 
@@ -40,6 +40,7 @@ __all__ = [
     "OpRule",
     "PassConfig",
     "PassError",
+    "Recover",
     "ShapeError",
     "Slice",
     "SparsecompError",

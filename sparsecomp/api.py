@@ -14,7 +14,7 @@ from .config import PassConfig
 from .errors import ConfigError, VerificationError
 from .graph.depgraph import DependencyGraph
 from .graph.registry import OpRule
-from .passes.base import run_pass
+from .passes.base import PassContext, run_pass
 
 
 def _as_captured(model: Any, example_inputs: Any, example_kwargs: dict | None) -> Captured:
@@ -77,8 +77,9 @@ def compress(
     drift_inputs = _drift_inputs(captured, calibration)
     reference_out = _outputs(captured.module, drift_inputs)
     reports = []
+    context = PassContext(original=captured)  # the teacher of Recover; no pass modifies it
     for cfg in configs:
-        result = run_pass(captured, cfg, calibration)
+        result = run_pass(captured, cfg, calibration, context)
         if result.modified:
             got = _signature(result.captured.run())
             if got != reference:

@@ -25,32 +25,43 @@ class PassResult:
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-PassFn = Callable[[Captured, Any, Any], PassResult]
-_PASSES: dict[type, PassFn] = {}
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """What a pass may see besides its input graph: ``original``, the graph as captured before the first
+    pass of a ``compress`` list (the teacher of ``Recover``). Passes must not modify it."""
+
+    original: Captured | None = None
 
 
-def register_pass(config_type: type[PassConfig]) -> Callable[[PassFn], PassFn]:
-    """Register the function that runs configs of ``config_type``: ``fn(captured, config, calibration)``."""
+PassFn = Callable[..., PassResult]
+_PASSES: dict[type, tuple[PassFn, bool]] = {}
+
+
+def register_pass(config_type: type[PassConfig], context: bool = False) -> Callable[[PassFn], PassFn]:
+    """Register the function that runs configs of ``config_type``: ``fn(captured, config, calibration)``,
+    or ``fn(captured, config, calibration, context)`` with ``context=True`` (a :class:`PassContext`)."""
 
     def deco(fn: PassFn) -> PassFn:
         if config_type in _PASSES:
             raise ConfigError(f"a pass for {config_type.__name__} is registered twice")
-        _PASSES[config_type] = fn
+        _PASSES[config_type] = (fn, context)
         return fn
 
     return deco
 
 
-def run_pass(captured: Captured, config: PassConfig, calibration: Any = None) -> PassResult:
-    """Run the pass registered for ``type(config)``.
+def run_pass(captured: Captured, config: PassConfig, calibration: Any = None,
+             context: PassContext | None = None) -> PassResult:
+    """Run the pass registered for ``type(config)`` (passes registered with ``context=True`` also get
+    ``context``).
 
     ``"auto"`` settings are resolved first (``config.resolve(has_calibration)``); the result's
     ``notes["resolved"]`` holds the resolved config. A config whose settings read calibration data
     (``needs_calibration``) with ``calibration=None`` raises :class:`ConfigError`: the capture's example
     inputs are never used as calibration data behind the user's back.
     """
-    fn = _PASSES.get(type(config))
-    if fn is None:
+    entry = _PASSES.get(type(config))
+    if entry is None:
         raise ConfigError(
             f"no pass for config {type(config).__name__}; known: {sorted(t.__name__ for t in _PASSES)}"
         )
@@ -61,7 +72,8 @@ def run_pass(captured: Captured, config: PassConfig, calibration: Any = None) ->
             "calibration= to compress (CLI: --calibration FILE; torch.compile: options={'calibration': ...}), "
             "or use the data-free settings (e.g. StructuredPruning(criterion='auto') without calibration)."
         )
-    result = fn(captured, resolved, calibration)
+    fn, wants_context = entry
+    result = fn(captured, resolved, calibration, context) if wants_context else fn(captured, resolved, calibration)
     result.notes.setdefault("resolved", resolved.to_dict())
     result.notes.setdefault("calibration", "none" if calibration is None else "given")
     return result

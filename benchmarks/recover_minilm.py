@@ -1,0 +1,138 @@
+"""Recovery by distillation (``Recover``) after calibrated structured pruning on all-MiniLM-L6-v2.
+
+For each target (global fraction of MACs removed) the dense encoder, captured with a dynamic batch and
+sequence length, is compressed with the refit recipe
+``StructuredPruning(ratio=r, criterion="fluctuation", allocation="sensitivity", reconstruct="all",
+residual=True, round_to=16)`` and then recovered with ``Recover`` (the original graph is the teacher;
+calibration: the packaged corpus, length-bucketed). Fidelity is measured on ``HELDOUT_SENTENCES`` (disjoint
+from the corpus): mean / min cosine of the mean-pooled sentence embeddings to the dense model's. Speed:
+torch eager, 1 thread, batch 1, seq 128, every model timed interleaved in one run (ratios only).
+
+Usage::
+
+    python benchmarks/recover_minilm.py --ratios 0.57 0.72 --budget 540
+    python benchmarks/recover_minilm.py --ratios 0.57 --save-pruned bench_out/pruned   # keep the refits
+    python benchmarks/recover_minilm.py --ratios 0.57 --pruned bench_out/pruned --variants block e2e both
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    import sparsecomp
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import sparsecomp
+
+from sparsecomp import Recover, StructuredPruning
+from sparsecomp.capture.export import Captured
+from sparsecomp.passes.base import PassContext, run_pass
+
+try:  # the MiniLM helpers move to sparsecomp.app in the relayout
+    from sparsecomp.app.metrics import count_macs, markdown_table, measure_latencies
+    from sparsecomp.app.models import (HELDOUT_SENTENCES, SentenceEncoder, calibration_corpus, encode_batch,
+                                       encoder_dynamic_shapes, length_batches, load_minilm, sentence_embeddings)
+except ImportError:
+    from sparsecomp.metrics import count_macs, markdown_table, measure_latencies
+    from sparsecomp.models import (HELDOUT_SENTENCES, SentenceEncoder, calibration_corpus, encode_batch,
+                                   encoder_dynamic_shapes, length_batches, load_minilm, sentence_embeddings)
+
+
+def recipe(ratio: float) -> StructuredPruning:
+    return StructuredPruning(ratio=ratio, criterion="fluctuation", allocation="sensitivity", reconstruct="all",
+                             residual=True, round_to=16)
+
+
+VARIANTS = {"block": dict(epochs=0), "e2e": dict(block_epochs=0), "both": {}}
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.57, 0.72])
+    ap.add_argument("--budget", type=float, default=540.0, help="Recover budget_s (wall seconds)")
+    ap.add_argument("--recover", default="{}", help="JSON of extra Recover fields")
+    ap.add_argument("--variants", nargs="+", default=["both"], choices=sorted(VARIANTS))
+    ap.add_argument("--pruned", default=None, help="load the refit models saved by --save-pruned from this folder")
+    ap.add_argument("--save-pruned", default=None, help="save the refit models (.pt2) in this folder")
+    ap.add_argument("--threads", type=int, default=1, help="threads for the latency measurement")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ns = ap.parse_args(argv)
+
+    hf, tok = load_minilm()
+    enc = SentenceEncoder(hf).eval()
+    example = encode_batch(tok, HELDOUT_SENTENCES[0], seq_len=128)
+    captured = sparsecomp.capture(enc, (example[0].repeat(2, 1), example[1].repeat(2, 1)),
+                                  dynamic_shapes=encoder_dynamic_shapes(max_seq=512))
+    calibration = length_batches(tok, list(calibration_corpus()), batch_size=32, max_len=128)
+    ev_ids, ev_mask = encode_batch(tok, HELDOUT_SENTENCES, seq_len=128)
+    with torch.no_grad():
+        ref = sentence_embeddings(enc(ev_ids, ev_mask), ev_mask)
+
+    def cosine(module: torch.nn.Module) -> tuple[float, float]:
+        with torch.no_grad():
+            emb = sentence_embeddings(module(ev_ids, ev_mask), ev_mask)
+        cos = (emb * ref).sum(1)
+        return float(cos.mean()), float(cos.min())
+
+    models: dict[str, torch.nn.Module] = {"dense": captured.module}
+    rows: list[dict[str, Any]] = [{"config": "dense", "cosine": 1.0, "min_cosine": 1.0}]
+    extra = json.loads(ns.recover)
+    for r in ns.ratios:
+        path = Path(ns.pruned or ".") / f"pruned_{r:.2f}.pt2"
+        t0 = time.perf_counter()
+        if ns.pruned:
+            ep = torch.export.load(str(path))
+            refit = Captured(ep.module(), ep, captured.example_args, captured.example_kwargs, captured.dynamic_shapes)
+        else:
+            refit = run_pass(captured, recipe(r), calibration).captured
+            if ns.save_pruned:
+                Path(ns.save_pruned).mkdir(parents=True, exist_ok=True)
+                torch.export.save(refit.exported, str(Path(ns.save_pruned) / path.name))
+        name = f"{r:.2f} refit"
+        models[name] = refit.module
+        rows.append({"config": name, "ratio": r, "seconds": time.perf_counter() - t0, **dict(zip(("cosine", "min_cosine"), cosine(refit.module)))})
+        print(f"{name}: cosine {rows[-1]['cosine']:.4f}", file=sys.stderr, flush=True)
+        for variant in ns.variants:
+            cfg = Recover(**{"budget_s": ns.budget, "progress": True, **VARIANTS[variant], **extra})
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = run_pass(refit, cfg, calibration, PassContext(original=captured))
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            vname = f"{r:.2f} recover {variant}"
+            models[vname] = res.captured.module
+            mean, lo = cosine(res.captured.module)
+            rows.append({"config": vname, "ratio": r, "recover": cfg.to_dict(), "seconds": wall, "cpu_seconds": cpu,
+                         "cosine": mean, "min_cosine": lo, "phases": res.report})
+            print(f"{vname}: cosine {mean:.4f} (min {lo:.3f}) in {wall:.0f} s wall / {cpu:.0f} s CPU; "
+                  + "; ".join(f"{p['phase']}: {p.get('val_loss', p.get('skipped'))}" for p in res.report),
+                  file=sys.stderr, flush=True)
+    if not ns.no_latency:
+        lat = measure_latencies(models, example, threads=ns.threads, rounds=ns.rounds, min_time=0.5)
+        dense_ms, dense_macs = lat["dense"].median_ms, count_macs(captured.module, example)
+        for row in rows:
+            row["speedup"] = dense_ms / lat[row["config"]].median_ms
+            row["mac_reduction"] = dense_macs / count_macs(models[row["config"]], example)
+    header = ["model", "MAC reduction", f"speedup (torch, {ns.threads} thread, batch 1, seq 128)",
+              "held-out cosine (mean / min)", "recovery wall / CPU s"]
+    body = [[row["config"], f"{row.get('mac_reduction', float('nan')):.2f}x", f"{row.get('speedup', float('nan')):.2f}x",
+             f"{row['cosine']:.4f} / {row['min_cosine']:.3f}",
+             f"{row['seconds']:.0f} / {row['cpu_seconds']:.0f}" if "cpu_seconds" in row else "-"] for row in rows]
+    print(markdown_table(header, body, text_columns=1))
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(json.dumps(rows, indent=2, default=str))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

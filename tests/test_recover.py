@@ -1,0 +1,185 @@
+"""Recover: distillation of a compressed graph from the original one (tiny models, seconds each)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sparsecomp
+from sparsecomp import ConfigError, LowRank, Recover, Sparsify, StructuredPruning
+from sparsecomp.capture import capture
+from sparsecomp.config import config_from_dict
+from sparsecomp.passes.base import PassContext, run_pass
+from sparsecomp.passes.recover import corresponding_blocks
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class ResMLP(nn.Module):
+    """Residual blocks over a fixed-width stream (the LayerNorms keep it unpruned, as in a transformer)."""
+
+    def __init__(self, d_in: int = 8, d: int = 16, h: int = 48, depth: int = 3, d_out: int = 4) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.blocks = nn.ModuleList(Block(d, h) for _ in range(depth))
+        self.out = nn.Linear(d, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.out(x)
+
+
+def _teacher() -> ResMLP:
+    torch.manual_seed(0)
+    return ResMLP().eval()
+
+
+def _data(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(32, 8, generator=g) for _ in range(n)]
+
+
+def _rel_error(model, teacher, xs) -> float:
+    with torch.no_grad():
+        num = sum(float(((model(x) - teacher(x)) ** 2).sum()) for x in xs)
+        den = sum(float((teacher(x) ** 2).sum()) for x in xs)
+    return num / den
+
+
+def _report(model):
+    return next(r for r in model.sparsecomp_report if r["pass"] == "Recover")["layers"]
+
+
+FAST = dict(block_epochs=3, epochs=10, lr=3e-3, batch_size=16, eval_every=4, patience=20)
+
+
+def test_config_validation_and_round_trip(tmp_path):
+    cfg = Recover(epochs=2, block_epochs=1, budget_s=60, augment=["crop", "concat"], output_loss="cosine")
+    assert cfg.augment == ("crop", "concat")
+    assert config_from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(Exception):
+        cfg.lr = 1.0
+    for bad in (dict(lr=0), dict(output_loss="l1"), dict(schedule="step"), dict(augment=("flip",)),
+                dict(val_fraction=1.0), dict(batch_size=0), dict(epochs=0, block_epochs=0), dict(budget_s=-1),
+                dict(warmup=1.0)):
+        with pytest.raises(ConfigError):
+            Recover(**bad)
+
+
+def test_blocks_found_from_the_graphs():
+    teacher = _teacher()
+    x = torch.randn(4, 8)
+    cap = capture(teacher, (x,))
+    pruned = run_pass(cap, StructuredPruning(ratio=0.5)).captured
+    blocks, reason = corresponding_blocks(pruned.module, cap.module)
+    assert blocks == ["blocks.0", "blocks.1", "blocks.2"] and reason == ""
+    # a plain MLP has no chain of corresponding blocks: the block phase is skipped with the reason
+    mlp = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    c2 = capture(mlp, (x,))
+    blocks, reason = corresponding_blocks(run_pass(c2, StructuredPruning(ratio=0.5)).captured.module, c2.module)
+    assert blocks == [] and "no chain" in reason
+
+
+def test_recovers_toward_the_teacher():
+    teacher = _teacher()
+    calib, held_out = _data(8, 1), _data(4, 2)
+    x = calib[0][:2]
+    refit = sparsecomp.compress(teacher, (x,), StructuredPruning(ratio=0.6), calibration=calib)
+    rec = sparsecomp.compress(teacher, (x,), [StructuredPruning(ratio=0.6), Recover(**FAST)], calibration=calib)
+    report = _report(rec)
+    start, blockwise, e2e, result = report
+    assert blockwise["phase"] == "block-wise" and blockwise["val_loss"] < start["val_loss"]
+    assert result["val_loss"] < 0.5 * result["val_loss_start"]
+    assert _rel_error(rec, teacher, held_out) < 0.5 * _rel_error(refit, teacher, held_out)
+    assert teacher.blocks[0].up.weight.shape == (48, 16)  # the user's model is untouched
+    w = "blocks.0.up.weight"
+    assert rec.get_parameter(w).shape == refit.get_parameter(w).shape  # pruned widths stay
+
+
+@pytest.mark.parametrize("cfg", [
+    Sparsify(sparsity=0.6, cost_model="never"),
+    Sparsify(sparsity=0.6, cost_model="always"),
+    Sparsify(sparsity=0.5, pattern="block", block=(4, 4), cost_model="always"),
+    Sparsify(pattern="n:m", n=2, m=4, cost_model="always"),
+], ids=["masked-dense", "csr", "bsr4x4", "nm2:4"])
+def test_sparse_patterns_are_kept_exactly(cfg):
+    teacher = _teacher()
+    calib = _data(6, 1)
+    x = calib[0][:2]
+    sparse = sparsecomp.compress(teacher, (x,), cfg, calibration=calib)
+    rec = sparsecomp.compress(teacher, (x,), [cfg, Recover(**FAST)], calibration=calib)
+    before = dict(sparse.named_buffers()) | dict(sparse.named_parameters())
+    after = dict(rec.named_buffers()) | dict(rec.named_parameters())
+    assert before.keys() == after.keys()
+    changed = 0
+    for name, t in before.items():
+        a = after[name]
+        assert a.shape == t.shape and a.dtype == t.dtype, name
+        if not t.is_floating_point():  # index arrays of the packed formats
+            assert torch.equal(a, t), name
+        elif t.dim() >= 2 or "values" in name:
+            assert torch.equal(a == 0, t == 0), name  # the zero pattern (mask) is exactly the same
+        changed += not torch.equal(a, t)
+    assert changed > 0
+    assert _rel_error(rec, teacher, _data(4, 2)) < _rel_error(sparse, teacher, _data(4, 2))
+
+
+def test_low_rank_stays_factored():
+    teacher = _teacher()
+    calib = _data(6, 1)
+    x = calib[0][:2]
+    cfg = LowRank(rank_ratio=0.25, cost_model=False)
+    low = sparsecomp.compress(teacher, (x,), cfg, calibration=calib)
+    rec = sparsecomp.compress(teacher, (x,), [cfg, Recover(**FAST)], calibration=calib)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.named_parameters()}  # noqa: E731
+    assert any(k.endswith("_lr_a") for k in shapes(low))
+    assert shapes(rec) == shapes(low)
+    assert _rel_error(rec, teacher, _data(4, 2)) < _rel_error(low, teacher, _data(4, 2))
+
+
+def test_early_stopping_keeps_the_better_model():
+    teacher = _teacher()
+    calib = _data(6, 1)
+    x = calib[0][:2]
+    pruned = sparsecomp.compress(teacher, (x,), StructuredPruning(ratio=0.5), calibration=calib)
+    bad = Recover(block_epochs=0, epochs=5, lr=5.0, eval_every=1, patience=2, warmup=0.0)
+    rec = sparsecomp.compress(teacher, (x,), [StructuredPruning(ratio=0.5), bad], calibration=calib)
+    *_, e2e, result = _report(rec)
+    assert e2e["early_stopped"] and e2e["steps"] == 2
+    assert "starting weights" in result["kept"]
+    for (k, a), (_, b) in zip(sorted(rec.state_dict().items()), sorted(pruned.state_dict().items())):
+        assert torch.equal(a, b), k
+
+
+def test_deterministic_with_a_seed():
+    teacher = _teacher()
+    calib = _data(6, 1)
+    x = calib[0][:2]
+    cfgs = lambda seed: [StructuredPruning(ratio=0.5), Recover(**FAST, seed=seed)]  # noqa: E731
+    a = sparsecomp.compress(teacher, (x,), cfgs(0), calibration=calib).state_dict()
+    b = sparsecomp.compress(teacher, (x,), cfgs(0), calibration=calib).state_dict()
+    c = sparsecomp.compress(teacher, (x,), cfgs(1), calibration=calib).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_needs_the_teacher_and_data():
+    cap = capture(_teacher(), (torch.randn(2, 8),))
+    with pytest.raises(sparsecomp.PassError, match="teacher"):
+        run_pass(cap, Recover(), _data(2, 1))
+    with pytest.raises(sparsecomp.PassError, match="calibration"):
+        run_pass(cap, Recover(), None, PassContext(original=cap))
