@@ -64,10 +64,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--pruned", default=None, help="load the refit models saved by --save-pruned from this folder")
     ap.add_argument("--save-pruned", default=None, help="save the refit models (.pt2) in this folder")
     ap.add_argument("--threads", type=int, default=1, help="threads for the latency measurement")
+    ap.add_argument("--train-threads", type=int, default=0, help="torch threads while compressing and recovering (0: default)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ns = ap.parse_args(argv)
+    if ns.train_threads:
+        torch.set_num_threads(ns.train_threads)
 
     hf, tok = load_minilm()
     enc = SentenceEncoder(hf).eval()

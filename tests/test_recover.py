@@ -64,6 +64,19 @@ def _report(model):
     return next(r for r in model.sparsecomp_report if r["pass"] == "Recover")["layers"]
 
 
+@pytest.fixture(scope="module")
+def teacher_capture():
+    teacher = _teacher()
+    return teacher, capture(teacher, (_data(1, 1)[0][:2],))
+
+
+def _compress_then_recover(cap, cfg, calib, recover):
+    """(compressed module, recovered module, Recover's report), the first pass run once."""
+    small = run_pass(cap, cfg, calib).captured
+    res = run_pass(small, recover, calib, PassContext(original=cap))
+    return small.module, res.captured.module, res.report
+
+
 FAST = dict(block_epochs=3, epochs=10, lr=3e-3, batch_size=16, eval_every=4, patience=20)
 
 
@@ -94,12 +107,11 @@ def test_blocks_found_from_the_graphs():
     assert blocks == [] and "no chain" in reason
 
 
-def test_recovers_toward_the_teacher():
-    teacher = _teacher()
+def test_recovers_toward_the_teacher(teacher_capture):
+    teacher, cap = teacher_capture
     calib, held_out = _data(8, 1), _data(4, 2)
-    x = calib[0][:2]
-    refit = sparsecomp.compress(teacher, (x,), StructuredPruning(ratio=0.6), calibration=calib)
-    rec = sparsecomp.compress(teacher, (x,), [StructuredPruning(ratio=0.6), Recover(**FAST)], calibration=calib)
+    refit = run_pass(cap, StructuredPruning(ratio=0.6), calib).captured.module
+    rec = sparsecomp.compress(cap, None, [StructuredPruning(ratio=0.6), Recover(**FAST)], calibration=calib)
     report = _report(rec)
     start, blockwise, e2e, result = report
     assert blockwise["phase"] == "block-wise" and blockwise["val_loss"] < start["val_loss"]
@@ -116,12 +128,10 @@ def test_recovers_toward_the_teacher():
     Sparsify(sparsity=0.5, pattern="block", block=(4, 4), cost_model="always"),
     Sparsify(pattern="n:m", n=2, m=4, cost_model="always"),
 ], ids=["masked-dense", "csr", "bsr4x4", "nm2:4"])
-def test_sparse_patterns_are_kept_exactly(cfg):
-    teacher = _teacher()
+def test_sparse_patterns_are_kept_exactly(cfg, teacher_capture):
+    teacher, cap = teacher_capture
     calib = _data(6, 1)
-    x = calib[0][:2]
-    sparse = sparsecomp.compress(teacher, (x,), cfg, calibration=calib)
-    rec = sparsecomp.compress(teacher, (x,), [cfg, Recover(**FAST)], calibration=calib)
+    sparse, rec, _ = _compress_then_recover(cap, cfg, calib, Recover(**FAST))
     before = dict(sparse.named_buffers()) | dict(sparse.named_parameters())
     after = dict(rec.named_buffers()) | dict(rec.named_parameters())
     assert before.keys() == after.keys()
@@ -138,41 +148,34 @@ def test_sparse_patterns_are_kept_exactly(cfg):
     assert _rel_error(rec, teacher, _data(4, 2)) < _rel_error(sparse, teacher, _data(4, 2))
 
 
-def test_low_rank_stays_factored():
-    teacher = _teacher()
-    calib = _data(6, 1)
-    x = calib[0][:2]
-    cfg = LowRank(rank_ratio=0.25, cost_model=False)
-    low = sparsecomp.compress(teacher, (x,), cfg, calibration=calib)
-    rec = sparsecomp.compress(teacher, (x,), [cfg, Recover(**FAST)], calibration=calib)
+def test_low_rank_stays_factored(teacher_capture):
+    teacher, cap = teacher_capture
+    low, rec, _ = _compress_then_recover(cap, LowRank(rank_ratio=0.25, cost_model=False), _data(6, 1),
+                                         Recover(**FAST))
     shapes = lambda m: {k: tuple(v.shape) for k, v in m.named_parameters()}  # noqa: E731
     assert any(k.endswith("_lr_a") for k in shapes(low))
     assert shapes(rec) == shapes(low)
     assert _rel_error(rec, teacher, _data(4, 2)) < _rel_error(low, teacher, _data(4, 2))
 
 
-def test_early_stopping_keeps_the_better_model():
-    teacher = _teacher()
-    calib = _data(6, 1)
-    x = calib[0][:2]
-    pruned = sparsecomp.compress(teacher, (x,), StructuredPruning(ratio=0.5), calibration=calib)
+def test_early_stopping_keeps_the_better_model(teacher_capture):
+    _, cap = teacher_capture
     bad = Recover(block_epochs=0, epochs=5, lr=5.0, eval_every=1, patience=2, warmup=0.0)
-    rec = sparsecomp.compress(teacher, (x,), [StructuredPruning(ratio=0.5), bad], calibration=calib)
-    *_, e2e, result = _report(rec)
+    pruned, rec, report = _compress_then_recover(cap, StructuredPruning(ratio=0.5), _data(6, 1), bad)
+    *_, e2e, result = report
     assert e2e["early_stopped"] and e2e["steps"] == 2
     assert "starting weights" in result["kept"]
-    for (k, a), (_, b) in zip(sorted(rec.state_dict().items()), sorted(pruned.state_dict().items())):
-        assert torch.equal(a, b), k
+    assert rec is pruned  # the refit itself comes back
 
 
-def test_deterministic_with_a_seed():
-    teacher = _teacher()
-    calib = _data(6, 1)
-    x = calib[0][:2]
-    cfgs = lambda seed: [StructuredPruning(ratio=0.5), Recover(**FAST, seed=seed)]  # noqa: E731
-    a = sparsecomp.compress(teacher, (x,), cfgs(0), calibration=calib).state_dict()
-    b = sparsecomp.compress(teacher, (x,), cfgs(0), calibration=calib).state_dict()
-    c = sparsecomp.compress(teacher, (x,), cfgs(1), calibration=calib).state_dict()
+def test_deterministic_with_a_seed(teacher_capture):
+    _, cap = teacher_capture
+    calib = _data(4, 1)
+    small = run_pass(cap, StructuredPruning(ratio=0.5), calib).captured
+    fast = dict(FAST, block_epochs=1, epochs=3)
+    run = lambda seed: run_pass(small, Recover(**fast, seed=seed), calib,  # noqa: E731
+                                PassContext(original=cap)).captured.module.state_dict()
+    a, b, c = run(0), run(0), run(1)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
