@@ -58,7 +58,7 @@ VARIANTS = {"block": dict(epochs=0), "e2e": dict(block_epochs=0), "both": {}}
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.57, 0.72])
-    ap.add_argument("--budget", type=float, default=540.0, help="Recover budget_s (wall seconds)")
+    ap.add_argument("--budget", type=float, default=540.0, help="Recover budget_s (wall seconds; 0: none, the epochs bound it)")
     ap.add_argument("--recover", default="{}", help="JSON of extra Recover fields")
     ap.add_argument("--variants", nargs="+", default=["both"], choices=sorted(VARIANTS))
     ap.add_argument("--pruned", default=None, help="load the refit models saved by --save-pruned from this folder")
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append({"config": name, "ratio": r, "seconds": time.perf_counter() - t0, **dict(zip(("cosine", "min_cosine"), cosine(refit.module)))})
         print(f"{name}: cosine {rows[-1]['cosine']:.4f}", file=sys.stderr, flush=True)
         for variant in ns.variants:
-            cfg = Recover(**{"budget_s": ns.budget, "progress": True, **VARIANTS[variant], **extra})
+            cfg = Recover(**{"budget_s": ns.budget or None, "progress": True, **VARIANTS[variant], **extra})
             t0, c0 = time.perf_counter(), time.process_time()
             res = run_pass(refit, cfg, calibration, PassContext(original=captured))
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0

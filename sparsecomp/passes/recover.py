@@ -704,7 +704,7 @@ def run_recover(captured: Captured, cfg: Recover, calibration: Any = None,
         fill_cache()
         ph_deadline = phase_deadline(0)
         per_block = cfg.block_epochs * steps_per_epoch
-        score = best.score
+        block_steps = []
         for k, path in enumerate(blocks):
             cut = s_out[blocks[k - 1]] if k > 0 else None
             module = training_module(gm, [s_out[path]], cut=cut)
@@ -734,10 +734,11 @@ def run_recover(captured: Captured, cfg: Recover, calibration: Any = None,
                     trainer.step(relative_mse(got, target, mask_of(flat)))
                     next(it, None)
             trainer.close()
+            block_steps.append(trainer.step_count)
         score = validate()
         improved = best.offer(score, "block-wise")
         report.append({"phase": "block-wise", "val_loss": score, "kept": improved, "blocks": len(blocks),
-                       "steps_per_block": int(per_block), "seconds": time.perf_counter() - t0,
+                       "steps_per_block": block_steps, "seconds": time.perf_counter() - t0,
                        "cpu_seconds": time.process_time() - c0})
         if not improved:
             best.restore()
