@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         recovered = sparsecomp.compress(model, example, [prune, rec], calibration=calibration)
         rep = recovered.sparsecomp_report[-1]["layers"]
-        macs = sparsecomp.metrics.count_macs if hasattr(sparsecomp, "metrics") else None
         print(f"ratio {ns.ratio} {'refit' if refit else 'no refit'}: {accuracy(small, x_test, y_test):.2f}% -> "
               f"recovered {accuracy(recovered, x_test, y_test):.2f}% (compress + recover {time.perf_counter() - t0:.0f} s "
               f"wall, {time.process_time() - c0:.0f} s CPU; val KL {rep[0]['val_loss']:.4f} -> {rep[-1]['val_loss']:.4f})")
