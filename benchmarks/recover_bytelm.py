@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     cap = sparsecomp.capture(lm, example)
     ppl = lambda m: bytelm.perplexity(m, "heldout", seq_len=ns.seq, max_windows=64)  # noqa: E731
     print(f"dense: held-out perplexity {ppl(cap.module):.3f}", flush=True)
-    prune = StructuredPruning(ratio=ns.ratio, criterion="fluctuation", allocation="sensitivity", reconstruct="all",
+    prune = StructuredPruning(mac_ratio=ns.ratio, criterion="fluctuation", allocation="sensitivity", reconstruct="all",
                               residual=True)
     t0 = time.perf_counter()
     refit = run_pass(cap, prune, calibration).captured

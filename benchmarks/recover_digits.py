@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     rec = Recover(epochs=ns.epochs, lr=ns.lr, output_loss="kl", batch_size=32, eval_every=20, patience=8)
     print(f"dense: {accuracy(model, x_test, y_test):.2f}%")
     for refit in (False, True):
-        prune = StructuredPruning(ratio=ns.ratio, criterion="fluctuation", allocation="global", reconstruct=refit)
+        prune = StructuredPruning(mac_ratio=ns.ratio, criterion="fluctuation", allocation="global", reconstruct=refit)
         small = sparsecomp.compress(model, example, prune, calibration=calibration)
         t0, c0 = time.perf_counter(), time.process_time()
         recovered = sparsecomp.compress(model, example, [prune, rec], calibration=calibration)

@@ -48,7 +48,7 @@ except ImportError:
 
 
 def recipe(ratio: float) -> StructuredPruning:
-    return StructuredPruning(ratio=ratio, criterion="fluctuation", allocation="sensitivity", reconstruct="all",
+    return StructuredPruning(mac_ratio=ratio, criterion="fluctuation", allocation="sensitivity", reconstruct="all",
                              residual=True, round_to=16)
 
 
