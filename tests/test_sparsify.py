@@ -14,7 +14,7 @@ import sparsecomp
 from sparsecomp.passes.sparsify import cost_model
 from sparsecomp.config import config_from_dict, load_recipe
 from sparsecomp.errors import ConfigError
-from sparsecomp.graph.context import get_attr
+from sparsecomp.graph.attrs import get_attr
 from sparsecomp.passes.sparsify import (
     SPARSE_OPS,
     Sparsify,

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from .data import observe
-from ..graph.context import get_attr
+from ..graph.attrs import get_attr
 from ..graph.depgraph import DependencyGraph, Group
 from .reconstruct import Moments, obs_profile, refittable, token_rows
 

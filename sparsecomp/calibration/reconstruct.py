@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .data import progress_bar
 from ..errors import PassError
+from ..graph.attrs import get_attr, set_tensor
 
 aten = torch.ops.aten
 REFITTABLE = (aten.linear.default, aten.conv2d.default)
@@ -412,28 +413,6 @@ def residual_add(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
-def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
-    """The parameter/buffer at dotted path ``target``."""
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set_param(gm: torch.nn.Module, target: str, value: torch.Tensor) -> torch.Tensor:
-    path, _, leaf = target.rpartition(".")
-    owner = get_tensor(gm, path) if path else gm
-    old = getattr(owner, leaf)
-    value = value.to(old.dtype).reshape(old.shape).contiguous()
-    if isinstance(old, torch.nn.Parameter):
-        new = torch.nn.Parameter(value, requires_grad=old.requires_grad)
-        owner._parameters[leaf] = new
-    else:
-        setattr(owner, leaf, value)
-        new = value
-    return new
-
-
 def sequential_refit(
     dense: fx.GraphModule,
     compressed: fx.GraphModule,
@@ -488,7 +467,7 @@ def sequential_refit(
                 raise PassError("reconstruction", f"node {node.name} not reached in the compressed graph")
             c_run.step()
         if why is None and memory_budget is not None:
-            w_shape = get_tensor(compressed, wt).shape
+            w_shape = get_attr(compressed, wt).shape
             need = gram_bytes(int(np.prod(w_shape[1:])) + 1, (n_folds if damp == "cv" else 1) + 1)
             if need > memory_budget:
                 why = (f"over memory_budget: its {int(np.prod(w_shape[1:]))}-input Gram matrices need "
@@ -517,9 +496,9 @@ def sequential_refit(
                     sums = outs
             ys = [s - r for s, r in zip(sums, c_run.values(c_add[1]))]
         keep_t = None if keep is None else torch.as_tensor(np.asarray(keep), dtype=torch.long)
-        w_param = get_tensor(compressed, wt)
+        w_param = get_attr(compressed, wt)
         b_node = bias_node(node)
-        b_param = None if b_node is None else get_tensor(compressed, b_node.target)
+        b_param = None if b_node is None else get_attr(compressed, b_node.target)
         folds: list[Moments] = []
         for x, y, m in zip(c_run.values(node.args[0]), ys, masks):
             xr = input_rows(node, x, m)
@@ -535,10 +514,10 @@ def sequential_refit(
         w_new, b_new = refit(mom, damp=d_use, bias=b_param is not None, prior=w_old)
         after = output_error(mom, w_new, b_new)
         if after < before * (1 - MIN_GAIN) and all(torch.isfinite(t).all() for t in (w_new, b_new) if t is not None):
-            new_w = _set_param(compressed, wt, w_new)
+            new_w = set_tensor(compressed, wt, w_new)
             c_run.set_value(node.args[1], new_w)
             if b_param is not None:
-                c_run.set_value(b_node, _set_param(compressed, b_node.target, b_new))
+                c_run.set_value(b_node, set_tensor(compressed, b_node.target, b_new))
             records.append(RefitRecord(wt, mom.n, before, after, True, damp=d_use))
         else:
             records.append(RefitRecord(wt, mom.n, before, before, False, "no improvement", d_use))

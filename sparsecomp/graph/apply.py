@@ -6,8 +6,6 @@ equivalence check compares against: removing a group must compute exactly what z
 
 from __future__ import annotations
 
-import copy
-import warnings as _warnings
 from typing import Iterable
 
 import numpy as np
@@ -16,23 +14,9 @@ import torch.fx as fx
 
 from ..capture.export import Captured
 from ..errors import PassError
-from .context import RewriteContext, get_attr
+from .attrs import deepcopy, owner_of, replace_tensor
+from .context import RewriteContext
 from .depgraph import DependencyGraph
-
-
-def _get(mod: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str, torch.Tensor]:
-    path, _, leaf = target.rpartition(".")
-    owner = get_attr(mod, path) if path else mod
-    return owner, leaf, getattr(owner, leaf)
-
-
-def _set(owner: torch.nn.Module, leaf: str, old: torch.Tensor, new: torch.Tensor) -> None:
-    if isinstance(old, torch.nn.Parameter):
-        owner._parameters[leaf] = torch.nn.Parameter(new, requires_grad=old.requires_grad)
-    elif leaf in owner._buffers:
-        owner._buffers[leaf] = new
-    else:
-        setattr(owner, leaf, new)
 
 
 class _TranslatingRewriteContext(RewriteContext):
@@ -56,7 +40,7 @@ class _TranslatingRewriteContext(RewriteContext):
 
 
 def _copy_with_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    new = _deepcopy(gm)
+    new = deepcopy(gm)
     by_name = {n.name: n for n in gm.graph.nodes}
     return new, {n: by_name[n.name] for n in new.graph.nodes}
 
@@ -75,14 +59,15 @@ def prune(dg: DependencyGraph, removed: Iterable[int], pass_name: str = "Structu
     if removed:
         rw = _TranslatingRewriteContext(dg.rewrite_context(removed), orig)
         for target, idx in dg.param_keep_indices(removed).items():
-            owner, leaf, old = _get(gm, target)
+            owner, leaf = owner_of(gm, target)
+            old = getattr(owner, leaf)
             new = old.detach()
             for d, keep in enumerate(idx):
                 if keep is not None:
                     if len(keep) == 0:
                         raise PassError(pass_name, f"all of dim {d} of {target} would be removed")
                     new = new.index_select(d, torch.as_tensor(keep, dtype=torch.long))
-            _set(owner, leaf, old, new.contiguous())
+            replace_tensor(owner, leaf, old, new.contiguous())
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
@@ -103,18 +88,12 @@ def zeroed(dg: DependencyGraph, removed: Iterable[int]) -> fx.GraphModule:
     """A copy of the captured model with every parameter index owned by ``removed`` units set to zero."""
     gm, _ = _copy_with_map(dg.captured.module)
     for target, idx in dg.param_keep_indices(removed).items():
-        owner, leaf, old = _get(gm, target)
+        owner, leaf = owner_of(gm, target)
+        old = getattr(owner, leaf)
         new = old.detach().clone()
         for d, keep in enumerate(idx):
             if keep is not None:
                 drop = np.setdiff1d(np.arange(new.shape[d]), keep)
                 new.index_fill_(d, torch.as_tensor(drop, dtype=torch.long), 0)
-        _set(owner, leaf, old, new)
+        replace_tensor(owner, leaf, old, new)
     return gm
-
-
-def _deepcopy(obj):
-    """``copy.deepcopy`` without torch's pytree deprecation noise (emitted while copying GraphModules)."""
-    with _warnings.catch_warnings():
-        _warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(obj)

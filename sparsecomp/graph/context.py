@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from ..capture.export import concrete_shape, is_symbolic
+from .attrs import get_attr
 from .labels import AtomTable
 
 Dims = list  # list[np.ndarray | None], one entry per tensor dim
@@ -148,14 +149,6 @@ class PropagationContext:
         """Record that ``node`` reduces input ``x`` along ``x_dim`` against ``weight`` dim ``w_dim``."""
         if self.param_target(weight) is not None and isinstance(x, fx.Node):
             self.consumers.append((node, x, x_dim, weight.target, w_dim))
-
-
-def get_attr(gm: torch.nn.Module, target: str) -> Any:
-    """The attribute at dotted path ``target`` of ``gm`` (a parameter, buffer or constant)."""
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def tensor_args(node: fx.Node) -> Iterable[fx.Node]:

@@ -25,13 +25,13 @@ from ..calibration.data import collect_moments, flat_batches, iter_batches, obse
 from ..capture.export import Captured
 from ..config import PassConfig, register_config
 from ..errors import ConfigError
-from ..graph.apply import _deepcopy, prune
+from ..graph.apply import prune
 from ..graph.depgraph import DependencyGraph, Group
 from ..graph.registry import OpRule
-from ..graph.context import get_attr
+from ..graph.attrs import deepcopy, get_attr
 from ..calibration.importance import (allocate, group_consumers, group_profile, mac_model, output_rows_error, removed_macs,
                           unit_macs)
-from ..calibration.reconstruct import damping, format_bytes, get_tensor, gram_bytes, solve_psd, refittable, sequential_refit, weight_target
+from ..calibration.reconstruct import damping, format_bytes, gram_bytes, solve_psd, refittable, sequential_refit, weight_target
 from .base import PassResult, matches_pattern, register_pass
 
 CRITERIA = ("auto", "l1", "l2", "random", "taylor", "activation", "fluctuation", "reconstruction")
@@ -388,7 +388,7 @@ def _sensitivity(dg: DependencyGraph, profiles: list, counts: dict[int, int], ca
     """Scale each profile by (model output error) / (predicted local error), measured with one probe per
     group: the group's first units zeroed (equivalent to removing them) and its consumers refit."""
 
-    work = _deepcopy(dg.captured.module)
+    work = deepcopy(dg.captured.module)
     batches, masks, n = [], [], 0
     for bt, m in zip(cal.batches, cal.masks):  # probes use the first PROBE_SAMPLES samples
         if n >= PROBE_SAMPLES:
@@ -418,7 +418,7 @@ def _sensitivity(dg: DependencyGraph, profiles: list, counts: dict[int, int], ca
         removed = set(prof.order[:k])
         saved: dict[str, torch.Tensor] = {}
         for target, idx in _group_keep_indices(dg, g, removed).items():
-            t = get_tensor(work, target)
+            t = get_attr(work, target)
             saved[target] = t.detach().clone()
             new = t.detach().clone()
             for d, keep in enumerate(idx):
@@ -431,11 +431,11 @@ def _sensitivity(dg: DependencyGraph, profiles: list, counts: dict[int, int], ca
             mom = cal.moments.get(node.name)
             if mom is None:
                 continue
-            w = get_tensor(work, node.args[1].target)
+            w = get_attr(work, node.args[1].target)
             bn = node.args[2] if len(node.args) > 2 else None
             if bn is None:
                 continue
-            b = get_tensor(work, bn.target)
+            b = get_attr(work, bn.target)
             saved.setdefault(bn.target, b.detach().clone())
             w0 = saved.get(node.args[1].target, w.detach()).double().reshape(w.shape[0], -1)
             drop = np.concatenate([cols[u] for u in removed if u in cols]) if removed & set(cols) else np.zeros(0, int)
@@ -447,7 +447,7 @@ def _sensitivity(dg: DependencyGraph, profiles: list, counts: dict[int, int], ca
         got = outputs(work)
         for target, t in saved.items():
             with torch.no_grad():
-                get_tensor(work, target).copy_(t)
+                get_attr(work, target).copy_(t)
         actual = output_rows_error(ref, got, masks)
         prof.scale = max(actual, 1e-12) / predicted
 
@@ -653,7 +653,7 @@ def _reconstruct(dg: DependencyGraph, pruned: Captured, removed: set[int], cfg: 
             return False
         return everything or weight_target(node) in touched_in
 
-    gm = _deepcopy(pruned.module)
+    gm = deepcopy(pruned.module)
     records = sequential_refit(dg.captured.module, gm, cal.batches, out_keep, select, cal.masks,
                                damp=cfg.damp, progress=cfg.progress, residual=cfg.residual,
                                memory_budget=cfg.memory_budget)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import warnings
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from ...calibration.data import iter_batches, observe
 from ...capture.export import Captured
 from ...errors import PassError
-from ...graph.context import get_attr
+from ...graph.attrs import deepcopy, free_name, get_attr
 from ..base import PassResult, matches_pattern, register_pass
 from .allocate import _Choice, _cost, _error, allocate_global
 from .config import LowRank
@@ -222,13 +221,6 @@ def _observe_inputs(gm: fx.GraphModule, layers: list[_Layer], captured: Captured
     return stats
 
 
-def _free_name(module: torch.nn.Module, base: str) -> str:
-    name, i = base, 1
-    while hasattr(module, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
 class _Decompositions:
     """``decs[node_name] -> (U, S, Vh, T)`` of the layer under ``cfg.method``, computed on first use (layers
     that the rank rule already leaves dense are never decomposed)."""
@@ -264,9 +256,9 @@ def _rewrite(gm: fx.GraphModule, layer: _Layer, A64: torch.Tensor, B64: torch.Te
 
     prefix, _, leaf = w_node.target.rpartition(".")
     owner = gm.get_submodule(prefix) if prefix else gm
-    a_name = _free_name(owner, f"{leaf}_lr_a")
+    a_name = free_name(owner, f"{leaf}_lr_a")
     owner.register_parameter(a_name, A)
-    b_name = _free_name(owner, f"{leaf}_lr_b")
+    b_name = free_name(owner, f"{leaf}_lr_b")
     owner.register_parameter(b_name, B)
     a_target = f"{prefix}.{a_name}" if prefix else a_name
     b_target = f"{prefix}.{b_name}" if prefix else b_name
@@ -308,7 +300,7 @@ def _not_faster(layer: _Layer, r: int, rows: float) -> str:
 def run_lowrank(captured: Captured, cfg: LowRank, calibration: Any = None) -> PassResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        gm = copy.deepcopy(captured.module)
+        gm = deepcopy(captured.module)
     todo, report = _candidates(gm, cfg)
     if not todo:
         return PassResult(captured, False, report, "LowRank")

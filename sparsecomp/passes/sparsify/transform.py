@@ -26,7 +26,6 @@ The sparse operators are inference kernels (no autograd); the packed tensors are
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import warnings
@@ -40,7 +39,7 @@ from ...calibration.data import iter_batches, observe
 from ...capture.export import Captured
 from ...config import PassConfig, register_config
 from ...errors import ConfigError
-from ...graph.context import get_attr
+from ...graph.attrs import deepcopy, free_name, get_attr, replace_tensor
 from ...ops import pack_bsr, pack_csr, pack_nm
 from ..base import PassResult, matches_pattern, register_pass
 
@@ -295,23 +294,6 @@ def _rows(node: fx.Node, batch_size: int) -> int:
     return cost_model.rows_per_call(tuple(val.shape[:-1]), batch_size)
 
 
-def _free_name(module: torch.nn.Module, base: str) -> str:
-    name, i = base, 1
-    while hasattr(module, name):
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
-def _replace_tensor(owner: torch.nn.Module, leaf: str, old: torch.Tensor, new: torch.Tensor) -> None:
-    """Store ``new`` under ``owner.leaf`` as the same kind of attribute as ``old`` (parameter, buffer, constant)."""
-    if isinstance(old, torch.nn.Parameter):
-        owner.register_parameter(leaf, torch.nn.Parameter(new, requires_grad=old.requires_grad))
-    elif leaf in owner._buffers:
-        owner.register_buffer(leaf, new, persistent=leaf not in owner._non_persistent_buffers_set)
-    else:
-        setattr(owner, leaf, new)
-
-
 def _pack(cfg: Sparsify, masked: torch.Tensor):
     if cfg.pattern == "unstructured":
         return pack_csr(masked)
@@ -343,7 +325,7 @@ def _rewrite_sparse(gm: fx.GraphModule, node: fx.Node, owner: torch.nn.Module, p
         tensors = {"crow": packed.crow_indices, "col": packed.col_indices, "values": packed.values}
     targets = {}
     for key, t in tensors.items():
-        name = _free_name(owner, f"{leaf}_{cfg.format}_{key}")
+        name = free_name(owner, f"{leaf}_{cfg.format}_{key}")
         owner.register_buffer(name, t.contiguous())
         targets[key] = f"{prefix}.{name}" if prefix else name
     x = node.args[0]
@@ -368,7 +350,7 @@ def _rewrite_sparse(gm: fx.GraphModule, node: fx.Node, owner: torch.nn.Module, p
 def run_sparsify(captured: Captured, cfg: Sparsify, calibration: Any = None) -> PassResult:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        gm = copy.deepcopy(captured.module)
+        gm = deepcopy(captured.module)
     todo, report = _candidates(gm, cfg)
     if not todo or cfg.target_sparsity == 0:
         return PassResult(captured, False, report, "Sparsify")
@@ -414,7 +396,7 @@ def run_sparsify(captured: Captured, cfg: Sparsify, calibration: Any = None) -> 
         prefix, _, leaf = w_node.target.rpartition(".")
         owner = gm.get_submodule(prefix) if prefix else gm
         if packed is None:
-            _replace_tensor(owner, leaf, weight, masked)
+            replace_tensor(owner, leaf, weight, masked)
         else:
             _rewrite_sparse(gm, node, owner, prefix, leaf, cfg, packed)
             if not w_node.users:
