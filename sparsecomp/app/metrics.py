@@ -6,8 +6,8 @@ The three measurements used throughout sparsecomp's reports:
   way for an eager ``nn.Module`` and for a ``torch.fx.GraphModule`` produced by
   ``torch.export`` (whose weights may live in buffers or plain constant
   attributes rather than in ``nn.Parameter`` objects).
-* :func:`count_macs` -- multiply-accumulates of one forward call, counted with
-  :class:`torch.utils.flop_counter.FlopCounterMode`.
+* :func:`count_macs` -- multiply-accumulates of one forward call (the one MAC model,
+  :mod:`sparsecomp.graph.macs`).
 * :func:`measure_latency` -- wall-clock latency statistics of a callable with a
   fixed intra-op thread count, under :func:`torch.inference_mode`.
 """
@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from ..graph.macs import count_macs
 
 __all__ = [
     "LatencyStats",
@@ -145,42 +146,6 @@ def _as_args(args: Any) -> tuple[Any, ...]:
         return tuple(args)
     return (args,)
 
-
-def count_macs(
-    module: Callable[..., Any],
-    args: Any,
-    kwargs: Mapping[str, Any] | None = None,
-) -> int:
-    """Count multiply-accumulates of one forward call.
-
-    Runs ``module(*args, **kwargs)`` once under
-    :class:`torch.utils.flop_counter.FlopCounterMode` and ``torch.no_grad`` and
-    returns ``total_flops // 2``. Only operators that FlopCounterMode knows
-    are counted: matrix multiplies (``mm``/``addmm``/``bmm``/``linear``),
-    convolutions and scaled-dot-product attention. Element-wise work
-    (activations, normalisation, softmax) is not included, which is the usual
-    convention for MAC counts.
-
-    Parameters
-    ----------
-    module : callable
-        An ``nn.Module`` (eager or GraphModule) or any callable running torch ops.
-    args : tuple or torch.Tensor
-        Positional inputs; a single tensor is accepted.
-    kwargs : mapping, optional
-        Keyword inputs.
-
-    Returns
-    -------
-    int
-        Number of MACs.
-    """
-    call_args = _as_args(args)
-    call_kwargs = dict(kwargs or {})
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(*call_args, **call_kwargs)
-    return int(counter.get_total_flops()) // 2
 
 
 # ---------------------------------------------------------------------------

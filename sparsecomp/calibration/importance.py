@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from .data import observe
 from ..graph.attrs import get_attr
+from ..graph.macs import WEIGHTED, node_macs
 from ..graph.depgraph import DependencyGraph, Group
 from .reconstruct import Moments, obs_profile, refittable, token_rows
 
@@ -68,47 +69,32 @@ def group_consumers(dg: DependencyGraph, group: Group) -> list[tuple[fx.Node, di
     return out
 
 
-def example_shapes(dg: DependencyGraph) -> dict[str, tuple[int, ...]]:
-    """Concrete output shapes (and sdpa query/key shapes) of linear, conv and attention nodes at the
-    capture's example inputs."""
-    cap = dg.captured
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def hook(node: fx.Node, value: Any, interp: Any) -> None:
-        if node.op == "call_function" and node.target in (aten.linear.default, aten.conv2d.default, SDPA):
-            shapes[node.name] = tuple(value.shape)
-            if node.target is SDPA:
-                shapes[node.name + ":k"] = tuple(interp.env[node.args[1]].shape)
-
-    observe(cap.module, cap.example_args, cap.example_kwargs, hook)
-    return shapes
-
-
 def mac_model(dg: DependencyGraph) -> tuple[dict[str, float], dict[str, float], float]:
-    """Per parameter: MACs per element of each linear/conv weight; per sdpa node: MACs per head; total."""
-    gm = dg.captured.module
-    shapes = example_shapes(dg)
+    """Per parameter: MACs per element of each weighted op's weight; per sdpa node: MACs per head; and the
+    total of those ops: the MACs that removing units can save (:mod:`sparsecomp.graph.macs` at the
+    capture's example inputs)."""
+    cap = dg.captured
+    gm = cap.module
     per_elem: dict[str, float] = {}
     per_head: dict[str, float] = {}
     total = 0.0
-    for n in gm.graph.nodes:
-        if n.op != "call_function" or n.name not in shapes:
-            continue
-        if n.target is SDPA:
-            b, h, tq, hd = shapes[n.name]
-            tk = shapes[n.name + ":k"][-2]
-            per_head[n.name] = 2.0 * b * tq * tk * hd
-            total += per_head[n.name] * h
-            continue
-        w = n.args[1]
+
+    def hook(node: fx.Node, value: Any, interp: Any) -> None:
+        nonlocal total
+        if node.op != "call_function" or not (node.target in WEIGHTED or node.target is SDPA):
+            return
+        macs = float(node_macs(node, lambda a: value if a is node else interp.env[a]))
+        if node.target is SDPA:
+            per_head[node.name] = macs / value.shape[1]
+            total += macs
+            return
+        w = node.args[WEIGHTED[node.target].weight]
         if not isinstance(w, fx.Node) or w.op != "get_attr":
-            continue
-        wt = get_attr(gm, w.target)
-        out = shapes[n.name]
-        cout = out[1] if n.target is aten.conv2d.default else out[-1]
-        positions = float(np.prod(out)) / max(cout, 1)
-        per_elem[w.target] = per_elem.get(w.target, 0.0) + positions
-        total += positions * wt.numel()
+            return
+        per_elem[w.target] = per_elem.get(w.target, 0.0) + macs / get_attr(gm, w.target).numel()
+        total += macs
+
+    observe(cap.module, cap.example_args, cap.example_kwargs, hook)
     return per_elem, per_head, total
 
 

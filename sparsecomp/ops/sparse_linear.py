@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
+from ..graph.macs import register_macs
 from .formats import BSRWeight, CSRWeight, NMWeight, PackedWeight, SparseFormatError, pack
 
 __all__ = [
@@ -349,18 +350,20 @@ def _nm_forward(x2, values, indices, n, m, in_features):
 # custom operators
 # --------------------------------------------------------------------------- #
 def _validate_csr(x, crow_indices, col_indices, values, bias, out_features, in_features) -> None:
-    """Shape/dtype checks shared by the CSR kernel and its fake."""
+    """Shape/dtype checks shared by the CSR kernel and its fake; returns ``out_features``."""
     op = "sparse_linear_csr"
     _check_linear_args(op, x, values, bias, out_features, in_features)
     _check_compressed_args(op, crow_indices, col_indices, values, out_features, 1)
+    return out_features
 
 
 def _validate_bsr(x, crow_indices, col_indices, values, bias, out_features, in_features, block_r, block_c) -> None:
-    """Shape/dtype checks shared by the BSR kernel and its fake."""
+    """Shape/dtype checks shared by the BSR kernel and its fake; returns ``out_features``."""
     op = "sparse_linear_bsr"
     _check_linear_args(op, x, values, bias, out_features, in_features)
     _check_block_args(op, values, out_features, in_features, block_r, block_c)
     _check_compressed_args(op, crow_indices, col_indices, values, out_features // block_r, 3)
+    return out_features
 
 
 def _validate_nm(x, values, indices, bias, n, m, in_features) -> int:
@@ -410,12 +413,6 @@ def sparse_linear_csr(
     )
 
 
-@sparse_linear_csr.register_fake
-def _(x, crow_indices, col_indices, values, bias, out_features, in_features):
-    _validate_csr(x, crow_indices, col_indices, values, bias, out_features, in_features)
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
 @torch.library.custom_op("sparsecomp::sparse_linear_bsr", mutates_args=())
 def sparse_linear_bsr(
     x: Tensor,
@@ -462,12 +459,6 @@ def sparse_linear_bsr(
     )
 
 
-@sparse_linear_bsr.register_fake
-def _(x, crow_indices, col_indices, values, bias, out_features, in_features, block_r, block_c):
-    _validate_bsr(x, crow_indices, col_indices, values, bias, out_features, in_features, block_r, block_c)
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
 @torch.library.custom_op("sparsecomp::sparse_linear_nm", mutates_args=())
 def sparse_linear_nm(
     x: Tensor,
@@ -510,33 +501,30 @@ def sparse_linear_nm(
     )
 
 
-@sparse_linear_nm.register_fake
-def _(x, values, indices, bias, n, m, in_features):
-    out_features = _validate_nm(x, values, indices, bias, n, m, in_features)
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
 # --------------------------------------------------------------------------- #
-# FLOP formulas: FlopCounterMode (sparsecomp.app.metrics.count_macs) counts the
-# multiply-adds actually done, 2 * rows * stored values (N:M padding included).
+# fake kernels (shape checks, output shape) and MAC / FLOP formulas: the
+# multiply-adds actually done, rows x stored values (N:M padding included)
 # --------------------------------------------------------------------------- #
-def _rows(x_shape) -> int:
-    return math.prod(x_shape[:-1])
+def _register_linear_op(op, validate, values_at: int, stored) -> None:
+    """Register ``op``'s fake kernel (``validate`` checks the call and returns ``out_features``) and its
+    MAC formula (:mod:`sparsecomp.graph.macs`) and FLOP formula (``FlopCounterMode``): rows of ``x``
+    times ``stored(values_shape)`` multiply-adds, ``values`` being argument ``values_at``."""
+
+    @op.register_fake
+    def _(x, *args):
+        return x.new_empty((*x.shape[:-1], validate(x, *args)))
+
+    register_macs(getattr(torch.ops.sparsecomp, op._name).default,
+                  lambda a, kw, out: math.prod(a[0].shape[:-1]) * stored(tuple(a[values_at].shape)))
+
+    @register_flop_formula(getattr(torch.ops.sparsecomp, op._name))
+    def _flops(x_shape, *shapes, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * stored(tuple(shapes[values_at - 1]))
 
 
-@register_flop_formula(torch.ops.sparsecomp.sparse_linear_csr)
-def _csr_flops(x_shape, crow_shape, col_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _rows(x_shape) * values_shape[0]
-
-
-@register_flop_formula(torch.ops.sparsecomp.sparse_linear_bsr)
-def _bsr_flops(x_shape, crow_shape, col_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _rows(x_shape) * math.prod(values_shape)
-
-
-@register_flop_formula(torch.ops.sparsecomp.sparse_linear_nm)
-def _nm_flops(x_shape, values_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _rows(x_shape) * math.prod(values_shape)
+_register_linear_op(sparse_linear_csr, _validate_csr, 3, lambda values_shape: values_shape[0])
+_register_linear_op(sparse_linear_bsr, _validate_bsr, 3, math.prod)
+_register_linear_op(sparse_linear_nm, _validate_nm, 1, math.prod)
 
 
 # --------------------------------------------------------------------------- #

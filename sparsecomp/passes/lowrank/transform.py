@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from ...calibration.data import iter_batches, observe
 from ...capture.export import Captured
 from ...errors import PassError
+from ...graph.macs import linear_macs
 from ...graph.attrs import deepcopy, free_name, get_attr
-from ..base import PassResult, matches_pattern, register_pass
+from ..base import PassResult, register_pass
+from ..candidates import weighted_nodes
 from .allocate import _Choice, _cost, _error, allocate_global
 from .config import LowRank
 from .factor import (_COST, asvd_scale, choose_rank, decompose, error_curve, factored_is_faster, factors_from,
@@ -109,33 +111,18 @@ def _candidates(gm: fx.GraphModule, cfg: LowRank) -> tuple[list[_Layer], list[di
     """Layers to factor, and report rows for the ones left dense."""
     todo: list[_Layer] = []
     skipped: list[dict] = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or len(node.args) < 2:
-            continue
-        is_linear = node.target is _LINEAR
-        conv = _conv_args(node)
-        if not is_linear and conv is None and node.target not in _TRANSPOSED:
-            continue
-        w = node.args[1]
-        if not isinstance(w, fx.Node) or w.op != "get_attr":
-            continue
-        try:
-            param = get_attr(gm, w.target)
-        except AttributeError:
-            continue
-        if not isinstance(param, torch.Tensor) or not param.is_floating_point():
-            continue
-        if is_linear:
+    for c in weighted_nodes(gm):
+        node, w, param = c.node, c.weight, c.param
+        if c.kind == "linear":
             if param.dim() != 2:
                 continue
             layer = _Layer(node, w, "linear", tuple(param.shape))
         else:
-            d = param.dim() - 2
-            layer = _Layer(node, w, f"conv{d}d", tuple(param.shape))
-            if node.target in _TRANSPOSED or conv[5]:
+            layer = _Layer(node, w, f"conv{param.dim() - 2}d", tuple(param.shape))
+            if c.kind == "conv_transpose":
                 skipped.append({**layer.row(), "skipped": "transposed convolution (not factored)"})
                 continue
-            d, stride, padding, dilation, groups, _ = conv
+            d, stride, padding, dilation, groups, _ = _conv_args(node)
             if groups != 1:
                 skipped.append({**layer.row(), "skipped": f"grouped convolution (groups={groups}; not factored)"})
                 continue
@@ -143,11 +130,11 @@ def _candidates(gm: fx.GraphModule, cfg: LowRank) -> tuple[list[_Layer], list[di
             layer.dilation = _ints(dilation, d, "dilation", node)
             layer.padding = _explicit_padding(padding, tuple(param.shape[2:]), layer.dilation, node, d)
         row = layer.row()
-        if any(matches_pattern(w.target, p) for p in cfg.ignore):
+        if c.ignored(cfg.ignore):
             skipped.append({**row, "skipped": "ignored"})
         elif min(layer.m, layer.n) < cfg.min_features:
             skipped.append({**row, "skipped": f"fewer than min_features={cfg.min_features} features"})
-        elif len(w.users) != 1:
+        elif c.shared:
             skipped.append({**row, "skipped": "weight shared with other ops"})
         else:
             todo.append(layer)
@@ -393,8 +380,11 @@ def _global_ranks(gm, layers, stats, decs, cfg: LowRank) -> tuple[dict[str, int]
             err = whitened_error_curve(S)
         else:
             err = error_curve(get_attr(gm, layer.w_node.target), U, S, Vh, T, stats[name].gram)
-        scale = rows if cfg.target == "macs" else 1.0
-        choices.append(_Choice(err, (m + n) * scale, m * n * scale, max_rank))
+        if cfg.target == "macs":  # a rank is one output of the thin op A and one input of B (graph/macs.py)
+            unit, dense = linear_macs(rows, m + n, 1), linear_macs(rows, m, n)
+        else:
+            unit, dense = m + n, m * n
+        choices.append(_Choice(err, unit, dense, max_rank))
         r = choose_rank(cfg, m, n)
         uniform.append(r if r <= max_rank else 0)
         chosen.append(layer)

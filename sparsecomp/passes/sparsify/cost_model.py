@@ -35,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Optional
 
+from ...graph.macs import linear_macs
+
 POLICIES = ("auto", "always", "never")
 
 #: A layer counts as reaching a break-even up to this much below it: masks keep a whole number of weights
@@ -153,10 +155,10 @@ def estimate(out_features: int, in_features: int, rows: int, stored_values: int,
     A sparse layer does ``rows * stored_values`` multiply-accumulates and stores ``sparse_bytes``; a
     dense-with-zeros layer still does ``rows * out * in`` and stores ``dense_bytes``.
     """
-    dense_macs = int(rows) * int(out_features) * int(in_features)
+    dense_macs = linear_macs(int(rows), int(out_features), int(in_features))
     return {
         "macs_before": dense_macs,
-        "macs_after": int(rows) * int(stored_values) if use_sparse else dense_macs,
+        "macs_after": linear_macs(int(rows), 1, int(stored_values)) if use_sparse else dense_macs,
         "bytes_before": int(dense_bytes),
         "bytes_after": int(sparse_bytes) if use_sparse else int(dense_bytes),
     }

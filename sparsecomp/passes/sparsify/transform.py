@@ -41,11 +41,11 @@ from ...config import PassConfig, register_config
 from ...errors import ConfigError
 from ...graph.attrs import deepcopy, free_name, get_attr, replace_tensor
 from ...ops import pack_bsr, pack_csr, pack_nm
-from ..base import PassResult, matches_pattern, register_pass
+from ..base import PassResult, register_pass
+from ..candidates import weighted_nodes
 
 PATTERNS = ("unstructured", "block", "n:m")
 CRITERIA = ("magnitude", "wanda")
-_LINEAR = torch.ops.aten.linear.default
 SPARSE_OPS = {
     "csr": torch.ops.sparsecomp.sparse_linear_csr.default,
     "bsr": torch.ops.sparsecomp.sparse_linear_bsr.default,
@@ -229,30 +229,16 @@ def _candidates(gm: fx.GraphModule, cfg: Sparsify) -> tuple[list[fx.Node], list[
     """Linear nodes to sparsify, and report rows for the ones left alone."""
     todo: list[fx.Node] = []
     skipped: list[dict] = []
-    uses: dict[str, int] = {}
-    for nd in gm.graph.nodes:
-        if nd.op == "get_attr":
-            uses[nd.target] = uses.get(nd.target, 0) + len(nd.users)
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not _LINEAR or len(node.args) < 2:
+    for c in weighted_nodes(gm, kinds=("linear",)):
+        if c.param.dim() != 2:
             continue
-        w = node.args[1]
-        if not isinstance(w, fx.Node) or w.op != "get_attr":
-            continue
-        try:
-            param = get_attr(gm, w.target)
-        except AttributeError:
-            continue
-        if not isinstance(param, torch.Tensor) or param.dim() != 2 or not param.is_floating_point():
-            continue
-        row = {"layer": w.target, "node": node.name, "shape": [int(s) for s in param.shape]}
-        if any(matches_pattern(w.target, p) for p in cfg.ignore):
-            skipped.append({**row, "skipped": "ignored"})
-        elif uses.get(w.target, 0) != 1:
-            skipped.append({**row, "skipped": "weight shared with other ops"})
+        if c.ignored(cfg.ignore):
+            skipped.append({**c.row(), "skipped": "ignored"})
+        elif c.shared:
+            skipped.append({**c.row(), "skipped": "weight shared with other ops"})
         else:
-            _check_layer(cfg, w.target, tuple(param.shape))
-            todo.append(node)
+            _check_layer(cfg, c.target, tuple(c.param.shape))
+            todo.append(c.node)
     return todo, skipped
 
 
