@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, ClassVar
 
 from .errors import ConfigError
@@ -58,6 +59,37 @@ def _to_jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_to_jsonable(v) for v in value]
     return value
+
+
+# ------------------------------------------------------------------------------------------------ validation
+# What every config's ``__post_init__`` checks with: one message format for every pass.
+def is_int(v: Any) -> bool:
+    """An ``int`` that is not a ``bool``."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A finite ``int`` or ``float`` that is not a ``bool``."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if not is_int(value) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def name_patterns(name: str, value: Any) -> tuple[str, ...]:
+    """A field of name patterns (e.g. ``ignore``): one string or a sequence of strings, as a tuple."""
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{name} must be a tuple of name patterns, got {value!r}")
+    return tuple(value)
 
 
 def register_config(cls: type[PassConfig]) -> type[PassConfig]:

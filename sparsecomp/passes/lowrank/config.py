@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 
-from ...config import PassConfig, register_config
+from ...config import PassConfig, check_choice, check_positive_int, is_number, name_patterns, register_config
 from ...errors import ConfigError
 
 METHODS = ("svd", "activation", "asvd")
@@ -81,11 +80,7 @@ class LowRank(PassConfig):
     cost_model: str = "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.ignore, str):
-            object.__setattr__(self, "ignore", (self.ignore,))
-        if not isinstance(self.ignore, (tuple, list)) or not all(isinstance(p, str) for p in self.ignore):
-            raise ConfigError(f"ignore must be a tuple of name patterns, got {self.ignore!r}")
-        object.__setattr__(self, "ignore", tuple(self.ignore))
+        object.__setattr__(self, "ignore", name_patterns("ignore", self.ignore))
         chosen = [k for k in ("rank_ratio", "energy", "param_ratio") if getattr(self, k) is not None]
         if len(chosen) != 1:
             raise ConfigError(
@@ -97,20 +92,16 @@ class LowRank(PassConfig):
             _check_number("energy", self.energy, upper_inclusive=True)
         if self.param_ratio is not None:
             _check_number("param_ratio", self.param_ratio, upper_inclusive=False)
-        if self.method not in METHODS:
-            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.target not in TARGETS:
-            raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
+        check_choice("method", self.method, METHODS)
+        check_choice("allocation", self.allocation, ALLOCATIONS)
+        check_choice("target", self.target, TARGETS)
         if self.allocation == "global" and self.param_ratio is None:
             raise ConfigError(
                 f"allocation='global' needs param_ratio (the global budget), got {chosen[0]}"
             )
-        if isinstance(self.min_features, bool) or not isinstance(self.min_features, int) or self.min_features < 1:
-            raise ConfigError(f"min_features must be a positive integer, got {self.min_features!r}")
+        check_positive_int("min_features", self.min_features)
         d = self.damping
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d <= 0:
+        if not is_number(d) or d <= 0:
             raise ConfigError(f"damping must be a positive number, got {d!r}")
         if isinstance(self.cost_model, bool):
             raise ConfigError(f"cost_model is one of {COST_POLICIES} (as in Sparsify), not a bool: "
@@ -124,8 +115,7 @@ class LowRank(PassConfig):
 
 
 def _check_number(name: str, v: Any, *, upper_inclusive: bool) -> None:
-    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-    ok = ok and 0.0 < v and (v <= 1.0 if upper_inclusive else v < 1.0)
+    ok = is_number(v) and 0.0 < v and (v <= 1.0 if upper_inclusive else v < 1.0)
     if not ok:
         interval = "(0, 1]" if upper_inclusive else "(0, 1)"
         raise ConfigError(f"{name} must be a number in {interval}, got {v!r}")

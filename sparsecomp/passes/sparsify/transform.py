@@ -37,7 +37,7 @@ import torch.fx as fx
 from . import cost_model
 from ...calibration.data import iter_batches, observe
 from ...capture.export import Captured
-from ...config import PassConfig, register_config
+from ...config import PassConfig, check_choice, check_positive_int, is_int, is_number, name_patterns, register_config
 from ...errors import ConfigError
 from ...graph.attrs import deepcopy, free_name, get_attr, replace_tensor
 from ...ops import pack_bsr, pack_csr, pack_nm
@@ -51,10 +51,6 @@ SPARSE_OPS = {
     "bsr": torch.ops.sparsecomp.sparse_linear_bsr.default,
     "nm": torch.ops.sparsecomp.sparse_linear_nm.default,
 }
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @register_config
@@ -104,35 +100,27 @@ class Sparsify(PassConfig):
     batch_size: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.ignore, str):
-            object.__setattr__(self, "ignore", (self.ignore,))
-        if not isinstance(self.ignore, (tuple, list)) or not all(isinstance(p, str) for p in self.ignore):
-            raise ConfigError(f"ignore must be a tuple of name patterns, got {self.ignore!r}")
-        object.__setattr__(self, "ignore", tuple(self.ignore))
-        if self.pattern not in PATTERNS:
-            raise ConfigError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
-        if self.criterion not in CRITERIA:
-            raise ConfigError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
-        if self.cost_model not in cost_model.POLICIES:
-            raise ConfigError(f"cost_model must be one of {cost_model.POLICIES}, got {self.cost_model!r}")
-        if not _is_int(self.batch_size) or self.batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        object.__setattr__(self, "ignore", name_patterns("ignore", self.ignore))
+        check_choice("pattern", self.pattern, PATTERNS)
+        check_choice("criterion", self.criterion, CRITERIA)
+        check_choice("cost_model", self.cost_model, cost_model.POLICIES)
+        check_positive_int("batch_size", self.batch_size)
         block = self.block
-        if not isinstance(block, (tuple, list)) or len(block) != 2 or not all(_is_int(b) and b >= 1 for b in block):
+        if not isinstance(block, (tuple, list)) or len(block) != 2 or not all(is_int(b) and b >= 1 for b in block):
             raise ConfigError(f"block must be a pair of positive integers (r, c), got {block!r}")
         object.__setattr__(self, "block", (int(block[0]), int(block[1])))
-        if not (_is_int(self.n) and _is_int(self.m)) or not 1 <= self.n < self.m <= 256:
+        if not (is_int(self.n) and is_int(self.m)) or not 1 <= self.n < self.m <= 256:
             raise ConfigError(f"n:m needs integers 1 <= n < m <= 256, got n={self.n!r}, m={self.m!r}")
         s = self.sparsity
         if self.pattern == "n:m":
-            if s is not None and not (_is_number(s) and math.isclose(s, 1 - self.n / self.m, abs_tol=1e-9)):
+            if s is not None and not (is_number(s) and math.isclose(s, 1 - self.n / self.m, abs_tol=1e-9)):
                 raise ConfigError(
                     f"pattern 'n:m' fixes the sparsity at 1 - n/m = {1 - self.n / self.m:g}; "
                     f"omit sparsity (got {s!r})"
                 )
         elif s is None:
             raise ConfigError(f"pattern {self.pattern!r} needs a sparsity in [0, 1)")
-        elif not (_is_number(s) and 0.0 <= s < 1.0):
+        elif not (is_number(s) and 0.0 <= s < 1.0):
             raise ConfigError(f"sparsity must be a number in [0, 1), got {s!r}")
 
     @property
@@ -148,10 +136,6 @@ class Sparsify(PassConfig):
     def format(self) -> str:
         """Storage format of a sparse layer: ``"csr"``, ``"bsr"`` or ``"nm"``."""
         return {"unstructured": "csr", "block": "bsr", "n:m": "nm"}[self.pattern]
-
-
-def _is_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
 # ------------------------------------------------------------------------------------------------ masks
