@@ -45,13 +45,14 @@ def _rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
 
 
 def bench_models(args) -> tuple[str, list[dict]]:
-    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.evaluate import load_encoder
+    from sparsecomp.app.models import BUILTIN_SENTENCES
 
-    hf, tok = load_minilm()
-    model = SentenceEncoder(hf).eval()
+    encoder = load_encoder()
+    model = encoder.model
     sentences = [BUILTIN_SENTENCES[i % len(BUILTIN_SENTENCES)] for i in range(args.model_batch)]
-    inputs = encode_batch(tok, sentences, seq_len=args.seq)
-    calib = encode_batch(tok, list(BUILTIN_SENTENCES[:8]), seq_len=args.seq)
+    inputs = encoder.inputs(sentences, seq_len=args.seq)
+    calib = encoder.inputs(BUILTIN_SENTENCES[:8], seq_len=args.seq)
 
     variants = {"dense": model}
     for r in args.ratios:

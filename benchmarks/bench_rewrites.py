@@ -69,11 +69,12 @@ def _linear_target():
 
 
 def _minilm_target(seq_len: int = 128):
-    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.evaluate import load_encoder
+    from sparsecomp.app.models import BUILTIN_SENTENCES
 
-    hf, tok = load_minilm()
-    model = SentenceEncoder(hf).eval()
-    ids, mask = encode_batch(tok, BUILTIN_SENTENCES[:16], seq_len)
+    encoder = load_encoder()
+    model = encoder.model
+    ids, mask = encoder.inputs(BUILTIN_SENTENCES[:16], seq_len)
     calib = [(ids[i:i + 8], mask[i:i + 8]) for i in (0, 8)]
 
     def inputs(b: int):

@@ -67,11 +67,11 @@ class BenchRow:
 
 def build_minilm(seq_len: int = 128) -> BuildResult:
     """all-MiniLM-L6-v2 wrapped as ``SentenceEncoder``, batch 1, ``seq_len`` tokens."""
-    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.evaluate import load_encoder
+    from sparsecomp.app.models import BUILTIN_SENTENCES
 
-    hf_model, tokenizer = load_minilm()
-    args = encode_batch(tokenizer, BUILTIN_SENTENCES[0], seq_len=seq_len)
-    return SentenceEncoder(hf_model).eval(), args, {}
+    encoder = load_encoder()
+    return encoder.model, encoder.inputs(BUILTIN_SENTENCES[0], seq_len=seq_len), {}
 
 
 def build_resnet50() -> BuildResult:

@@ -562,11 +562,11 @@ def bench_models(names=None) -> None:
 
 
 def minilm_case(seq_len=128):
-    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.evaluate import load_encoder
+    from sparsecomp.app.models import BUILTIN_SENTENCES
 
-    hf, tok = load_minilm()
-    enc = SentenceEncoder(hf).eval()
-    return enc, encode_batch(tok, BUILTIN_SENTENCES[0], seq_len=seq_len), {}
+    encoder = load_encoder()
+    return encoder.model, encoder.inputs(BUILTIN_SENTENCES[0], seq_len=seq_len), {}
 
 
 def bench_demo(ratios=(0.0, 0.25, 0.5, 0.75)) -> None:

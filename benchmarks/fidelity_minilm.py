@@ -40,16 +40,9 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from sparsecomp import Slice, StructuredPruning
 from sparsecomp.app.metrics import count_macs, count_params, markdown_table, measure_latencies
-from sparsecomp.app.models import (
-    HELDOUT_SENTENCES,
-    SentenceEncoder,
-    calibration_corpus,
-    encode_batch,
-    encoder_dynamic_shapes,
-    length_batches,
-    load_minilm,
-    sentence_embeddings,
-)
+from sparsecomp.app.evaluate import load_encoder
+from sparsecomp.app.models import (HELDOUT_SENTENCES, calibration_corpus, encoder_dynamic_shapes, length_batches,
+                                   load_minilm, sentence_embeddings)
 
 #: (measured speedup, cosine) of Torch-Pruning's best setting on the same model (from the issue).
 TORCH_PRUNING = ((1.04, 0.955), (1.13, 0.942), (1.25, 0.870), (1.58, 0.673), (1.83, 0.564))
@@ -101,9 +94,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if ns.compress_threads:
         torch.set_num_threads(ns.compress_threads)
 
-    hf, tok = load(ns.model_dir)
-    enc = SentenceEncoder(hf).eval()
-    example = encode_batch(tok, HELDOUT_SENTENCES[0], seq_len=128)
+    encoder = load_encoder(lambda: load(ns.model_dir))
+    enc, tok = encoder.model, encoder.tokenizer
+    example = encoder.inputs(HELDOUT_SENTENCES[0], seq_len=128)
     # dynamic batch and sequence length (example of batch 2: export specialises size-1 dims), so that
     # calibration runs on length-bucketed batches; MAC budgets are counted at 128 tokens
     captured = sparsecomp.capture(enc, (example[0].repeat(2, 1), example[1].repeat(2, 1)),
@@ -113,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         corpus = corpus[: ns.calibration]
     calibration = length_batches(tok, corpus, batch_size=32, max_len=128)
     mask = torch.cat([m.flatten() for _, m in calibration])
-    ev_ids, ev_mask = encode_batch(tok, HELDOUT_SENTENCES, seq_len=128)
+    ev_ids, ev_mask = encoder.inputs(HELDOUT_SENTENCES, seq_len=128)
     with torch.no_grad():
         ref = sentence_embeddings(enc(ev_ids, ev_mask), ev_mask)
     iu = np.triu_indices(len(HELDOUT_SENTENCES), 1)

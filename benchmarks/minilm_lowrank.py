@@ -61,15 +61,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(argv)
     from torch.export import Dim
 
-    from sparsecomp.app.models import (BUILTIN_SENTENCES, HELDOUT_SENTENCES, SentenceEncoder, encode_batch,
-                                   load_minilm, sentence_embeddings)
+    from sparsecomp.app.evaluate import cosines, load_encoder
+    from sparsecomp.app.models import BUILTIN_SENTENCES, HELDOUT_SENTENCES, sentence_embeddings
 
     torch.set_num_threads(ns.threads)  # the factorizations too: on a shared host more threads only thrash
-    hf, tok = load_minilm()
-    model = SentenceEncoder(hf).eval()
-    calib = encode_batch(tok, list(BUILTIN_SENTENCES), seq_len=ns.calib_seq)
-    evaluation = encode_batch(tok, list(HELDOUT_SENTENCES), seq_len=ns.calib_seq)
-    latency_in = encode_batch(tok, BUILTIN_SENTENCES[0], seq_len=ns.latency_seq)
+    encoder = load_encoder()
+    model = encoder.model
+    calib = encoder.inputs(BUILTIN_SENTENCES, seq_len=ns.calib_seq)
+    evaluation = encoder.inputs(HELDOUT_SENTENCES, seq_len=ns.calib_seq)
+    latency_in = encoder.inputs(BUILTIN_SENTENCES[0], seq_len=ns.latency_seq)
     batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=512)
     captured = sparsecomp.capture(model, calib, dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
     with torch.no_grad():
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seconds = time.perf_counter() - t0
                 with torch.no_grad():
                     emb = sentence_embeddings(out(*evaluation), evaluation[1])
-                cos = torch.nn.functional.cosine_similarity(emb, ref, dim=1)
+                cos = cosines(emb, ref)
                 layers = out.sparsecomp_report[0]["layers"]
                 key = f"{method}/{alloc}"
                 models[key] = out

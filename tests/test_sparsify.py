@@ -443,22 +443,16 @@ def test_zoo_transformer_rewrite():
 # ------------------------------------------------------------------------------------------------ MiniLM
 @pytest.fixture(scope="module")
 def minilm():
-    from sparsecomp.app.models import (
-        BUILTIN_SENTENCES,
-        HELDOUT_SENTENCES,
-        SentenceEncoder,
-        encode_batch,
-        load_minilm,
-    )
+    from sparsecomp.app.evaluate import load_encoder
+    from sparsecomp.app.models import BUILTIN_SENTENCES, HELDOUT_SENTENCES
 
     try:
-        hf, tok = load_minilm()
+        encoder = load_encoder()
     except sparsecomp.MissingDependencyError as exc:  # pragma: no cover - depends on the environment
         pytest.skip(str(exc))
-    enc = SentenceEncoder(hf).eval()
-    calib = encode_batch(tok, BUILTIN_SENTENCES[:8], 32)
-    held = encode_batch(tok, HELDOUT_SENTENCES[:16], 32)
-    return enc, sparsecomp.capture(enc, calib), calib, held
+    calib = encoder.inputs(BUILTIN_SENTENCES[:8], 32)
+    held = encoder.inputs(HELDOUT_SENTENCES[:16], 32)
+    return encoder.model, sparsecomp.capture(encoder.model, calib), calib, held
 
 
 def _embedding_error(minilm, cfg) -> float:

@@ -898,11 +898,11 @@ def test_zoo_dense_matches(name):
 
 @pytest.mark.slow
 def test_minilm_dense_matches():
-    from sparsecomp.app.models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm
+    from sparsecomp.app.evaluate import load_encoder
 
-    hf, tok = load_minilm()
-    enc = SentenceEncoder(hf).eval()
-    ids, mask = encode_batch(tok, list(BUILTIN_SENTENCES[:2]), seq_len=32)
+    encoder = load_encoder()
+    enc = encoder.model
+    ids, mask = encoder.inputs(seq_len=32)
     low = sparsecomp.lower(enc, (ids, mask), backend="tvm")
     assert low.kernels["dense"] == 36
     with torch.no_grad():

@@ -21,18 +21,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..calibration.data import progress_bar
+from .evaluate import embed, load_encoder
 from .metrics import count_macs, count_params, markdown_table, measure_latencies
-from .models import (
-    HELDOUT_SENTENCES,
-    SentenceEncoder,
-    calibration_corpus,
-    encode_batch,
-    encoder_dynamic_shapes,
-    length_batches,
-    load_minilm,
-    sentence_embeddings,
-)
+from .models import HELDOUT_SENTENCES, calibration_corpus, encode_batch, encoder_dynamic_shapes, length_batches
 
 __all__ = ["DemoRow", "format_table", "run_demo"]
 
@@ -101,35 +92,6 @@ def _progress(enabled: bool) -> Callable[[str], None]:
             print(message, file=sys.stderr, flush=True)
 
     return say
-
-
-def _embed(
-    module: Callable[..., torch.Tensor],
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    desc: str,
-    progress: bool,
-    chunk: int = 16,
-) -> torch.Tensor:
-    """Sentence embeddings of every row, computed in chunks of ``chunk`` sentences.
-
-    Captured graphs have a dynamic batch dimension, so chunks run as batches. A
-    graph that was captured with static shapes (batch 1) refuses a larger batch;
-    it is then run one sentence at a time, which gives the same embeddings.
-    """
-    starts = list(range(0, input_ids.shape[0], chunk))
-    rows = []
-    with torch.inference_mode():
-        for i in progress_bar(starts, desc, progress):
-            ids, mask = input_ids[i : i + chunk], attention_mask[i : i + chunk]
-            try:
-                hidden = module(ids, mask)
-            except Exception:
-                if ids.shape[0] == 1:
-                    raise
-                hidden = torch.cat([module(ids[j : j + 1], mask[j : j + 1]) for j in range(ids.shape[0])])
-            rows.append(sentence_embeddings(hidden, mask))
-    return torch.cat(rows)
 
 
 def _capture(sparsecomp: Any, encoder: nn.Module, hf_model: nn.Module, tokenizer: Any,
@@ -334,8 +296,8 @@ def run_demo(
         say(f"[{step}/{steps}] {message}")
 
     stage("loading all-MiniLM-L6-v2 (offline)" if loader is None else "loading model")
-    hf_model, tokenizer = (loader or load_minilm)()
-    encoder = SentenceEncoder(hf_model).eval()
+    enc = load_encoder(loader)
+    encoder, tokenizer, hf_model = enc.model, enc.tokenizer, enc.model.model
     example = encode_batch(tokenizer, calibration_sentences[0], seq_len=seq_len)
 
     stage("capturing the dense model with torch.export (dynamic batch and sequence length)")
@@ -345,7 +307,7 @@ def run_demo(
     # (masked mean pooling: the same embeddings as at seq_len, at a fraction of the cost)
     longest = max(len(t) for t in tokenizer(eval_sentences, truncation=True, max_length=seq_len)["input_ids"])
     fid_ids, fid_mask = encode_batch(tokenizer, eval_sentences, seq_len=max(2, longest) if dynamic else seq_len)
-    reference = _embed(encoder, fid_ids, fid_mask, "dense eager embeddings", progress)
+    reference = embed(encoder, fid_ids, fid_mask, desc="dense eager embeddings", progress=progress)
     models: dict[Any, nn.Module] = {(0.0, reconstruct): captured.module}
 
     for key in pruned_ratios:
@@ -385,7 +347,7 @@ def run_demo(
     dense_ms = latencies[str(dense_key)].median_ms
 
     def fidelity(key: Any) -> torch.Tensor:
-        embeddings = _embed(models[key], fid_ids, fid_mask, f"ratio {key[0]:g} embeddings", progress)
+        embeddings = embed(models[key], fid_ids, fid_mask, desc=f"ratio {key[0]:g} embeddings", progress=progress)
         return (embeddings * reference).sum(dim=1)
 
     rows = []
