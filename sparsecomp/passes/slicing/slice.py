@@ -35,8 +35,8 @@ from ...calibration.data import _Observer, flat_batches, token_masks
 from ...capture.export import Captured
 from ...config import PassConfig, register_config
 from ...errors import ConfigError, PassError
-from ...graph.apply import _deepcopy, prune
-from ...graph.context import get_attr
+from ...graph.apply import prune
+from ...graph.attrs import deepcopy, get_attr
 from ...graph.depgraph import DependencyGraph, Group
 from ...calibration.reconstruct import token_rows
 from ..base import PassResult, register_pass
@@ -328,7 +328,7 @@ def _drop_identities(gm: fx.GraphModule, prefixes: tuple[str, ...]) -> None:
 
 @register_pass(Slice)
 def run_slice(captured: Captured, cfg: Slice, calibration: Any = None) -> PassResult:
-    gm = _deepcopy(captured.module)
+    gm = deepcopy(captured.module)
     prep = stream.prepare(gm)
     try:
         prepared = captured.recapture(prep.gm)

@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from ...errors import PassError
-from ...graph.context import get_attr
+from ...graph.attrs import get_attr, owner_of, replace_tensor
 
 aten = torch.ops.aten
 PASS = "Slice"
@@ -189,13 +189,8 @@ def _own_param(gm: fx.GraphModule, user: fx.Node, index: int) -> fx.Node:
 
 
 def _set_param(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    path, _, leaf = target.rpartition(".")
-    owner = get_attr(gm, path) if path else gm
-    old = getattr(owner, leaf)
-    if isinstance(old, torch.nn.Parameter):
-        owner._parameters[leaf] = torch.nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
-    else:
-        owner._buffers[leaf] = value.contiguous()
+    owner, leaf = owner_of(gm, target)
+    replace_tensor(owner, leaf, getattr(owner, leaf), value.contiguous())
 
 
 def _identity_linear(gm: fx.GraphModule, before: fx.Node, x: fx.Node, d: int, prefix: str) -> tuple[fx.Node, str]:
