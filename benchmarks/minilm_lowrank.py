@@ -49,7 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6, 0.5])
     p.add_argument("--methods", nargs="+", default=["svd", "asvd", "activation"])
     p.add_argument("--allocations", nargs="+", default=["uniform", "global"])
-    p.add_argument("--no-cost-model", action="store_true", help="LowRank(cost_model="always")")
+    p.add_argument("--no-cost-model", action="store_true", help="LowRank(cost_model='always')")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for the latency")
     p.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     p.add_argument("--calib-seq", type=int, default=32)
