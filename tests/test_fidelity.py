@@ -59,8 +59,8 @@ def test_refit_shrinks_toward_the_prior_and_folds_merge_back():
     whole = Moments.zeros(10, 3)
     whole.add(x, y)
     merged = merge(folds)
-    # float64 sums in another order: equal to rounding, not "within 1e-4"
-    assert torch.allclose(merged.xx, whole.xx, rtol=1e-10, atol=1e-10) and torch.allclose(merged.xy, whole.xy, rtol=1e-10, atol=1e-10)
+    # equal to the rounding of the folds (their products are formed in float32: up to ~1e-6 relative), not 1e-4
+    assert torch.allclose(merged.xx, whole.xx, rtol=1e-5, atol=1e-5) and torch.allclose(merged.xy, whole.xy, rtol=1e-5, atol=1e-5)
     assert merged.n == 64
     prior = torch.randn(3, 10, dtype=torch.float64)
     w_far, _ = refit(whole, damp=1e9, prior=prior)
