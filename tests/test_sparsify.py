@@ -494,7 +494,12 @@ def test_cli_multi_pass_recipe(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"passes": [p.to_dict() for p in passes]}))
     out = tmp_path / "small.pt2"
-    assert main(["compress", f"{factory}:make", "--recipe", str(recipe), "--report", "-o", str(out)]) == 0
+    calib = tmp_path / "calib.pt"  # wanda is data-driven: without --calibration the CLI refuses the recipe
+    torch.save([torch.randn(16, 64) for _ in range(4)], calib)
+    assert main(["compress", f"{factory}:make", "--recipe", str(recipe), "-o", str(out)]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+    assert main(["compress", f"{factory}:make", "--recipe", str(recipe), "--calibration", str(calib),
+                 "--report", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert "## 3. Sparsify (modified)" in text and "bsr 16x1" in text
     ep = torch.export.load(str(out))

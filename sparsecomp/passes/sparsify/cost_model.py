@@ -164,31 +164,33 @@ def estimate(out_features: int, in_features: int, rows: int, stored_values: int,
     }
 
 
-def rows_per_call(leading_sizes, batch_size: int) -> int:
-    """Input rows of a layer per call: the product of its input's leading sizes, every symbolic size
-    (the dynamic batch dim, and products such as ``batch*seq``) evaluated with its symbols set to
-    ``batch_size``."""
+def rows_per_call(leading_sizes, batch_size: int, batch_symbols=None) -> int:
+    """Input rows of a layer per call: the product of its input's leading sizes, with the symbols of the
+    dynamic batch dim (``batch_symbols``; ``None``: every symbol) set to ``batch_size`` and any other
+    symbol (e.g. a dynamic sequence length) at its size in the example inputs."""
     total = 1
     for s in leading_sizes:
-        total *= _size_at(s, batch_size)
+        total *= _size_at(s, batch_size, batch_symbols)
     return max(1, int(total))
 
 
-def _size_at(size, batch_size: int) -> int:
+def _size_at(size, batch_size: int, batch_symbols=None) -> int:
     import torch
 
-    if isinstance(size, torch.SymInt):
-        concrete = size.node.maybe_as_int()
-        if isinstance(concrete, int):
-            return concrete
-        expr = size.node.expr
-        value = expr.subs({s: batch_size for s in expr.free_symbols})
-        try:
-            return int(value)
-        except TypeError:
-            hint = size.node.hint
-            return int(hint) if hint is not None else 1
-    return int(size)
+    if not isinstance(size, torch.SymInt):
+        return int(size)
+    concrete = size.node.maybe_as_int()
+    if isinstance(concrete, int):
+        return concrete
+    expr = size.node.expr
+    example = getattr(size.node.shape_env, "var_to_val", {})
+    value = expr.subs({s: batch_size if batch_symbols is None or s in batch_symbols else example.get(s, s)
+                       for s in expr.free_symbols})
+    try:
+        return int(value)
+    except TypeError:
+        hint = size.node.hint
+        return int(hint) if hint is not None else 1
 
 
 __all__ = ["BREAK_EVEN", "Decision", "POLICIES", "SPARSITY_SLACK", "break_even", "decide", "estimate", "format_key",

@@ -257,11 +257,21 @@ def relative_output_error(weight: torch.Tensor, masked: torch.Tensor, gram: torc
     return math.sqrt(max(num, 0.0) / den)
 
 
+def _batch_symbols(graph: fx.Graph) -> set:
+    """Symbols of the graph inputs' dim 0 (the batch dim every capture makes dynamic)."""
+    out: set = set()
+    for node in graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
+            out |= val.shape[0].node.expr.free_symbols
+    return out
+
+
 def _rows(node: fx.Node, batch_size: int) -> int:
     val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return batch_size
-    return cost_model.rows_per_call(tuple(val.shape[:-1]), batch_size)
+    return cost_model.rows_per_call(tuple(val.shape[:-1]), batch_size, _batch_symbols(node.graph))
 
 
 def _pack(cfg: Sparsify, masked: torch.Tensor):
