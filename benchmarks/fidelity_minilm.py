@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     plans = [(f"{r:.2f} {'recon' if rec else 'no-recon'}", r, rec, [config(r, rec)])
              for r in ns.ratios for rec in ((True,) if ns.recon_only else (False, True))]
     for s in ns.slice:
-        plans.append((f"slice {s:.2f} + refit", 0.0, True, [Slice(ratio=s, reconstruct=True)]))
-        plans += [(f"slice {s:.2f} + refit + {r:.2f} recon", r, True, [Slice(ratio=s, reconstruct=True), config(r, True)])
+        plans.append((f"slice {s:.2f} + refit", 0.0, True, [Slice(ratio=s, reconstruct=True, post_norm=True)]))
+        plans += [(f"slice {s:.2f} + refit + {r:.2f} recon", r, True, [Slice(ratio=s, reconstruct=True, post_norm=True), config(r, True)])
                   for r in ns.ratios]
     for name, r, rec, cfgs in plans:
         t0 = time.perf_counter()

@@ -81,6 +81,8 @@ def run_pass(captured: Captured, config: PassConfig, calibration: Any = None,
 
 def _data_settings(config: PassConfig) -> str:
     names = ("criterion", "method", "allocation", "reconstruct")
+    if not any(hasattr(config, n) for n in names[:2]):  # no criterion: the amount itself is data-driven
+        names = ("ratio", "reconstruct")
     shown = [f"{n}={getattr(config, n)!r}" for n in names if hasattr(config, n)]
     return ", ".join(shown)
 

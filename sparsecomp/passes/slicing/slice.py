@@ -76,6 +76,11 @@ class Slice(PassConfig):
     residual:
         With ``reconstruct``: a writer into a residual add is fit to the unsliced sum minus the sliced
         residual, so it also absorbs the error left in the stream by earlier blocks.
+    post_norm:
+        Also slice post-norm blocks (BERT's ``LN(r + f(r))``). Off by default: at ``ratio > 0`` such a
+        model is refused, naming the block, because slicing it measured worse than pruning at every speed
+        on a real encoder (all-MiniLM-L6-v2, docs/BENCHMARKS.md). Rotation alone (``ratio=0``) is exact
+        either way.
 
     Example
     -------
@@ -90,6 +95,12 @@ class Slice(PassConfig):
     damp: float = 0.0
     reconstruct: bool = False
     residual: bool = True
+    post_norm: bool = False
+
+    @property
+    def needs_calibration(self) -> bool:
+        """The rotation comes from calibration activations; at ratio 0 without a refit any basis is exact."""
+        return self.ratio > 0 or self.reconstruct
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
@@ -329,7 +340,7 @@ def _drop_identities(gm: fx.GraphModule, prefixes: tuple[str, ...]) -> None:
 @register_pass(Slice)
 def run_slice(captured: Captured, cfg: Slice, calibration: Any = None) -> PassResult:
     gm = deepcopy(captured.module)
-    prep = stream.prepare(gm)
+    prep = stream.prepare(gm, allow_post_norm=cfg.post_norm or cfg.ratio == 0)
     try:
         prepared = captured.recapture(prep.gm)
     except Exception as exc:
