@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedError, VerificationError
+from ..graph.attrs import get_attr
 from .modules import LowRankConv, LowRankLinear, rule_for
 
 _LINEAR = torch.ops.aten.linear.default
@@ -55,12 +56,10 @@ class _Editor:
             self.aliases.setdefault(id(t), []).append(name)
 
     def tensor(self, name: str) -> torch.Tensor | None:
-        prefix, leaf = _split(name)
         try:
-            owner = self.root.get_submodule(prefix)
+            t = get_attr(self.root, name)
         except AttributeError:
             return None
-        t = getattr(owner, leaf, None)
         return t if isinstance(t, torch.Tensor) else None
 
     def set_tensor(self, name: str, value: torch.Tensor, *, tie: bool = True) -> None:
@@ -102,8 +101,7 @@ def _graph_tensors(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, list[fx.
     out: dict[str, tuple[torch.Tensor, list[fx.Node]]] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            prefix, leaf = _split(node.target)
-            t = getattr(gm.get_submodule(prefix), leaf)
+            t = get_attr(gm, node.target)
             if isinstance(t, torch.Tensor):
                 out[node.target] = (t, list(node.users))
     return out
@@ -130,12 +128,11 @@ def _lowrank_pairs(gm: fx.GraphModule, missing: set[str]) -> dict[str, tuple[fx.
 
 def _write_lowrank(ed: _Editor, name: str, inner: fx.Node, outer: fx.Node, gm: fx.GraphModule,
                    layout: dict) -> None:
-    a = gm.get_submodule(_split(inner.args[1].target)[0]).get_parameter(_split(inner.args[1].target)[1])
-    b = gm.get_submodule(_split(outer.args[1].target)[0]).get_parameter(_split(outer.args[1].target)[1])
+    a, b = get_attr(gm, inner.args[1].target), get_attr(gm, outer.args[1].target)
     bias_node = outer.args[2] if len(outer.args) > 2 else outer.kwargs.get("bias")
     bias = None
     if isinstance(bias_node, fx.Node):
-        bias = gm.get_submodule(_split(bias_node.target)[0]).get_parameter(_split(bias_node.target)[1])
+        bias = get_attr(gm, bias_node.target)
     old = ed.root.get_submodule(name)
     if outer.target is _LINEAR:
         if not isinstance(old, nn.Linear):
