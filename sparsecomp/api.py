@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -107,8 +106,9 @@ def compress(
 
 #: relative L2 output error above which ``compress`` warns
 LARGE_OUTPUT_ERROR = 0.1
-#: calibration batches on which ``compress`` measures the output error
-DRIFT_BATCHES = 8
+#: calibration samples (rows of the batch dim, at most this many, from the first batches) on which
+#: ``compress`` measures the output error: enough to warn, a fraction of the cost of a calibration pass
+DRIFT_SAMPLES = 8
 
 
 def _drift_inputs(captured: Captured, calibration: Any) -> list[tuple[tuple, dict]]:
@@ -116,7 +116,18 @@ def _drift_inputs(captured: Captured, calibration: Any) -> list[tuple[tuple, dic
 
     if calibration is None:
         return [(captured.example_args, captured.example_kwargs)]
-    return list(itertools.islice(iter_batches(calibration, captured), DRIFT_BATCHES))
+    out, left = [], DRIFT_SAMPLES
+    for args, kwargs in iter_batches(calibration, captured):
+        leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+        n = leaves[0].shape[0] if leaves else 1
+        if leaves and n > left and all(t.shape[0] == n for t in leaves):
+            cut = lambda t: t[:left] if isinstance(t, torch.Tensor) and t.dim() > 0 else t  # noqa: E731
+            args, kwargs, n = pytree.tree_map(cut, args), pytree.tree_map(cut, kwargs), left
+        out.append((args, kwargs))
+        left -= n
+        if left <= 0:
+            break
+    return out
 
 
 def _outputs(module: torch.nn.Module, inputs: list[tuple[tuple, dict]]) -> list[list[torch.Tensor]]:
@@ -132,8 +143,9 @@ def _relative_error(got: list[list[torch.Tensor]], want: list[list[torch.Tensor]
         for g, w in zip(gs, ws):
             if g.shape != w.shape:
                 return None
-            num += float(((g.double() - w.double()) ** 2).sum())
-            den += float((w.double() ** 2).sum())
+            for gc, wc in zip(g.reshape(-1).split(1 << 20), w.reshape(-1).split(1 << 20)):  # bounded memory
+                num += float(((gc.double() - wc.double()) ** 2).sum())
+                den += float((wc.double() ** 2).sum())
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return round((num / den) ** 0.5, 6)

@@ -385,6 +385,11 @@ def test_reconstruction_skips_layers_over_the_memory_budget():
     for w in ("2.weight", "4.weight"):
         assert not records[w]["refit"] and records[w]["reason"].startswith("over memory_budget")
     assert set(rep["refit_over_memory_budget"]) == {"2.weight", "4.weight"}
+    # fluctuation ranks by per-column variances: its statistics are vectors, never over the budget
+    assert "over_memory_budget" not in rep and "criterion_swaps" not in rep
+    # OBS profiles need full Gram matrices: those are over the budget, not collected, and it says so
+    obs = StructuredPruning(ratio=0.5, criterion="reconstruction", reconstruct=False, memory_budget=budget)
+    rep = sparsecomp.compress(model, (x[:2],), obs, calibration=x).sparsecomp_report[0]
     assert set(rep["over_memory_budget"]) == {"linear_1", "linear_2"}  # their statistics were not collected
     assert len(rep["criterion_swaps"]) == 2  # so their groups were ranked by weight norms, and it says so
     assert StructuredPruning().memory_budget == 2 << 30

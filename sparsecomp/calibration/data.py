@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -44,15 +45,59 @@ def iter_batches(calibration: Any, captured: Captured) -> Iterator[tuple[tuple, 
         raise ConfigError("calibration is empty")
 
 
-def progress_bar(items: Sequence[Any], desc: str, enabled: bool) -> Iterable[Any]:
-    """``items`` wrapped in a tqdm bar on stderr when ``enabled`` and tqdm is installed, else ``items``."""
+#: Seconds a step runs before its progress shows (quick steps stay silent).
+PROGRESS_DELAY = 2.0
+
+
+class _Lines:
+    """A progress counter without tqdm: one stderr line every few seconds with the elapsed time and an
+    estimate of the time left (iterate over it, or call ``update``/``close``)."""
+
+    def __init__(self, items: Iterable[Any] | None, desc: str, total: int | None) -> None:
+        self.items, self.desc = items, desc
+        self.total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+        self.n, self.start, self.last = 0, time.perf_counter(), 0.0
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.items:
+            yield item
+            self.update()
+        self.close()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        now = time.perf_counter() - self.start
+        if now >= PROGRESS_DELAY and now - self.last >= PROGRESS_DELAY:
+            self.last = now
+            left = ""
+            if self.total:
+                left = f", about {now * (self.total - self.n) / max(self.n, 1):.0f} s left"
+            print(f"{self.desc}: {self.n}/{self.total or '?'} after {now:.0f} s{left}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(items: Iterable[Any] | None, desc: str, enabled: bool, total: int | None = None) -> Any:
+    """``items`` wrapped in a progress bar on stderr when ``enabled`` (tqdm when installed, else lines with
+    the time left), shown once the step has run ``PROGRESS_DELAY`` seconds; ``items=None`` gives a counter
+    to ``update(k)`` and ``close()`` (``total`` steps)."""
     if not enabled:
-        return items
+        return items if items is not None else _Silent()
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return items
-    return tqdm(items, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        return _Lines(items, desc, total)
+    return tqdm(items, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True,
+                delay=PROGRESS_DELAY)
+
+
+class _Silent:
+    def update(self, k: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
@@ -104,32 +149,37 @@ def token_masks(gm: fx.GraphModule, batches: list[list[Any]], mask_input: str | 
 
 
 def collect_moments(gm: fx.GraphModule, batches: list[list[Any]], nodes: Iterable[fx.Node],
-                    masks: list[Any] | None = None, progress: bool = False) -> dict[str, Any]:
+                    masks: list[Any] | None = None, progress: bool = False,
+                    diagonal: bool = False) -> dict[str, Any]:
     """Input statistics of the given ``linear``/``conv2d`` nodes over the calibration batches.
 
     Returns ``{node name: Moments}`` with ``X^T X``, the input sum and row count (``Moments.xx/x/n``) and
     the output energy ``sum ||y||^2`` in ``Moments.yy``. Memory is one ``d_in x d_in`` matrix per node
-    (float64); activations are dropped as soon as the graph no longer needs them. Padding rows are skipped
-    (``masks``, one per batch, from :func:`token_masks`).
+    (float64), or one vector with ``diagonal`` (per-column sums of squares only); activations are dropped
+    as soon as the graph no longer needs them. Padding rows are skipped (``masks``, one per batch, from
+    :func:`token_masks`).
     """
     from .reconstruct import Moments, input_rows, output_rows
 
     wanted = {n: n.args[0] for n in nodes}
     masks = masks if masks is not None else [None] * len(batches)
     stats: dict[str, Any] = {}
-    for i in progress_bar(range(len(batches)), "calibration", progress):
+    bar = progress_bar(None, "calibration statistics", progress, total=len(batches) * len(gm.graph.nodes))
+    for i in range(len(batches)):
         mask = masks[i]
 
         def hook(node: fx.Node, value: Any, interp: Any) -> None:
+            bar.update()
             if node in wanted:
                 xr = input_rows(node, interp.env[wanted[node]], mask)
                 yr = output_rows(node, value, mask)
                 mom = stats.get(node.name)
                 if mom is None:
-                    mom = stats[node.name] = Moments.zeros(xr.shape[1])
+                    mom = stats[node.name] = Moments.zeros(xr.shape[1], diagonal=diagonal)
                 mom.add(xr)
                 mom.yy += float((yr.double() ** 2).sum())
 
         with torch.no_grad():
             _Observer(gm, hook).run(*batches[i])
+    bar.close()
     return stats

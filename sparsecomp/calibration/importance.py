@@ -123,9 +123,9 @@ def _col_scores(w: torch.Tensor, mom: Moments, criterion: str) -> np.ndarray:
     wn = (w ** 2).sum(0)
     n = max(mom.n, 1)
     if criterion == "fluctuation":
-        var = torch.diagonal(mom.xx) / n - mom.mean ** 2
+        var = mom.squares / n - mom.mean ** 2
         return (wn * var.clamp_min(0) * n).numpy()
-    return (wn * torch.diagonal(mom.xx)).numpy()  # "activation": ||W_col||^2 ||X_col||^2
+    return (wn * mom.squares).numpy()  # "activation": ||W_col||^2 ||X_col||^2
 
 
 def group_profile(dg: DependencyGraph, group: Group, moments: dict[str, Moments], criterion: str,

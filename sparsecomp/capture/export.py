@@ -11,9 +11,7 @@ raises :class:`~sparsecomp.errors.ShapeError` naming the input and dim.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import warnings as _warnings
 import dataclasses
 import warnings
 from typing import Any, Iterator
@@ -33,10 +31,14 @@ class Captured:
     Attributes
     ----------
     module:
-        The ATen-level ``torch.fx.GraphModule`` (parameters as ``get_attr`` nodes), owning copies of the
-        weights: editing it never touches the user's model.
-    exported:
-        The ``ExportedProgram`` it came from.
+        The ATen-level ``torch.fx.GraphModule`` (parameters as ``get_attr`` nodes). It shares the weight
+        tensors of the captured model (no copy: a 1B-parameter model is not held twice); every pass
+        *replaces* the tensors it changes and never writes into one, so compressing never changes the
+        user's model. Writing into ``module``'s tensors yourself writes into the model's.
+    program:
+        The ``ExportedProgram`` of ``module``, or ``None`` after a pass edited the graph (passes refresh
+        shape metadata without re-exporting, see :meth:`recapture`); read :attr:`exported`, which exports
+        on first use.
     example_args, example_kwargs:
         The inputs used for capture (after batch widening, see ``capture``).
     dynamic_shapes:
@@ -47,11 +49,23 @@ class Captured:
     """
 
     module: fx.GraphModule
-    exported: ExportedProgram
+    program: ExportedProgram | None
     example_args: tuple
     example_kwargs: dict
     dynamic_shapes: Any
     notes: list = dataclasses.field(default_factory=list)
+    ranges: dict = dataclasses.field(default_factory=dict)  # input symbol -> (lo, hi), for the shape check
+
+    @property
+    def exported(self) -> ExportedProgram:
+        """The ``ExportedProgram`` of :attr:`module` (exported now if a pass edited the graph since)."""
+        if self.program is None:
+            spec = _rebind_shapes(self.dynamic_shapes, self.example_args, self.example_kwargs)
+            try:
+                self.program = _export(self.module, self.example_args, self.example_kwargs, spec)
+            except Exception as exc:
+                raise CaptureError(f"the compressed graph does not re-export: {_first_line(exc)}") from exc
+        return self.program
 
     @property
     def dynamic(self) -> bool:
@@ -64,15 +78,19 @@ class Captured:
             return (module or self.module)(*self.example_args, **self.example_kwargs)
 
     def recapture(self, module: fx.GraphModule) -> "Captured":
-        """Re-export an edited graph module with the same inputs and dynamic-shape spec.
+        """The captured model after a pass edited the graph ``module`` (in place or a copy).
 
-        This refreshes every node's shape metadata and is the postcondition check of a rewriting
-        pass: a graph whose shapes do not agree fails here, naming the node.
+        Every node's shape metadata is derived again by propagating the captured (symbolic) input shapes
+        through the edited graph with fake tensors: this is the postcondition check of a rewriting pass
+        (a graph whose shapes do not agree fails here, naming the node), at a fraction of the cost of a
+        ``torch.export`` (which happens once, when a backend asks for :attr:`exported`). Dead nodes and
+        tensors no op reads any more are dropped; the shape check in front of the module stays.
         """
-        spec = _rebind_shapes(self.dynamic_shapes, self.example_args, self.example_kwargs)
-        ep = _export(module, self.example_args, self.example_kwargs, spec)
-        return Captured(_unlifted(ep), ep, self.example_args, self.example_kwargs, self.dynamic_shapes,
-                        list(self.notes))
+        refresh_shapes(module)
+        _drop_unused_tensors(module)
+        _guarded(module, self.ranges)
+        return Captured(module, None, self.example_args, self.example_kwargs, self.dynamic_shapes,
+                        list(self.notes), self.ranges)
 
     def input_dims(self) -> list[tuple[str, tuple]]:
         """Per user input: its name and, per dim, the captured size (an int when static, the symbol's
@@ -119,23 +137,91 @@ class _AutoSpec:
         return sc
 
 
-def _unlifted(ep: ExportedProgram) -> fx.GraphModule:
-    """``ep.module()`` with a shape check in front of torch's guards: a call at a shape outside what was
-    captured raises :class:`ShapeError` naming the input, the dim and what it was captured as."""
-    return _guarded(ep.module(), ep)
-
-
-def _guarded(gm: fx.GraphModule, ep: ExportedProgram) -> fx.GraphModule:
-    """Put the shape check in front of ``gm`` (copies of a GraphModule lose their hooks: call again)."""
+def _input_ranges(ep: ExportedProgram) -> dict:
+    """Per input symbol of ``ep``, the ``(lo, hi)`` sizes it was captured for (``None``: unbounded)."""
     ranges = {}
     for sym, vr in ep.range_constraints.items():
         lo = int(vr.lower) if vr.lower.is_Integer and int(vr.lower) > 2 else None  # 0/1: a trace-time
         # assumption of torch.export, not a limit of the graph (torch accepts size 1 there too)
         hi = int(vr.upper) if vr.upper.is_Integer else None
         ranges[sym] = (lo, hi)
+    return ranges
+
+
+def _guarded(gm: fx.GraphModule, ranges: dict) -> fx.GraphModule:
+    """Put the shape check in front of ``gm`` (a call at a shape outside what was captured raises
+    :class:`ShapeError` naming the input, the dim and what it was captured as) unless it has it already
+    (copies of a GraphModule lose their hooks: call again)."""
+    for hook in gm._forward_pre_hooks.values():
+        if isinstance(hook, functools.partial) and hook.func is _check_input_shapes:
+            return gm
     gm.register_forward_pre_hook(functools.partial(_check_input_shapes, ranges=ranges), prepend=True,
                                  with_kwargs=True)
     return gm
+
+
+class _ShapeProp(fx.Interpreter):
+    """Fake-tensor propagation that reads parameters as fake tensors of their real shapes."""
+
+    def __init__(self, gm: fx.GraphModule, mode: Any) -> None:
+        super().__init__(gm)
+        self.mode = mode
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "get_attr":
+            real = super().run_node(n)
+            if not isinstance(real, torch.Tensor):
+                return real
+            fake = self.mode.from_tensor(real, static_shapes=True)
+            n.meta["val"] = _snapshot(fake)
+            return fake
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise CaptureError(f"node {n.name} ({n.target}) does not accept its new input shapes: "
+                               f"{_first_line(exc)}") from exc
+        if n.op != "output":
+            val = pytree.tree_map(lambda v: _snapshot(v), result)
+            if val is not None:
+                n.meta["val"] = val
+        return result
+
+
+def _snapshot(v: Any) -> Any:
+    from torch.fx.experimental.proxy_tensor import snapshot_fake
+
+    if isinstance(v, torch._subclasses.FakeTensor):
+        return snapshot_fake(v)
+    return v if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)) else None
+
+
+def refresh_shapes(gm: fx.GraphModule) -> None:
+    """Derive every node's ``meta["val"]`` again from the placeholders' (symbolic) fake values.
+
+    Raises :class:`CaptureError` naming the first node whose op rejects its inputs' shapes.
+    """
+    values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = next((v.fake_mode for v in values if isinstance(v, torch._subclasses.FakeTensor)), None)
+    if mode is None:  # no symbolic inputs recorded (a hand-built graph): nothing to propagate from
+        return
+    with mode, torch.no_grad():
+        _ShapeProp(gm, mode).run(*values)
+
+
+def _drop_unused_tensors(gm: fx.GraphModule) -> None:
+    """Remove dead nodes, then parameters and buffers that no ``get_attr`` node reads (a pass replaced
+    them): the module holds what its graph uses, as a fresh export would."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    named = [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]
+    for name, _ in named:
+        if name in used:
+            continue
+        owner_name, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        if hasattr(owner, leaf):
+            delattr(owner, leaf)
+    gm.recompile()
 
 
 def _placeholder_dims(gm: fx.GraphModule) -> list[tuple[str, tuple]]:
@@ -239,8 +325,8 @@ def capture(
     Parameters
     ----------
     model:
-        An ``nn.Module`` (traced in eval mode; its training flags are restored afterwards, and its
-        weights are copied, never modified) or an ``ExportedProgram``.
+        An ``nn.Module`` (traced in eval mode; its training flags are restored afterwards; its weights
+        are shared, never modified) or an ``ExportedProgram``.
     example_inputs:
         A tuple of positional inputs (a single tensor is accepted).
     example_kwargs:
@@ -277,8 +363,9 @@ def capture(
     example_kwargs = dict(example_kwargs or {})
 
     if isinstance(model, ExportedProgram):
-        gm = _guarded(_deepcopy(model.module()), model)
-        return Captured(gm, model, example_inputs, example_kwargs, None)
+        ranges = _input_ranges(model)
+        gm = _guarded(model.module(), ranges)
+        return Captured(gm, model, example_inputs, example_kwargs, None, [], ranges)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture expects an nn.Module or ExportedProgram, got {type(model).__name__}")
 
@@ -321,8 +408,9 @@ def capture(
                     f"{name}: torch.export refused dynamic input dims ({errors[0]}); captured with {what}.",
                     stacklevel=2,
                 )
-            gm = _guarded(_deepcopy(ep.module()), ep)  # own the weights: later edits never reach the user's model
-            cap = Captured(gm, ep, args, kwargs, spec, notes)
+            ranges = _input_ranges(ep)
+            gm = _guarded(ep.module(), ranges)  # shares the model's tensors; passes replace, never write into them
+            cap = Captured(gm, ep, args, kwargs, spec, notes, ranges)
             if isinstance(spec, _AutoSpec):
                 _warn_static_dims(name, cap)
             return cap
@@ -384,10 +472,3 @@ def concrete_size(size: Any) -> int:
 
 def is_symbolic(size: Any) -> bool:
     return isinstance(size, torch.SymInt) and not isinstance(size.node.maybe_as_int(), int)
-
-
-def _deepcopy(obj):
-    """``copy.deepcopy`` without torch's pytree deprecation noise (emitted while copying GraphModules)."""
-    with _warnings.catch_warnings():
-        _warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(obj)

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from ..capture.export import Captured
 from ..errors import PassError
-from .attrs import deepcopy, owner_of, replace_tensor
+from .attrs import owner_of, replace_tensor, shared_copy
 from .context import RewriteContext
 from .depgraph import DependencyGraph
 
@@ -40,7 +40,7 @@ class _TranslatingRewriteContext(RewriteContext):
 
 
 def _copy_with_map(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
-    new = deepcopy(gm)
+    new = shared_copy(gm)  # untouched weights stay shared; pruned ones are replaced, never written into
     by_name = {n.name: n for n in gm.graph.nodes}
     return new, {n: by_name[n.name] for n in new.graph.nodes}
 
@@ -49,9 +49,10 @@ def prune(dg: DependencyGraph, removed: Iterable[int], pass_name: str = "Structu
           recapture: bool = True) -> Captured:
     """A new captured model in which the given units are physically removed.
 
-    With ``recapture`` (the default) the edited graph is re-exported, which refreshes shape metadata and
-    checks that every op agrees on the new shapes; without it the edited module is returned in a
-    ``Captured`` whose ``exported`` is the original program (for quick checks only).
+    With ``recapture`` (the default) the edited graph's shape metadata is derived again
+    (:meth:`Captured.recapture`), which checks that every op agrees on the new shapes; without it the
+    edited module is returned with stale metadata (for quick checks, or for a caller that edits further
+    and recaptures itself).
     """
     removed = set(removed)
     captured = dg.captured
@@ -76,12 +77,12 @@ def prune(dg: DependencyGraph, removed: Iterable[int], pass_name: str = "Structu
                 rule.rewrite(node, rw)
         gm.recompile()
     if not recapture:
-        return Captured(gm, captured.exported, captured.example_args, captured.example_kwargs,
-                        captured.dynamic_shapes)
+        return Captured(gm, None, captured.example_args, captured.example_kwargs,
+                        captured.dynamic_shapes, list(captured.notes), captured.ranges)
     try:
         return captured.recapture(gm)
     except Exception as exc:
-        raise PassError(pass_name, f"the pruned graph does not re-export: {str(exc).splitlines()[0]}") from exc
+        raise PassError(pass_name, f"the pruned graph's shapes do not agree: {str(exc).splitlines()[0]}") from exc
 
 
 def zeroed(dg: DependencyGraph, removed: Iterable[int]) -> fx.GraphModule:

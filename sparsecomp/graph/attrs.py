@@ -59,3 +59,18 @@ def deepcopy(obj: Any) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return copy.deepcopy(obj)
+
+
+def shared_copy(module: torch.nn.Module) -> Any:
+    """A copy of ``module`` (its submodules and, for a GraphModule, its graph) that shares every parameter
+    and buffer with it: a pass that replaces tensors (:func:`replace_tensor`, :func:`set_tensor`) instead
+    of writing into them edits the copy at the memory cost of the tensors it replaces."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    for m in module.modules():  # plain tensor attributes (constants) too
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor):
+                memo[id(v)] = v
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(module, memo)
+

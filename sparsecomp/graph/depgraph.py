@@ -140,7 +140,12 @@ class DependencyGraph:
         inner_units: set[int] = set()
         arrays = list(self._labeled_arrays())
         comp_cache: dict[int, tuple[int, ...]] = {}
+        seen: set[bytes] = set()  # many ops carry the same label array (a transformer's hidden dim): once each
         for _, _, _, arr in arrays:
+            content = _content_key(arr)
+            if content in seen:
+                continue
+            seen.add(content)
             by_pos: dict[int, int] = {}
             for a in arr.tolist():
                 comps = comp_cache.get(a)
@@ -170,13 +175,18 @@ class DependencyGraph:
         # members: which indices of which params/ops each unit owns
         space_of = {u: find(u) for u in parent}
         members: dict[int, list[Member]] = defaultdict(list)
+        index_maps: dict[bytes, dict[int, dict[int, tuple[int, ...]]]] = {}
         for kind, name, dim, arr in arrays:
-            maps: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-            for i, a in enumerate(arr.tolist()):
-                for leaf in atoms.leaves(a):
-                    maps[space_of[leaf]][leaf].append(i)
-            for sp, m in maps.items():
-                members[sp].append(Member(kind, name, dim, len(arr), {u: tuple(ix) for u, ix in m.items()}))
+            content = _content_key(arr)
+            per_space = index_maps.get(content)
+            if per_space is None:
+                maps: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+                for i, a in enumerate(arr.tolist()):
+                    for leaf in atoms.leaves(a):
+                        maps[space_of[leaf]][leaf].append(i)
+                per_space = index_maps[content] = {sp: {u: tuple(ix) for u, ix in m.items()} for sp, m in maps.items()}
+            for sp, m in per_space.items():
+                members[sp].append(Member(kind, name, dim, len(arr), m))
         gid = 0
         for sp, units in sorted(spaces.items(), key=lambda kv: min(kv[1])):
             units.sort()
@@ -274,6 +284,11 @@ class DependencyGraph:
             if any(i is not None for i in idx):
                 out[target] = idx
         return out
+
+
+def _content_key(arr: np.ndarray) -> bytes:
+    """Equal label arrays give equal keys (their bytes, with the dtype and length)."""
+    return arr.dtype.str.encode() + len(arr).to_bytes(8, "little") + arr.tobytes()
 
 
 def _propagate(ctx: PropagationContext, registry: OpRegistry, node: fx.Node) -> Any:

@@ -1,13 +1,17 @@
 """Pass infrastructure: a pass maps a ``Captured`` graph to a new one and reports what it did.
 
-A pass never mutates its input (``Captured.module`` is copied before edits); its result carries the new
-captured graph, whether anything changed, and a per-layer report for ``sparsecomp.report``.
+A pass never mutates its input (it edits a copy of ``Captured.module`` that shares the weights it leaves
+alone, and replaces the tensors it changes); its result carries the new captured graph, whether anything
+changed, a per-layer report for ``sparsecomp.report``, and in ``notes["time"]`` the seconds it took (per
+phase where the pass records them) and the process's peak resident memory so far.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import resource
+import time
 from typing import Any, Callable
 
 from ..capture.export import Captured
@@ -73,10 +77,31 @@ def run_pass(captured: Captured, config: PassConfig, calibration: Any = None,
             "or use the data-free settings (e.g. StructuredPruning(criterion='auto') without calibration)."
         )
     fn, wants_context = entry
+    start = time.perf_counter()
     result = fn(captured, resolved, calibration, context) if wants_context else fn(captured, resolved, calibration)
+    result.notes["time"] = {"seconds": round(time.perf_counter() - start, 2), **result.notes.pop("timing", {}),
+                            "peak_rss_mib": peak_rss_mib()}
     result.notes.setdefault("resolved", resolved.to_dict())
     result.notes.setdefault("calibration", "none" if calibration is None else "given")
     return result
+
+
+def peak_rss_mib() -> int:
+    """The process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) // 1024
+
+
+class Stopwatch:
+    """Seconds per named phase of a pass (``lap(name)`` closes the phase that started at the last lap)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[f"{name}_s"] = round(now - self._last, 2)
+        self._last = now
 
 
 def _data_settings(config: PassConfig) -> str:

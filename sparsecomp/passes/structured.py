@@ -32,7 +32,7 @@ from ..graph.attrs import deepcopy, get_attr
 from ..calibration.importance import (allocate, group_consumers, group_profile, mac_model, output_rows_error, removed_macs,
                           unit_macs)
 from ..calibration.reconstruct import damping, format_bytes, gram_bytes, solve_psd, refittable, sequential_refit, weight_target
-from .base import PassResult, matches_pattern, register_pass
+from .base import PassResult, Stopwatch, matches_pattern, register_pass
 
 CRITERIA = ("auto", "l1", "l2", "random", "taylor", "activation", "fluctuation", "reconstruction")
 #: criteria that read calibration data
@@ -103,7 +103,8 @@ class StructuredPruning(PassConfig):
         Name of the model input that marks real tokens (e.g. ``"attention_mask"``); calibration statistics
         skip rows where it is zero. ``None``, or an input the model does not have: all rows count.
     progress:
-        Show tqdm progress bars during calibration and reconstruction.
+        Progress on stderr, with the time left, for calibration and reconstruction steps that run longer
+        than two seconds (default on; tqdm bars when tqdm is installed).
     residual:
         With ``reconstruct``: an op that feeds a residual add is fit to the dense model's *sum* minus the
         compressed residual, so it also absorbs the error earlier layers left in the residual stream.
@@ -131,7 +132,7 @@ class StructuredPruning(PassConfig):
     reconstruct: bool | str = "auto"
     damp: float | str = "cv"
     token_mask: str | None = "attention_mask"
-    progress: bool = False
+    progress: bool = True
     residual: bool = False
     memory_budget: int = 2 << 30
     importance: dataclasses.InitVar[Any] = None  # the old name: refused in __post_init__
@@ -364,13 +365,21 @@ def _calibrate(dg: DependencyGraph, cfg: StructuredPruning, calibration: Any, gr
     batches = flat_batches(calibration, dg.captured)
     masks = token_masks(gm, batches, cfg.token_mask)
     nodes = {n for g in groups for n, _ in group_consumers(dg, g)}
-    over = {n for n in nodes if gram_bytes(_fan_in(gm, n)) > cfg.memory_budget}
+    diagonal = not _needs_gram(cfg)
+    over = set() if diagonal else {n for n in nodes if gram_bytes(_fan_in(gm, n)) > cfg.memory_budget}
     if over and notes is not None:
         notes["over_memory_budget"] = {n.name: format_bytes(gram_bytes(_fan_in(gm, n))) for n in sorted(
             over, key=lambda n: n.name)}
     nodes -= over
-    moments = collect_moments(gm, batches, sorted(nodes, key=lambda n: n.name), masks, cfg.progress) if nodes else {}
+    moments = collect_moments(gm, batches, sorted(nodes, key=lambda n: n.name), masks, cfg.progress,
+                              diagonal) if nodes else {}
     return _Calib(batches, masks, moments)
+
+
+def _needs_gram(cfg: StructuredPruning) -> bool:
+    """Whether ranking needs full ``X^T X`` statistics (OBS profiles, the refits of sensitivity probes);
+    the other criteria read per-column variances only."""
+    return cfg.criterion == "reconstruction" or cfg.allocation == "sensitivity"
 
 
 def _uses_moments(cfg: StructuredPruning) -> bool:
@@ -653,7 +662,7 @@ def _reconstruct(dg: DependencyGraph, pruned: Captured, removed: set[int], cfg: 
             return False
         return everything or weight_target(node) in touched_in
 
-    gm = deepcopy(pruned.module)
+    gm = pruned.module  # a fresh graph of this pass (its refit weights are replaced, never written into)
     records = sequential_refit(dg.captured.module, gm, cal.batches, out_keep, select, cal.masks,
                                damp=cfg.damp, progress=cfg.progress, residual=cfg.residual,
                                memory_budget=cfg.memory_budget)
@@ -666,20 +675,27 @@ def _reconstruct(dg: DependencyGraph, pruned: Captured, removed: set[int], cfg: 
 def run_structured_pruning(captured: Captured, cfg: StructuredPruning, calibration: Any = None) -> PassResult:
     cfg = cfg.resolve(calibration is not None)
     notes: dict[str, Any] = {}
+    clock = Stopwatch()
     dg = DependencyGraph.build(captured, prune_norm_dims=cfg.prune_norm_dims)
+    clock.lap("dependency graph")
     cal = None
     if _uses_moments(cfg) or cfg.reconstruct:
         groups = [g for g in dg.prunable_groups() if group_ratio(g, cfg) is not None]
         cal = _calibrate(dg, cfg, calibration, groups, notes)
+        clock.lap("calibration statistics")
     removed, report = select_removed(dg, cfg, calibration, cal, notes)
     unknown = frozen_by_unknown_ops(dg)
     if unknown is not None:
         notes["unknown_ops"] = unknown
+    clock.lap("selection")
+    notes["timing"] = clock.laps  # the same dict: later laps land in it too
     if not removed:
         return PassResult(captured, False, report, "StructuredPruning", notes)
     pruned = prune(dg, removed)
+    clock.lap("pruning")
     if cfg.reconstruct:
         pruned, records = _reconstruct(dg, pruned, removed, cfg, cal)
+        clock.lap("reconstruction")
         report.append({"reconstruction": [dataclasses.asdict(r) for r in records]})
         over = {r.weight: r.reason for r in records if r.reason.startswith("over memory_budget")}
         if over:

@@ -344,8 +344,8 @@ def run_slice(captured: Captured, cfg: Slice, calibration: Any = None) -> PassRe
     try:
         prepared = captured.recapture(prep.gm)
     except Exception as exc:
-        raise PassError(PASS, f"the prepared graph does not re-export: {str(exc).splitlines()[0]}") from exc
-    # re-export renames nodes: map the prepared norm kinds onto the new rms_norm nodes (same order)
+        raise PassError(PASS, f"the prepared graph's shapes do not agree: {str(exc).splitlines()[0]}") from exc
+    # map the prepared norm kinds onto the rms_norm nodes of the prepared graph (same order)
     old = [n for n in prep.gm.graph.nodes if n.target == aten.rms_norm.default]
     new = [n for n in prepared.module.graph.nodes if n.target == aten.rms_norm.default]
     prep.norm_kinds = {b.name: prep.norm_kinds.get(a.name, "rms") for a, b in zip(old, new)}
@@ -372,7 +372,7 @@ def run_slice(captured: Captured, cfg: Slice, calibration: Any = None) -> PassRe
     try:
         result = captured.recapture(gm2)
     except Exception as exc:
-        raise PassError(PASS, f"the sliced graph does not re-export: {str(exc).splitlines()[0]}") from exc
+        raise PassError(PASS, f"the sliced graph's shapes do not agree: {str(exc).splitlines()[0]}") from exc
     report = [{"layer": f"segment {i}", "op": "stream", "before": d, "after": k,
                "norms": len(s.norms), "centered": s.centered} for i, s in enumerate(segs)]
     if refits:
