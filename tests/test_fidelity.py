@@ -48,6 +48,21 @@ def test_refit_recovers_exact_weights_and_error_formula():
     assert output_error(mom, w3, b) == pytest.approx(direct, rel=1e-3)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("damp", [1e-3, 1.0, 100.0])
+def test_refit_error_from_the_normal_equations_matches_the_direct_error(bias, damp):
+    """refit(with_error=True) gets the solution's error in d_out x d_in work; it must be output_error's."""
+    torch.manual_seed(1)
+    x = torch.randn(400, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64) + 1.0
+    y = x @ torch.randn(6, 12, dtype=torch.float64).T + 0.3 * torch.randn(400, 6, dtype=torch.float64)
+    mom = Moments.zeros(12, 6)
+    mom.add(x, y)
+    prior = torch.randn(6, 12, dtype=torch.float64)
+    w, b, err = refit(mom, damp=damp, bias=bias, prior=prior, with_error=True)
+    assert err == pytest.approx(output_error(mom, w, b), rel=1e-6)
+    assert err < output_error(mom, prior, None if not bias else torch.zeros(6, dtype=torch.float64))
+
+
 def test_refit_shrinks_toward_the_prior_and_folds_merge_back():
     torch.manual_seed(2)
     x = torch.randn(64, 10, dtype=torch.float64)

@@ -138,7 +138,7 @@ def damping(diag: torch.Tensor, damp: float) -> float:
 
 
 def refit(mom: Moments, damp: float = 1e-2, bias: bool = True, prior: torch.Tensor | None = None,
-          factors: dict | None = None, key: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+          factors: dict | None = None, key: Any = None, with_error: bool = False) -> tuple:
     """Least-squares weights ``(W, b)`` mapping the inputs of ``mom`` to its targets.
 
     Solves ``min_W,b sum ||W x + b - y||^2 + lambda ||W - W0||^2`` with ``lambda = damp * mean(diag C)``
@@ -149,6 +149,10 @@ def refit(mom: Moments, damp: float = 1e-2, bias: bool = True, prior: torch.Tens
 
     ``factors``/``key``: a cache of the factorised ``C + lambda I`` under ``(key, damp, bias)``, for ops
     that read the same input rows (``key`` names those rows; the solve then costs no new factorisation).
+
+    ``with_error``: also return the solution's output error ``sum ||W x + b - y||^2`` (as
+    :func:`output_error`) from the normal equations, ``yy - tr(W Cxy) + lambda (tr(W W0^T) - ||W||^2)``:
+    ``d_out x d_in`` work instead of ``d_out x d_in^2``.
     """
     if mom.xy is None or mom.n == 0:
         raise ValueError("refit needs moments with targets (Moments.add(x, y))")
@@ -170,12 +174,19 @@ def refit(mom: Moments, damp: float = 1e-2, bias: bool = True, prior: torch.Tens
             factor = cov  # not positive definite: least squares on the matrix itself (as solve_psd)
         if cache_key is not None:
             factors[cache_key] = (factor, lam, is_chol)
-    if prior is not None:
-        cxy = cxy + lam * prior.double().T
-    w_t = torch.cholesky_solve(cxy, factor) if is_chol else torch.linalg.lstsq(factor, cxy).solution
+    rhs = cxy if prior is None else cxy + lam * prior.double().T
+    w_t = torch.cholesky_solve(rhs, factor) if is_chol else torch.linalg.lstsq(factor, rhs).solution
     w = w_t.T.contiguous()
     b = (my - w @ mx) if bias else None
-    return w, b
+    if not with_error:
+        return w, b
+    if not is_chol:  # least squares on a singular matrix: the identity needs the exact solve
+        return w, b, output_error(mom, w, b)
+    yy = mom.yy - mom.n * float(my @ my) if bias else mom.yy
+    err = yy - float(torch.sum(w_t * cxy))
+    if prior is not None:
+        err += lam * (float(torch.sum(w * prior.double())) - float(torch.sum(w * w)))
+    return w, b, max(err, 0.0)
 
 
 #: Ridge strengths tried by :func:`cross_validated_damp` (relative to the mean diagonal of the covariance).
@@ -583,11 +594,13 @@ def sequential_refit(
         whole = damp != "cv" or cols is not None
         mom = inp.merged().with_targets() if whole else None
         cv_folds = [f.with_targets() for f in inp.folds] if damp == "cv" else []
+        before = 0.0
         for x, y, m in zip(c_run.values(node.args[0]), ys, masks):
             xr = input_rows(node, x, m)
             yr = output_rows(dense_ops[wt], y, m)
             if keep_t is not None:
                 yr = yr.index_select(1, keep_t)
+            before += _rows_error(xr, yr, w_old, b_param)
             if mom is not None:
                 mom.add_targets(xr, yr)
             for fold, xs, ts in zip(cv_folds, torch.tensor_split(xr, n_folds), torch.tensor_split(yr, n_folds)):
@@ -595,8 +608,6 @@ def sequential_refit(
                     fold.add_targets(xs, ts if cols is None else ts[:, cols])
         if mom is None:
             mom = merge(cv_folds)
-        b_old = None if b_param is None else b_param.detach()
-        before = output_error(mom, w_old, b_old)
         bias = b_param is not None
         damp_from = ""
         if damp != "cv":
@@ -610,9 +621,9 @@ def sequential_refit(
                 prior = w_old if cols is None else w_old[torch.as_tensor(cols)]
                 d_use = cross_validated_damp(cv_folds, prior, bias, factors=inp.factors, key=key)
                 earlier.append(d_use)
-        w_new, b_new = refit(mom, damp=d_use, bias=bias, prior=w_old, factors=inp.factors, key=key)
+        w_new, b_new, after = refit(mom, damp=d_use, bias=bias, prior=w_old, factors=inp.factors, key=key,
+                                    with_error=True)
         _release(shared, readers, key)
-        after = output_error(mom, w_new, b_new)
         if after < before * (1 - MIN_GAIN) and all(torch.isfinite(t).all() for t in (w_new, b_new) if t is not None):
             new_w = set_tensor(compressed, wt, w_new)
             c_run.set_value(node.args[1], new_w)
@@ -683,6 +694,18 @@ def _input_folds(node: fx.Node, xs: Sequence[torch.Tensor], masks: Sequence[Any]
             if part.shape[0]:
                 fold.add(part)
     return folds
+
+
+def _rows_error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                chunk: int = 4096) -> float:
+    """``sum ||W x + b - y||^2`` over the rows of ``x`` (n, d_in) and ``y`` (n, d_out), in row chunks."""
+    total = 0.0
+    w32 = w.detach().float()
+    b32 = None if b is None else b.detach().float()
+    for xs, ys in zip(x.split(chunk), y.split(chunk)):
+        pred = torch.nn.functional.linear(xs.float(), w32, b32)
+        total += float(((pred - ys.float()).double() ** 2).sum())
+    return total
 
 
 def _cv_columns(d_out: int) -> list[int] | None:
