@@ -6,9 +6,9 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .common import (BSR_BATCH_TILE, BSR_GROUP, BSR_STREAMS, DEFAULT_PLAN, PAIR_ACC_VECTORS, Prefetch, READ_STREAMS,
-                     ROWS_PER_CHUNK, SPARSE_FLOP_COST, _GROUP_BITS, _chunks, _min_of, _parallel_threshold, _prefetch,
-                     _prefetch_lines, _scheduled)
+from .common import (BSR_BATCH_TILE, BSR_GROUP, BSR_STREAMS, by_work, DEFAULT_PLAN, PAIR_ACC_VECTORS, Prefetch,
+                     READ_STREAMS, ROWS_PER_CHUNK, SPARSE_FLOP_COST, _GROUP_BITS, _chunks, _min_of, _parallel_threshold,
+                     _prefetch, _prefetch_lines, _scheduled)
 
 
 def _block_prefetch(r: int, c: int, pd: int, last: int, locality: int):
@@ -156,6 +156,14 @@ def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv, by_group: bool 
     return TB, RA, batch_tile, repack
 
 
+def _bsr_tasks(N: int, r: int, c: int, nnzb: int, parallel: bool) -> tuple[int, int, int, int, int]:
+    """Block rows, block rows per parallel task (:data:`ROWS_PER_CHUNK` output rows), tasks, flops per row of
+    ``x`` and the parallel threshold of a BSR kernel."""
+    nbr = N // r
+    per_chunk = max(1, ROWS_PER_CHUNK // r)
+    return nbr, per_chunk, _chunks(nbr, per_chunk), 2 * nnzb * r * c * SPARSE_FLOP_COST, _parallel_threshold(parallel)
+
+
 def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, MB: int | None = None,
                           dtype: str = "float32", parallel: bool = True, pf: Prefetch | None = None,
                           S: int = BSR_STREAMS):
@@ -172,11 +180,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     pf = DEFAULT_PLAN.bsr(r, c) if pf is None else pf
     if MB is None:
         MB = _bsr_rows_per_tile(-(-r // 8))
-    nbr = N // r
-    per_chunk = max(1, ROWS_PER_CHUNK // r)
-    nch = _chunks(nbr, per_chunk)
-    flops_per_row = 2 * nnzb * r * c * SPARSE_FLOP_COST
-    threshold = _parallel_threshold(parallel)
+    nbr, per_chunk, nch, flops_per_row, threshold = _bsr_tasks(N, r, c, nnzb, parallel)
     # blocks ahead, per stream of rows_lockstep. On a Zen 3 (the default plan): 2 KiB ahead for blocks
     # narrower than a vector (4x4 reached 0.88-0.97 of the bound with it, 0.84-0.94 without at
     # 70-90 %; 1 KiB a stream instead of 2 took it to 0.87-0.98x the time); none for taller blocks,
@@ -299,6 +303,22 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                 if s * step + bri < nb:
                     store(acc1, bias, Y, b, br0 + s * step + bri, s * A)
 
+    @T.macro
+    def task(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acc1, acct, js, ns, in_task):
+        chunk(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acct)
+        if in_task:  # the single rows of this chunk's block rows; serially all block rows at once, after
+            for b in range(single_from(B), B):
+                rows_lockstep(X, crow, GI, gv, bias, Y, b, ch * per_chunk,
+                              T.min(per_chunk, nbr - ch * per_chunk), acc1, js, ns)
+
+    @T.macro
+    def single_rows(X, XP, crow, GI, gv, bias, Y, B, acc, acc1, acct, js, ns):
+        for b in range(single_from(B), B):
+            rows_lockstep(X, crow, GI, gv, bias, Y, b, 0, nbr, acc1, js, ns)
+
+    tasks = by_work(threshold, {"acc": ((MB, r), dtype), "acc1": ((S * A, VW), dtype), "acct": ((RA, r, TB), dtype),
+                                "js": ((S,), idx), "ns": ((S,), idx)}, task, "ch", single_rows)
+
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), gv: T.Buffer((G * GW,), dtype),
             bias: T.Buffer((N,), dtype), y_h: T.handle):
@@ -309,27 +329,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         GI = T.decl_buffer((G * GW,), idx, data=gv.data)
         XP = T.alloc_buffer((B // TB * TB * tiled * K,), dtype)
         repack(X, XP, B * tiled)
-        if B * flops_per_row >= threshold:
-            for ch in T.parallel(nch):
-                acc = T.alloc_buffer((MB, r), dtype)
-                acc1 = T.alloc_buffer((S * A, VW), dtype)
-                acct = T.alloc_buffer((RA, r, TB), dtype)
-                js = T.alloc_buffer((S,), idx)
-                ns = T.alloc_buffer((S,), idx)
-                chunk(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acct)
-                for b in range(single_from(B), B):
-                    rows_lockstep(X, crow, GI, gv, bias, Y, b, ch * per_chunk,
-                                  T.min(per_chunk, nbr - ch * per_chunk), acc1, js, ns)
-        else:
-            acc = T.alloc_buffer((MB, r), dtype)
-            acc1 = T.alloc_buffer((S * A, VW), dtype)
-            acct = T.alloc_buffer((RA, r, TB), dtype)
-            js = T.alloc_buffer((S,), idx)
-            ns = T.alloc_buffer((S,), idx)
-            for ch in range(nch):
-                chunk(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acct)
-            for b in range(single_from(B), B):
-                rows_lockstep(X, crow, GI, gv, bias, Y, b, 0, nbr, acc1, js, ns)
+        tasks(B * flops_per_row, nch, (X, XP, crow, GI, gv, bias, Y, B))
 
     return _scheduled(bsr)
 
@@ -345,11 +345,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     pf = DEFAULT_PLAN.bsr(r, c) if pf is None else pf
     if MB is None:
         MB = _bsr_rows_per_tile(r * -(-c // 8))
-    nbr = N // r
-    per_chunk = max(1, ROWS_PER_CHUNK // r)
-    nch = _chunks(nbr, per_chunk)
-    flops_per_row = 2 * nnzb * r * c * SPARSE_FLOP_COST
-    threshold = _parallel_threshold(parallel)
+    nbr, per_chunk, nch, flops_per_row, threshold = _bsr_tasks(N, r, c, nnzb, parallel)
     # 1x16 on a Zen 3: 1 KiB a stream instead of 2 took 0.93-0.95x the time at 70-80 % (equal at
     # 90-95 %); 512 B / 1.5 KiB a stream were no better
     pd = pf.ahead(4 * r * c, READ_STREAMS)
@@ -444,6 +440,21 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                     for i in range(r):
                         hsum(acc1, 0, i, bias, Y, b, br * r + i, s)
 
+    @T.macro
+    def task(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s, in_task):
+        chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s)
+        if in_task:  # the single rows of this chunk's block rows; serially all block rows at once, after
+            for b in range(single_from(B), B):
+                rows(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk), acc1, s)
+
+    @T.macro
+    def single_rows(X, XP, crow, col, val, bias, Y, B, acc, acc1, acct, s):
+        for b in range(single_from(B), B):
+            rows(X, crow, col, val, bias, Y, b, 0, nbr, acc1, s)
+
+    tasks = by_work(threshold, {"acc": ((MB, r, c), dtype), "acc1": ((1, r, c), dtype),
+                                "acct": ((RA, r, TB), dtype), "s": ((8,), dtype)}, task, "ch", single_rows)
+
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), col: T.Buffer((nnzb,), idx),
             val: T.Buffer((nnzb, r, c), dtype), bias: T.Buffer((N,), dtype), y_h: T.handle):
@@ -453,25 +464,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         Y = T.match_buffer(y_h, (B, N), dtype)
         XP = T.alloc_buffer((B // TB * TB * K,), dtype)
         repack(X, XP, B)
-        if B * flops_per_row >= threshold:
-            for ch in T.parallel(nch):
-                acc = T.alloc_buffer((MB, r, c), dtype)
-                acc1 = T.alloc_buffer((1, r, c), dtype)
-                acct = T.alloc_buffer((RA, r, TB), dtype)
-                s = T.alloc_buffer((8,), dtype)
-                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s)
-                for b in range(single_from(B), B):
-                    rows(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk),
-                         acc1, s)
-        else:
-            acc = T.alloc_buffer((MB, r, c), dtype)
-            acc1 = T.alloc_buffer((1, r, c), dtype)
-            acct = T.alloc_buffer((RA, r, TB), dtype)
-            s = T.alloc_buffer((8,), dtype)
-            for ch in range(nch):
-                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s)
-            for b in range(single_from(B), B):
-                rows(X, crow, col, val, bias, Y, b, 0, nbr, acc1, s)
+        tasks(B * flops_per_row, nch, (X, XP, crow, col, val, bias, Y, B))
 
     return _scheduled(bsr)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .common import BATCH_VEC, _parallel_threshold, _scheduled
+from .common import BATCH_VEC, by_work, _parallel_threshold, _scheduled
 
 
 # --------------------------------------------------------------------------- convolutions
@@ -137,25 +137,14 @@ def conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: tuple, G: i
                         Y[n, ocb * NB + v, od, oh, ow0 + t] = activation(act, acc[t, v], dtype)
 
     @T.macro
-    def block(X, w, bias, Rs, Y, n, ocb, acc, acc1):
+    def block(X, w, bias, Rs, Y, n, ocb, acc, acc1, in_task):
         for od, oh in T.grid(OD, OH):
             for owo in range(full):
                 tile(X, w, bias, Rs, Y, n, ocb, od, oh, owo * TW, TW, acc)
             if R > 0:
                 tile(X, w, bias, Rs, Y, n, ocb, od, oh, full * TW, R, acc1)
 
-    @T.macro
-    def body(X, w, bias, Rs, Y, N):
-        if N * flops_per_image >= threshold:
-            for i in T.parallel(N * OCB):
-                acc = T.alloc_buffer((TW, NB), dtype)
-                acc1 = T.alloc_buffer((RR, NB), dtype)
-                block(X, w, bias, Rs, Y, i // OCB, i % OCB, acc, acc1)
-        else:
-            acc = T.alloc_buffer((TW, NB), dtype)
-            acc1 = T.alloc_buffer((RR, NB), dtype)
-            for n, ocb in T.grid(N, OCB):
-                block(X, w, bias, Rs, Y, n, ocb, acc, acc1)
+    blocks = by_work(threshold, {"acc": ((TW, NB), dtype), "acc1": ((RR, NB), dtype)}, block, ("n", "ocb"))
 
     @T.prim_func(private=True)
     def conv(x_h: T.handle, w: T.Buffer((OCB, ICG, KD, KH, KW, NB), dtype),
@@ -166,7 +155,7 @@ def conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: tuple, G: i
         Ya = T.match_buffer(y_h, (N, *yd), dtype)
         X = T.decl_buffer((N, IC, DP, HP, WP), dtype, data=Xa.data)
         Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
-        body(X, w, bias, Y, Y, N)
+        blocks(N * flops_per_image, (N, OCB), (X, w, bias, Y, Y))
 
     @T.prim_func(private=True)
     def conv_residual(x_h: T.handle, w: T.Buffer((OCB, ICG, KD, KH, KW, NB), dtype),
@@ -179,7 +168,7 @@ def conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: tuple, G: i
         X = T.decl_buffer((N, IC, DP, HP, WP), dtype, data=Xa.data)
         Rs = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ra.data)
         Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
-        body(X, w, bias, Rs, Y, N)
+        blocks(N * flops_per_image, (N, OCB), (X, w, bias, Rs, Y))
 
     return _scheduled(conv_residual if residual else conv)
 
@@ -226,24 +215,13 @@ def pointwise_conv_kernel(IC: int, P: int, OC: int, MB: int = POINTWISE_MB, PB: 
                         Y[n, ob * MB + m, p0 + v] = activation(act, acc[m, v], dtype)
 
     @T.macro
-    def block(X, w, bias, Rs, Y, n, ob, acc, acc1):
+    def block(X, w, bias, Rs, Y, n, ob, acc, acc1, in_task):
         for po in range(full):
             tile(X, w, bias, Rs, Y, n, ob, po * PB, PB, acc)
         if R > 0:
             tile(X, w, bias, Rs, Y, n, ob, full * PB, R, acc1)
 
-    @T.macro
-    def body(X, w, bias, Rs, Y, N):
-        if N * flops_per_image >= threshold:
-            for i in T.parallel(N * OCB):
-                acc = T.alloc_buffer((MB, PB), dtype)
-                acc1 = T.alloc_buffer((MB, RR), dtype)
-                block(X, w, bias, Rs, Y, i // OCB, i % OCB, acc, acc1)
-        else:
-            acc = T.alloc_buffer((MB, PB), dtype)
-            acc1 = T.alloc_buffer((MB, RR), dtype)
-            for n, ob in T.grid(N, OCB):
-                block(X, w, bias, Rs, Y, n, ob, acc, acc1)
+    blocks = by_work(threshold, {"acc": ((MB, PB), dtype), "acc1": ((MB, RR), dtype)}, block, ("n", "ob"))
 
     @T.prim_func(private=True)
     def conv1x1(x_h: T.handle, w: T.Buffer((OCB, IC, MB), dtype), bias: T.Buffer((OCP,), dtype),
@@ -254,7 +232,7 @@ def pointwise_conv_kernel(IC: int, P: int, OC: int, MB: int = POINTWISE_MB, PB: 
         Ya = T.match_buffer(y_h, (N, *yd), dtype)
         X = T.decl_buffer((N, IC, P), dtype, data=Xa.data)
         Y = T.decl_buffer((N, OC, P), dtype, data=Ya.data)
-        body(X, w, bias, Y, Y, N)
+        blocks(N * flops_per_image, (N, OCB), (X, w, bias, Y, Y))
 
     @T.prim_func(private=True)
     def conv1x1_residual(x_h: T.handle, w: T.Buffer((OCB, IC, MB), dtype),
@@ -267,7 +245,7 @@ def pointwise_conv_kernel(IC: int, P: int, OC: int, MB: int = POINTWISE_MB, PB: 
         X = T.decl_buffer((N, IC, P), dtype, data=Xa.data)
         Rs = T.decl_buffer((N, OC, P), dtype, data=Ra.data)
         Y = T.decl_buffer((N, OC, P), dtype, data=Ya.data)
-        body(X, w, bias, Rs, Y, N)
+        blocks(N * flops_per_image, (N, OCB), (X, w, bias, Rs, Y))
 
     return _scheduled(conv1x1_residual if residual else conv1x1)
 
@@ -335,12 +313,14 @@ def depthwise_conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: t
     body = row_wide if 1 < sw <= DW_WIDE_MAX_STRIDE else row
 
     @T.macro
-    def plane(X, w, bias, Y, n, oc, acc):
+    def plane(X, w, bias, Y, n, oc, acc, in_task):
         for od, oh in T.grid(OD, OH):
             for owo in range(full):
                 body(X, w, bias, Y, n, oc, od, oh, owo * V, V, acc)
             if R > 0:
                 body(X, w, bias, Y, n, oc, od, oh, full * V, R, acc)
+
+    planes = by_work(threshold, {"acc": ((V * sw,), dtype)}, plane, ("n", "oc"))
 
     @T.prim_func(private=True)
     def depthwise(x_h: T.handle, w: T.Buffer((OC, KD, KH, KW), dtype), bias: T.Buffer((OC,), dtype),
@@ -351,13 +331,6 @@ def depthwise_conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: t
         Ya = T.match_buffer(y_h, (N, *yd), dtype)
         X = T.decl_buffer((N, IC, DP, HP, WP), dtype, data=Xa.data)
         Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
-        if N * flops_per_image >= threshold:
-            for i in T.parallel(N * OC):
-                acc = T.alloc_buffer((V * sw,), dtype)
-                plane(X, w, bias, Y, i // OC, i % OC, acc)
-        else:
-            acc = T.alloc_buffer((V * sw,), dtype)
-            for n, oc in T.grid(N, OC):
-                plane(X, w, bias, Y, n, oc, acc)
+        planes(N * flops_per_image, (N, OC), (X, w, bias, Y))
 
     return _scheduled(depthwise)
