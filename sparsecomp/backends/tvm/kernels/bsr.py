@@ -164,6 +164,31 @@ def _bsr_tasks(N: int, r: int, c: int, nnzb: int, parallel: bool) -> tuple[int, 
     return nbr, per_chunk, _chunks(nbr, per_chunk), 2 * nnzb * r * c * SPARSE_FLOP_COST, _parallel_threshold(parallel)
 
 
+def _bsr_chunk(TB: int, MB: int, tiled: int | None, per_chunk: int, nbr: int, single_from, batch_tile, row_tile):
+    """A BSR kernel's task over its chunk of block rows: rows ``[0, t_end)`` of ``x`` in ``x^T`` batch tiles
+    (``batch_tile``; only where ``tiled``), rows ``[t_end, m_end)`` in ``MB``-row register tiles
+    (``row_tile``); the rows after them run alone, outside. Tiles are the outer loops: a tile's rows of ``x``
+    stay in L1 / L2 across the chunk's block rows. Returns a macro ``chunk(X, XP, W, bias, Y, B, ch, acc,
+    acct, extra)``, ``W`` the weight buffers both tiles read, ``extra`` the row tile's other scratch."""
+
+    def tile_end(B):
+        return B // TB * TB if tiled is None else B // TB * TB * tiled
+
+    @T.macro
+    def chunk(X, XP, W, bias, Y, B, ch, acc, acct, extra):
+        t_end: T.let = tile_end(B)
+        m_end: T.let = single_from(B)
+        for t in range(t_end // TB):
+            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
+                batch_tile(XP, *W, bias, Y, ch * per_chunk + bri, t * TB, acct)
+        for bo in range((m_end - t_end) // MB):
+            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
+                br: T.let = ch * per_chunk + bri
+                row_tile(X, *W, bias, Y, br, t_end + bo * MB, acc, *extra)
+
+    return chunk
+
+
 def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, MB: int | None = None,
                           dtype: str = "float32", parallel: bool = True, pf: Prefetch | None = None,
                           S: int = BSR_STREAMS):
@@ -222,24 +247,16 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     row_tile_walk = _block_walk(row_tile_block, LONG)
 
     @T.macro
-    def chunk(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acct):
-        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; the rest: rows_lockstep()
-        t_end: T.let = B // TB * TB * tiled
-        m_end: T.let = single_from(B)
-        # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
-        for t in range(t_end // TB):
-            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-                batch_tile(XP, crow, GI, gv, bias, Y, ch * per_chunk + bri, t * TB, acct)
-        for bo in range((m_end - t_end) // MB):
-            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-                br: T.let = ch * per_chunk + bri
-                for mi in T.unroll(MB):
-                    for i in T.vectorized(r):
-                        acc[mi, i] = bias[br * r + i]
-                row_tile_walk(crow, br, X, GI, gv, acc, t_end + bo * MB)
-                for mi in T.unroll(MB):
-                    for i in T.vectorized(r):
-                        Y[t_end + bo * MB + mi, br * r + i] = acc[mi, i]
+    def row_tile(X, crow, GI, gv, bias, Y, br, x0, acc):
+        for mi in T.unroll(MB):
+            for i in T.vectorized(r):
+                acc[mi, i] = bias[br * r + i]
+        row_tile_walk(crow, br, X, GI, gv, acc, x0)
+        for mi in T.unroll(MB):
+            for i in T.vectorized(r):
+                Y[x0 + mi, br * r + i] = acc[mi, i]
+
+    chunk = _bsr_chunk(TB, MB, tiled, per_chunk, nbr, single_from, batch_tile, row_tile)
 
     prefetch_block = _grouped_prefetch(bs, pd, last, pf.locality)
 
@@ -305,7 +322,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     @T.macro
     def task(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acc1, acct, js, ns, in_task):
-        chunk(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acct)
+        chunk(X, XP, (crow, GI, gv), bias, Y, B, ch, acc, acct, ())
         if in_task:  # the single rows of this chunk's block rows; serially all block rows at once, after
             for b in range(single_from(B), B):
                 rows_lockstep(X, crow, GI, gv, bias, Y, b, ch * per_chunk,
@@ -384,32 +401,24 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                                                   lambda val, g, j, i, cc: val[j, i, cc])
 
     @T.macro
-    def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s):
-        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; the rest: rows()
-        t_end: T.let = B // TB * TB
-        m_end: T.let = single_from(B)
-        # tiles outside the chunk's block rows: a tile's rows of x stay in L1 / L2 across the chunk
-        for t in range(t_end // TB):
-            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-                batch_tile(XP, crow, col, val, bias, Y, ch * per_chunk + bri, t * TB, acct)
-        for bo in range((m_end - t_end) // MB):
-            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-                br: T.let = ch * per_chunk + bri
-                for mi in T.unroll(MB):
-                    for i in T.unroll(r):
-                        for cb in T.unroll(c // cv):
-                            for q in T.vectorized(cv):
-                                acc[mi, i, cb * cv + q] = T.Cast(dtype, 0)
-                for j in range(crow[br], crow[br + 1]):
-                    for mi in T.unroll(MB):
-                        for i in T.unroll(r):
-                            for cb in T.unroll(c // cv):
-                                for q in T.vectorized(cv):
-                                    acc[mi, i, cb * cv + q] = acc[mi, i, cb * cv + q] + val[j, i, cb * cv + q] * X[
-                                        t_end + bo * MB + mi, T.Cast("int64", col[j]) * c + cb * cv + q]
-                for mi in range(MB):
-                    for i in range(r):
-                        hsum(acc, mi, i, bias, Y, t_end + bo * MB + mi, br * r + i, s)
+    def row_tile(X, crow, col, val, bias, Y, br, x0, acc, s):
+        for mi in T.unroll(MB):
+            for i in T.unroll(r):
+                for cb in T.unroll(c // cv):
+                    for q in T.vectorized(cv):
+                        acc[mi, i, cb * cv + q] = T.Cast(dtype, 0)
+        for j in range(crow[br], crow[br + 1]):
+            for mi in T.unroll(MB):
+                for i in T.unroll(r):
+                    for cb in T.unroll(c // cv):
+                        for q in T.vectorized(cv):
+                            acc[mi, i, cb * cv + q] = acc[mi, i, cb * cv + q] + val[j, i, cb * cv + q] * X[
+                                x0 + mi, T.Cast("int64", col[j]) * c + cb * cv + q]
+        for mi in range(MB):
+            for i in range(r):
+                hsum(acc, mi, i, bias, Y, x0 + mi, br * r + i, s)
+
+    chunk = _bsr_chunk(TB, MB, None, per_chunk, nbr, single_from, batch_tile, row_tile)
 
     @T.macro
     def rows(X, crow, col, val, bias, Y, b, br0, nb, acc1, s):
@@ -442,7 +451,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
 
     @T.macro
     def task(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s, in_task):
-        chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s)
+        chunk(X, XP, (crow, col, val), bias, Y, B, ch, acc, acct, (s,))
         if in_task:  # the single rows of this chunk's block rows; serially all block rows at once, after
             for b in range(single_from(B), B):
                 rows(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk), acc1, s)
