@@ -1,7 +1,7 @@
-"""Recover on the digits CNN of tests/test_digits.py: top-1 accuracy dense / after the refit / after recovery.
+"""Recover on the digits CNN: top-1 accuracy dense / after the refit / after recovery.
 
-The CNN is trained here exactly as in the test (scikit-learn's 8x8 digits, seed 0, 1400 training images);
-compression removes ``--ratio`` of the MACs (global allocation, fluctuation) with or without the refit,
+The CNN and its training are ``sparsecomp.testing.digits`` (tests/test_digits.py uses the same: scikit-learn's
+8x8 digits, seed 0, 1400 training images); compression removes ``--ratio`` of the MACs (global allocation, fluctuation) with or without the refit,
 then ``Recover`` distils it from the dense CNN on the training images *without their labels* (KL on the
 logits). Accuracy is measured on the 397 test images.
 
@@ -17,9 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from torch import nn
-
 try:
     import sparsecomp
 except ImportError:  # running from a checkout without `pip install -e .`
@@ -27,44 +24,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import sparsecomp
 
 from sparsecomp import Recover, StructuredPruning
-
-
-class DigitsCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-
-def trained_digits():
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    train, test = perm[:1400], perm[1400:]
-    torch.manual_seed(0)
-    model = DigitsCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(10):
-        for i in range(0, len(train), 100):
-            idx = train[i:i + 100]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval(), x[train], x[test], y[test]
-
-
-def accuracy(module, x, y) -> float:
-    with torch.no_grad():
-        return float((module(x).argmax(1) == y).float().mean()) * 100
+from sparsecomp.testing.digits import accuracy, trained_digits
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ from sparsecomp import ConfigError, LowRank, Recover, Sparsify, StructuredPrunin
 from sparsecomp.capture import capture
 from sparsecomp.config import config_from_dict
 from sparsecomp.passes.base import PassContext, run_pass
-from sparsecomp.passes.recover import corresponding_blocks
+from sparsecomp.passes.recover.graphs import corresponding_blocks
 
 
 class Block(nn.Module):

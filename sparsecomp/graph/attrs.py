@@ -54,6 +54,20 @@ def free_name(module: torch.nn.Module, base: str) -> str:
     return name
 
 
+def add_tensor(module: torch.nn.Module, beside: str, suffix: str, tensor: torch.Tensor) -> str:
+    """Register ``tensor`` next to the attribute ``beside`` (in the same submodule), under the first free name
+    ``<leaf>_<suffix>[_i]``: as a parameter if it is an ``nn.Parameter``, else as a buffer. Returns its
+    target (the dotted path a ``get_attr`` node names)."""
+    owner, leaf = owner_of(module, beside)
+    name = free_name(owner, f"{leaf}_{suffix}")
+    if isinstance(tensor, torch.nn.Parameter):
+        owner.register_parameter(name, tensor)
+    else:
+        owner.register_buffer(name, tensor)
+    prefix = beside.rpartition(".")[0]
+    return f"{prefix}.{name}" if prefix else name
+
+
 def deepcopy(obj: Any) -> Any:
     """``copy.deepcopy`` without torch's pytree deprecation noise (emitted while copying GraphModules)."""
     with warnings.catch_warnings():

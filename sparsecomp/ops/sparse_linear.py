@@ -376,129 +376,35 @@ def _validate_nm(x, values, indices, bias, n, m, in_features) -> int:
 
 
 @torch.library.custom_op("sparsecomp::sparse_linear_csr", mutates_args=())
-def sparse_linear_csr(
-    x: Tensor,
-    crow_indices: Tensor,
-    col_indices: Tensor,
-    values: Tensor,
-    bias: Optional[Tensor],
-    out_features: int,
-    in_features: int,
-) -> Tensor:
-    """``x @ W.T + bias`` with ``W`` in CSR format.
-
-    Parameters
-    ----------
-    x : Tensor
-        ``[..., in_features]`` input.
-    crow_indices, col_indices, values : Tensor
-        CSR structure of ``W`` (see :class:`~sparsecomp.ops.formats.CSRWeight`).
-    bias : Tensor or None
-        ``[out_features]``.
-    out_features, in_features : int
-        Dense shape of ``W``.
-
-    Returns
-    -------
-    Tensor
-        ``[..., out_features]``.
-    """
+def sparse_linear_csr(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Optional[Tensor],
+                      out_features: int, in_features: int) -> Tensor:
+    """``x @ W.T + bias`` for ``x [..., in_features]``, ``W [out_features, in_features]`` in CSR format
+    (the tensors of :class:`~sparsecomp.ops.formats.CSRWeight`); returns ``[..., out_features]``."""
     _validate_csr(x, crow_indices, col_indices, values, bias, out_features, in_features)
-    return _run_linear(
-        x,
-        bias,
-        out_features,
-        in_features,
-        lambda x2: _csr_forward(x2, crow_indices, col_indices, values, out_features, in_features),
-    )
+    return _run_linear(x, bias, out_features, in_features,
+                       lambda x2: _csr_forward(x2, crow_indices, col_indices, values, out_features, in_features))
 
 
 @torch.library.custom_op("sparsecomp::sparse_linear_bsr", mutates_args=())
-def sparse_linear_bsr(
-    x: Tensor,
-    crow_indices: Tensor,
-    col_indices: Tensor,
-    values: Tensor,
-    bias: Optional[Tensor],
-    out_features: int,
-    in_features: int,
-    block_r: int,
-    block_c: int,
-) -> Tensor:
-    """``x @ W.T + bias`` with ``W`` in BSR format with ``(block_r, block_c)`` blocks.
-
-    Parameters
-    ----------
-    x : Tensor
-        ``[..., in_features]`` input.
-    crow_indices, col_indices : Tensor
-        Block-row pointers and block-column indices.
-    values : Tensor
-        ``[nnzb, block_r, block_c]`` blocks.
-    bias : Tensor or None
-        ``[out_features]``.
-    out_features, in_features : int
-        Dense shape of ``W``.
-    block_r, block_c : int
-        Block shape; must divide ``(out_features, in_features)``.
-
-    Returns
-    -------
-    Tensor
-        ``[..., out_features]``.
-    """
+def sparse_linear_bsr(x: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, bias: Optional[Tensor],
+                      out_features: int, in_features: int, block_r: int, block_c: int) -> Tensor:
+    """``x @ W.T + bias`` with ``W`` in BSR format: ``values [nnzb, block_r, block_c]``, the block shape
+    dividing ``(out_features, in_features)`` (the tensors of :class:`~sparsecomp.ops.formats.BSRWeight`)."""
     _validate_bsr(x, crow_indices, col_indices, values, bias, out_features, in_features, block_r, block_c)
-    return _run_linear(
-        x,
-        bias,
-        out_features,
-        in_features,
-        lambda x2: _bsr_forward(
-            x2, crow_indices, col_indices, values, out_features, in_features, block_r, block_c
-        ),
-    )
+    return _run_linear(x, bias, out_features, in_features,
+                       lambda x2: _bsr_forward(x2, crow_indices, col_indices, values, out_features, in_features,
+                                               block_r, block_c))
 
 
 @torch.library.custom_op("sparsecomp::sparse_linear_nm", mutates_args=())
-def sparse_linear_nm(
-    x: Tensor,
-    values: Tensor,
-    indices: Tensor,
-    bias: Optional[Tensor],
-    n: int,
-    m: int,
-    in_features: int,
-) -> Tensor:
-    """``x @ W.T + bias`` with ``W`` in packed ``n:m`` format along the input dim.
-
-    Parameters
-    ----------
-    x : Tensor
-        ``[..., in_features]`` input.
-    values : Tensor
-        ``[out_features, in_features*n/m]`` kept values.
-    indices : Tensor
-        Same shape, position (``0..m-1``) of each value inside its group.
-    bias : Tensor or None
-        ``[out_features]``.
-    n, m : int
-        Sparsity pattern.
-    in_features : int
-        Dense input size of ``W``.
-
-    Returns
-    -------
-    Tensor
-        ``[..., out_features]``.
-    """
+def sparse_linear_nm(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], n: int, m: int,
+                     in_features: int) -> Tensor:
+    """``x @ W.T + bias`` with ``W`` packed ``n:m`` along the input dim: ``values`` and ``indices``
+    ``[out_features, in_features*n/m]``, ``indices`` the position (``0..m-1``) of each value in its group
+    (the tensors of :class:`~sparsecomp.ops.formats.NMWeight`)."""
     out_features = _validate_nm(x, values, indices, bias, n, m, in_features)
-    return _run_linear(
-        x,
-        bias,
-        out_features,
-        in_features,
-        lambda x2: _nm_forward(x2, values, indices, n, m, in_features),
-    )
+    return _run_linear(x, bias, out_features, in_features,
+                       lambda x2: _nm_forward(x2, values, indices, n, m, in_features))
 
 
 # --------------------------------------------------------------------------- #
@@ -547,21 +453,21 @@ def packed_linear(x: Tensor, weight: PackedWeight, bias: Optional[Tensor] = None
     Tensor
         ``[..., out_features]``, equal to ``F.linear(x, weight.to_dense(), bias)``.
     """
-    out_f, in_f = weight.shape
-    if isinstance(weight, CSRWeight):
-        return torch.ops.sparsecomp.sparse_linear_csr(
-            x, weight.crow_indices, weight.col_indices, weight.values, bias, out_f, in_f
-        )
-    if isinstance(weight, BSRWeight):
-        r, c = weight.blocksize
-        return torch.ops.sparsecomp.sparse_linear_bsr(
-            x, weight.crow_indices, weight.col_indices, weight.values, bias, out_f, in_f, r, c
-        )
-    if isinstance(weight, NMWeight):
-        return torch.ops.sparsecomp.sparse_linear_nm(
-            x, weight.values, weight.indices, bias, weight.n, weight.m, in_f
-        )
-    raise TypeError(f"expected CSRWeight, BSRWeight or NMWeight, got {type(weight).__name__}")
+    if not isinstance(weight, (CSRWeight, BSRWeight, NMWeight)):
+        raise TypeError(f"expected CSRWeight, BSRWeight or NMWeight, got {type(weight).__name__}")
+    return _call_op(x, weight.format, weight, bias, *weight.shape)
+
+
+def _call_op(x: Tensor, fmt: str, w, bias: Optional[Tensor], out_f: int, in_f: int) -> Tensor:
+    """Call the operator of format ``fmt`` on ``w``'s tensors (a format object or a :class:`SparseLinear`:
+    both name them ``crow_indices`` / ``col_indices`` / ``values`` / ``indices``, ``blocksize``, ``n``, ``m``)."""
+    if fmt == "nm":
+        return torch.ops.sparsecomp.sparse_linear_nm(x, w.values, w.indices, bias, w.n, w.m, in_f)
+    if fmt == "bsr":
+        r, c = w.blocksize
+        return torch.ops.sparsecomp.sparse_linear_bsr(x, w.crow_indices, w.col_indices, w.values, bias, out_f, in_f,
+                                                      r, c)
+    return torch.ops.sparsecomp.sparse_linear_csr(x, w.crow_indices, w.col_indices, w.values, bias, out_f, in_f)
 
 
 class SparseLinear(nn.Module):
@@ -675,32 +581,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Compute ``x @ W.T + bias`` for ``x`` of shape ``[..., in_features]``."""
-        if self.format == "nm":
-            return torch.ops.sparsecomp.sparse_linear_nm(
-                x, self.values, self.indices, self.bias, self.n, self.m, self.in_features
-            )
-        if self.format == "bsr":
-            r, c = self.blocksize
-            return torch.ops.sparsecomp.sparse_linear_bsr(
-                x,
-                self.crow_indices,
-                self.col_indices,
-                self.values,
-                self.bias,
-                self.out_features,
-                self.in_features,
-                r,
-                c,
-            )
-        return torch.ops.sparsecomp.sparse_linear_csr(
-            x,
-            self.crow_indices,
-            self.col_indices,
-            self.values,
-            self.bias,
-            self.out_features,
-            self.in_features,
-        )
+        return _call_op(x, self.format, self, self.bias, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         extra = ""

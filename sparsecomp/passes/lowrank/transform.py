@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any
 
 import torch
@@ -15,9 +14,9 @@ from ...calibration.data import iter_batches, observe
 from ...capture.export import Captured
 from ...errors import PassError
 from ...graph.macs import linear_macs
-from ...graph.attrs import deepcopy, free_name, get_attr
+from ...graph.attrs import add_tensor, deepcopy, get_attr
 from ..base import PassResult, register_pass
-from ..candidates import weighted_nodes
+from ..candidates import drop_weight, finish, weighted_nodes
 from .allocate import _Choice, _cost, _error, allocate_global
 from .config import LowRank
 from .factor import (_COST, asvd_scale, choose_rank, decompose, error_curve, factored_is_faster, factors_from,
@@ -241,14 +240,8 @@ def _rewrite(gm: fx.GraphModule, layer: _Layer, A64: torch.Tensor, B64: torch.Te
     A = torch.nn.Parameter(A.to(weight.dtype).to(weight.device).contiguous(), requires_grad=weight.requires_grad)
     B = torch.nn.Parameter(B.to(weight.dtype).to(weight.device).contiguous(), requires_grad=weight.requires_grad)
 
-    prefix, _, leaf = w_node.target.rpartition(".")
-    owner = gm.get_submodule(prefix) if prefix else gm
-    a_name = free_name(owner, f"{leaf}_lr_a")
-    owner.register_parameter(a_name, A)
-    b_name = free_name(owner, f"{leaf}_lr_b")
-    owner.register_parameter(b_name, B)
-    a_target = f"{prefix}.{a_name}" if prefix else a_name
-    b_target = f"{prefix}.{b_name}" if prefix else b_name
+    a_target = add_tensor(gm, w_node.target, "lr_a", A)
+    b_target = add_tensor(gm, w_node.target, "lr_b", B)
 
     args = list(node.args)
     bias = args[2] if len(args) > 2 else node.kwargs.get("bias")
@@ -269,10 +262,7 @@ def _rewrite(gm: fx.GraphModule, layer: _Layer, A64: torch.Tensor, B64: torch.Te
                 inner = gm.graph.call_function(node.target, tuple(first), {k: v for k, v in node.kwargs.items() if k != "bias"})
                 node.target = _CONV_DEFAULT[d]
                 node.args, node.kwargs = (inner, b_node, bias, ones, zeros, ones, 1), {}
-    if not w_node.users:
-        gm.graph.erase_node(w_node)
-        if not any(nd.op == "get_attr" and nd.target == w_node.target for nd in gm.graph.nodes):
-            delattr(owner, leaf)
+    drop_weight(gm, w_node)
 
 
 # ------------------------------------------------------------------------------------------------ the pass
@@ -285,9 +275,7 @@ def _not_faster(layer: _Layer, r: int, rows: float) -> str:
 
 @register_pass(LowRank)
 def run_lowrank(captured: Captured, cfg: LowRank, calibration: Any = None) -> PassResult:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        gm = deepcopy(captured.module)
+    gm = deepcopy(captured.module)
     todo, report = _candidates(gm, cfg)
     if not todo:
         return PassResult(captured, False, report, "LowRank")
@@ -329,13 +317,7 @@ def run_lowrank(captured: Captured, cfg: LowRank, calibration: Any = None) -> Pa
                        "relative_error": err, "method": cfg.method, "allocation": cfg.allocation,
                        "rows_per_call": stats[name].rows_per_call})
 
-    order = {nd.name: i for i, nd in enumerate(captured.module.graph.nodes)}
-    report.sort(key=lambda row: order.get(row["node"], len(order)))
-    if not modified:
-        return PassResult(captured, False, report, "LowRank")
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return PassResult(captured.recapture(gm), True, report, "LowRank")
+    return finish(captured, gm, report, modified, "LowRank")
 
 
 def _uniform_ranks(layers, stats, decs, cfg: LowRank) -> tuple[dict[str, int], dict[str, dict]]:

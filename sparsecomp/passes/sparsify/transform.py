@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -39,10 +38,10 @@ from ...calibration.data import iter_batches, observe
 from ...capture.export import Captured
 from ...config import PassConfig, check_choice, check_positive_int, is_int, is_number, name_patterns, register_config
 from ...errors import ConfigError
-from ...graph.attrs import deepcopy, free_name, get_attr, replace_tensor
+from ...graph.attrs import add_tensor, deepcopy, get_attr, owner_of, replace_tensor
 from ...ops import pack_bsr, pack_csr, pack_nm
 from ..base import PassResult, register_pass
-from ..candidates import weighted_nodes
+from ..candidates import drop_weight, finish, weighted_nodes
 
 PATTERNS = ("unstructured", "block", "n:m")
 CRITERIA = ("magnitude", "wanda")
@@ -296,18 +295,14 @@ def _format_label(cfg: Sparsify) -> str:
     return "csr"
 
 
-def _rewrite_sparse(gm: fx.GraphModule, node: fx.Node, owner: torch.nn.Module, prefix: str, leaf: str,
-                    cfg: Sparsify, packed) -> None:
-    """Replace ``linear(x, W, b)`` by the sparse operator reading ``packed``'s tensors as buffers."""
+def _rewrite_sparse(gm: fx.GraphModule, node: fx.Node, cfg: Sparsify, packed) -> None:
+    """Replace ``linear(x, W, b)`` by the sparse operator reading ``packed``'s tensors as buffers beside ``W``."""
     if cfg.pattern == "n:m":
         tensors = {"values": packed.values, "indices": packed.indices}
     else:
         tensors = {"crow": packed.crow_indices, "col": packed.col_indices, "values": packed.values}
-    targets = {}
-    for key, t in tensors.items():
-        name = free_name(owner, f"{leaf}_{cfg.format}_{key}")
-        owner.register_buffer(name, t.contiguous())
-        targets[key] = f"{prefix}.{name}" if prefix else name
+    targets = {key: add_tensor(gm, node.args[1].target, f"{cfg.format}_{key}", t.contiguous())
+               for key, t in tensors.items()}
     x = node.args[0]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     out_f, in_f = packed.shape
@@ -328,9 +323,7 @@ def _rewrite_sparse(gm: fx.GraphModule, node: fx.Node, owner: torch.nn.Module, p
 # ------------------------------------------------------------------------------------------------ the pass
 @register_pass(Sparsify)
 def run_sparsify(captured: Captured, cfg: Sparsify, calibration: Any = None) -> PassResult:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        gm = deepcopy(captured.module)
+    gm = deepcopy(captured.module)
     todo, report = _candidates(gm, cfg)
     if not todo or cfg.target_sparsity == 0:
         return PassResult(captured, False, report, "Sparsify")
@@ -373,22 +366,12 @@ def run_sparsify(captured: Captured, cfg: Sparsify, calibration: Any = None) -> 
         if gram is not None:
             row["relative_error"] = relative_output_error(weight, masked, gram)
 
-        prefix, _, leaf = w_node.target.rpartition(".")
-        owner = gm.get_submodule(prefix) if prefix else gm
         if packed is None:
-            replace_tensor(owner, leaf, weight, masked)
+            replace_tensor(*owner_of(gm, w_node.target), weight, masked)
         else:
-            _rewrite_sparse(gm, node, owner, prefix, leaf, cfg, packed)
-            if not w_node.users:
-                gm.graph.erase_node(w_node)
-                delattr(owner, leaf)
+            _rewrite_sparse(gm, node, cfg, packed)
+            drop_weight(gm, w_node)
         modified = True
         report.append(row)
 
-    order = {nd.name: i for i, nd in enumerate(captured.module.graph.nodes)}
-    report.sort(key=lambda r: order.get(r["node"], len(order)))
-    if not modified:
-        return PassResult(captured, False, report, "Sparsify")
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return PassResult(captured.recapture(gm), True, report, "Sparsify")
+    return finish(captured, gm, report, modified, "Sparsify")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import BuildResult, _calibrate_batchnorm, _randomize_norms
+from .common import BuildResult, _calibrate_batchnorm, _randomize_norms, seeded
 
 
 # --------------------------------------------------------------------------
@@ -229,11 +229,7 @@ class MobileNet(nn.Module):
 
 def build_mobilenet() -> BuildResult:
     """MobileNetV3-style net: depthwise convs, SE (conv+hardsigmoid, linear+sigmoid), hardswish (2x3x32x32)."""
-    torch.manual_seed(0)
-    model = MobileNet()
-    _randomize_norms(model)
-    x = torch.randn(2, 3, 32, 32)
-    return model.eval(), (x,), {}
+    return seeded(MobileNet, lambda: (torch.randn(2, 3, 32, 32),))
 
 
 # --------------------------------------------------------------------------
@@ -305,11 +301,7 @@ class DenseNet(nn.Module):
 
 def build_densenet() -> BuildResult:
     """DenseNet-BC (growth 12, blocks 3-3-3) with cat-based dense blocks and transitions (2x3x32x32)."""
-    torch.manual_seed(0)
-    model = DenseNet()
-    _randomize_norms(model)
-    x = torch.randn(2, 3, 32, 32)
-    return model.eval(), (x,), {}
+    return seeded(DenseNet, lambda: (torch.randn(2, 3, 32, 32),))
 
 
 # --------------------------------------------------------------------------
@@ -350,11 +342,7 @@ class UNetSmall(nn.Module):
 
 def build_unet_small() -> BuildResult:
     """U-Net segmenter: ConvTranspose2d + GroupNorm + grouped conv + skip concat (2x3x32x32 -> 2x4x32x32)."""
-    torch.manual_seed(0)
-    model = UNetSmall()
-    _randomize_norms(model)
-    x = torch.randn(2, 3, 32, 32)
-    return model.eval(), (x,), {}
+    return seeded(UNetSmall, lambda: (torch.randn(2, 3, 32, 32),))
 
 
 class Conv1dNet(nn.Module):
@@ -384,11 +372,7 @@ class Conv1dNet(nn.Module):
 
 def build_conv1d_net() -> BuildResult:
     """Conv1d network with BatchNorm1d, grouped Conv1d (g=4, g=2) and GroupNorm (2x8x64)."""
-    torch.manual_seed(0)
-    model = Conv1dNet()
-    _randomize_norms(model)
-    x = torch.randn(2, 8, 64)
-    return model.eval(), (x,), {}
+    return seeded(Conv1dNet, lambda: (torch.randn(2, 8, 64),))
 
 
 class Conv3dNet(nn.Module):
@@ -417,11 +401,7 @@ class Conv3dNet(nn.Module):
 
 def build_conv3d_net() -> BuildResult:
     """Conv3d network with BatchNorm3d, grouped Conv3d and a projection residual (2x3x4x16x16)."""
-    torch.manual_seed(0)
-    model = Conv3dNet()
-    _randomize_norms(model)
-    x = torch.randn(2, 3, 4, 16, 16)
-    return model.eval(), (x,), {}
+    return seeded(Conv3dNet, lambda: (torch.randn(2, 3, 4, 16, 16),))
 
 
 # --------------------------------------------------------------------------

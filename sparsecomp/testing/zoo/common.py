@@ -105,6 +105,15 @@ def _randomize_norms(model: nn.Module) -> None:
 
 
 @torch.no_grad()
+def seeded(make_model: Callable[[], nn.Module], make_inputs: Callable[[], tuple]) -> BuildResult:
+    """A zoo model built the zoo's way: seed 0, ``make_model()``, its norms' affine parameters randomized,
+    then ``make_inputs()`` (this order keeps weights and inputs bit-identical from call to call)."""
+    torch.manual_seed(0)
+    model = make_model()
+    _randomize_norms(model)
+    return model.eval(), make_inputs(), {}
+
+
 def _calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
     """Set BatchNorm running statistics to the batch statistics of one
     train-mode forward on ``x`` (affine params untouched), as a trained

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import BuildResult, _randomize_norms
+from .common import BuildResult, seeded
 
 
 # --------------------------------------------------------------------------
@@ -57,11 +57,7 @@ class ViT(nn.Module):
 
 def build_vit() -> BuildResult:
     """Hand-written ViT with nn.MultiheadAttention(batch_first=True) (2x3x32x32)."""
-    torch.manual_seed(0)
-    model = ViT()
-    _randomize_norms(model)
-    x = torch.randn(2, 3, 32, 32)
-    return model.eval(), (x,), {}
+    return seeded(ViT, lambda: (torch.randn(2, 3, 32, 32),))
 
 
 # --------------------------------------------------------------------------
@@ -139,11 +135,7 @@ class GPT(nn.Module):
 
 def build_gpt() -> BuildResult:
     """nanoGPT-style LM: fused qkv, causal mask buffer + masked_fill, tied lm_head (ids 2x16)."""
-    torch.manual_seed(0)
-    model = GPT()
-    _randomize_norms(model)
-    idx = torch.randint(0, 512, (2, 16))
-    return model.eval(), (idx,), {}
+    return seeded(GPT, lambda: (torch.randint(0, 512, (2, 16)),))
 
 
 # --------------------------------------------------------------------------
@@ -251,8 +243,4 @@ class Llama(nn.Module):
 
 def build_llama() -> BuildResult:
     """Hand-written Llama: RMSNorm, GQA 4/2 heads, RoPE, SwiGLU, SDPA is_causal (ids 2x16)."""
-    torch.manual_seed(0)
-    model = Llama()
-    _randomize_norms(model)
-    ids = torch.randint(0, 512, (2, 16))
-    return model.eval(), (ids,), {}
+    return seeded(Llama, lambda: (torch.randint(0, 512, (2, 16)),))

@@ -40,7 +40,8 @@ Layouts are chosen at compile time from the constant weights (see :mod:`.fronten
   check on indices that reach Relax ``take`` / ``gather_elements`` (:func:`index_check_kernel`).
 
 Parallelism: the outer loop (output panels / chunks of rows) runs ``T.parallel`` only when the call's
-work, known at run time from the batch, is at least :data:`MIN_PARALLEL_FLOPS`: a parallel launch costs
+work, known at run time from the batch, is at least :data:`MIN_PARALLEL_FLOPS` (one macro decides it for
+every kernel that splits this way, :func:`.common.by_work`): a parallel launch costs
 ~12 us even on one thread, more than a whole small layer (a 64x64 linear on 32 rows: 12.8 -> 3.4 us).
 Every generator takes ``parallel=False`` for models lowered for one thread: the body of a parallel
 loop is compiled as a closure and ran 1.5-3x slower than the same loop inline (3072x768 CSR at 90 %,

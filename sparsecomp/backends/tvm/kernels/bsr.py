@@ -6,9 +6,9 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .common import (BSR_BATCH_TILE, BSR_GROUP, BSR_STREAMS, DEFAULT_PLAN, PAIR_ACC_VECTORS, Prefetch, READ_STREAMS,
-                     ROWS_PER_CHUNK, SPARSE_FLOP_COST, _GROUP_BITS, _chunks, _min_of, _parallel_threshold, _prefetch,
-                     _prefetch_lines, _scheduled)
+from .common import (BSR_BATCH_TILE, BSR_GROUP, BSR_STREAMS, by_work, DEFAULT_PLAN, PAIR_ACC_VECTORS, Prefetch,
+                     READ_STREAMS, ROWS_PER_CHUNK, SPARSE_FLOP_COST, _GROUP_BITS, _chunks, _min_of, _parallel_threshold,
+                     _prefetch, _prefetch_lines, _scheduled)
 
 
 def _block_prefetch(r: int, c: int, pd: int, last: int, locality: int):
@@ -156,6 +156,39 @@ def _bsr_batch_tiles(K: int, r: int, c: int, dtype: str, cv, wv, by_group: bool 
     return TB, RA, batch_tile, repack
 
 
+def _bsr_tasks(N: int, r: int, c: int, nnzb: int, parallel: bool) -> tuple[int, int, int, int, int]:
+    """Block rows, block rows per parallel task (:data:`ROWS_PER_CHUNK` output rows), tasks, flops per row of
+    ``x`` and the parallel threshold of a BSR kernel."""
+    nbr = N // r
+    per_chunk = max(1, ROWS_PER_CHUNK // r)
+    return nbr, per_chunk, _chunks(nbr, per_chunk), 2 * nnzb * r * c * SPARSE_FLOP_COST, _parallel_threshold(parallel)
+
+
+def _bsr_chunk(TB: int, MB: int, tiled: int | None, per_chunk: int, nbr: int, single_from, batch_tile, row_tile):
+    """A BSR kernel's task over its chunk of block rows: rows ``[0, t_end)`` of ``x`` in ``x^T`` batch tiles
+    (``batch_tile``; only where ``tiled``), rows ``[t_end, m_end)`` in ``MB``-row register tiles
+    (``row_tile``); the rows after them run alone, outside. Tiles are the outer loops: a tile's rows of ``x``
+    stay in L1 / L2 across the chunk's block rows. Returns a macro ``chunk(X, XP, W, bias, Y, B, ch, acc,
+    acct, extra)``, ``W`` the weight buffers both tiles read, ``extra`` the row tile's other scratch."""
+
+    def tile_end(B):
+        return B // TB * TB if tiled is None else B // TB * TB * tiled
+
+    @T.macro
+    def chunk(X, XP, W, bias, Y, B, ch, acc, acct, extra):
+        t_end: T.let = tile_end(B)
+        m_end: T.let = single_from(B)
+        for t in range(t_end // TB):
+            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
+                batch_tile(XP, *W, bias, Y, ch * per_chunk + bri, t * TB, acct)
+        for bo in range((m_end - t_end) // MB):
+            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
+                br: T.let = ch * per_chunk + bri
+                row_tile(X, *W, bias, Y, br, t_end + bo * MB, acc, *extra)
+
+    return chunk
+
+
 def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, MB: int | None = None,
                           dtype: str = "float32", parallel: bool = True, pf: Prefetch | None = None,
                           S: int = BSR_STREAMS):
@@ -172,11 +205,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     pf = DEFAULT_PLAN.bsr(r, c) if pf is None else pf
     if MB is None:
         MB = _bsr_rows_per_tile(-(-r // 8))
-    nbr = N // r
-    per_chunk = max(1, ROWS_PER_CHUNK // r)
-    nch = _chunks(nbr, per_chunk)
-    flops_per_row = 2 * nnzb * r * c * SPARSE_FLOP_COST
-    threshold = _parallel_threshold(parallel)
+    nbr, per_chunk, nch, flops_per_row, threshold = _bsr_tasks(N, r, c, nnzb, parallel)
     # blocks ahead, per stream of rows_lockstep. On a Zen 3 (the default plan): 2 KiB ahead for blocks
     # narrower than a vector (4x4 reached 0.88-0.97 of the bound with it, 0.84-0.94 without at
     # 70-90 %; 1 KiB a stream instead of 2 took it to 0.87-0.98x the time); none for taller blocks,
@@ -218,24 +247,16 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     row_tile_walk = _block_walk(row_tile_block, LONG)
 
     @T.macro
-    def chunk(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acct):
-        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; the rest: rows_lockstep()
-        t_end: T.let = B // TB * TB * tiled
-        m_end: T.let = single_from(B)
-        # tiles outside the chunk's block rows: a tile's rows of x stay in L1 across the chunk
-        for t in range(t_end // TB):
-            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-                batch_tile(XP, crow, GI, gv, bias, Y, ch * per_chunk + bri, t * TB, acct)
-        for bo in range((m_end - t_end) // MB):
-            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-                br: T.let = ch * per_chunk + bri
-                for mi in T.unroll(MB):
-                    for i in T.vectorized(r):
-                        acc[mi, i] = bias[br * r + i]
-                row_tile_walk(crow, br, X, GI, gv, acc, t_end + bo * MB)
-                for mi in T.unroll(MB):
-                    for i in T.vectorized(r):
-                        Y[t_end + bo * MB + mi, br * r + i] = acc[mi, i]
+    def row_tile(X, crow, GI, gv, bias, Y, br, x0, acc):
+        for mi in T.unroll(MB):
+            for i in T.vectorized(r):
+                acc[mi, i] = bias[br * r + i]
+        row_tile_walk(crow, br, X, GI, gv, acc, x0)
+        for mi in T.unroll(MB):
+            for i in T.vectorized(r):
+                Y[x0 + mi, br * r + i] = acc[mi, i]
+
+    chunk = _bsr_chunk(TB, MB, tiled, per_chunk, nbr, single_from, batch_tile, row_tile)
 
     prefetch_block = _grouped_prefetch(bs, pd, last, pf.locality)
 
@@ -299,6 +320,22 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                 if s * step + bri < nb:
                     store(acc1, bias, Y, b, br0 + s * step + bri, s * A)
 
+    @T.macro
+    def task(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acc1, acct, js, ns, in_task):
+        chunk(X, XP, (crow, GI, gv), bias, Y, B, ch, acc, acct, ())
+        if in_task:  # the single rows of this chunk's block rows; serially all block rows at once, after
+            for b in range(single_from(B), B):
+                rows_lockstep(X, crow, GI, gv, bias, Y, b, ch * per_chunk,
+                              T.min(per_chunk, nbr - ch * per_chunk), acc1, js, ns)
+
+    @T.macro
+    def single_rows(X, XP, crow, GI, gv, bias, Y, B, acc, acc1, acct, js, ns):
+        for b in range(single_from(B), B):
+            rows_lockstep(X, crow, GI, gv, bias, Y, b, 0, nbr, acc1, js, ns)
+
+    tasks = by_work(threshold, {"acc": ((MB, r), dtype), "acc1": ((S * A, VW), dtype), "acct": ((RA, r, TB), dtype),
+                                "js": ((S,), idx), "ns": ((S,), idx)}, task, "ch", single_rows)
+
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), gv: T.Buffer((G * GW,), dtype),
             bias: T.Buffer((N,), dtype), y_h: T.handle):
@@ -309,27 +346,7 @@ def bsr_row_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         GI = T.decl_buffer((G * GW,), idx, data=gv.data)
         XP = T.alloc_buffer((B // TB * TB * tiled * K,), dtype)
         repack(X, XP, B * tiled)
-        if B * flops_per_row >= threshold:
-            for ch in T.parallel(nch):
-                acc = T.alloc_buffer((MB, r), dtype)
-                acc1 = T.alloc_buffer((S * A, VW), dtype)
-                acct = T.alloc_buffer((RA, r, TB), dtype)
-                js = T.alloc_buffer((S,), idx)
-                ns = T.alloc_buffer((S,), idx)
-                chunk(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acct)
-                for b in range(single_from(B), B):
-                    rows_lockstep(X, crow, GI, gv, bias, Y, b, ch * per_chunk,
-                                  T.min(per_chunk, nbr - ch * per_chunk), acc1, js, ns)
-        else:
-            acc = T.alloc_buffer((MB, r), dtype)
-            acc1 = T.alloc_buffer((S * A, VW), dtype)
-            acct = T.alloc_buffer((RA, r, TB), dtype)
-            js = T.alloc_buffer((S,), idx)
-            ns = T.alloc_buffer((S,), idx)
-            for ch in range(nch):
-                chunk(X, XP, crow, GI, gv, bias, Y, B, ch, acc, acct)
-            for b in range(single_from(B), B):
-                rows_lockstep(X, crow, GI, gv, bias, Y, b, 0, nbr, acc1, js, ns)
+        tasks(B * flops_per_row, nch, (X, XP, crow, GI, gv, bias, Y, B))
 
     return _scheduled(bsr)
 
@@ -345,11 +362,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
     pf = DEFAULT_PLAN.bsr(r, c) if pf is None else pf
     if MB is None:
         MB = _bsr_rows_per_tile(r * -(-c // 8))
-    nbr = N // r
-    per_chunk = max(1, ROWS_PER_CHUNK // r)
-    nch = _chunks(nbr, per_chunk)
-    flops_per_row = 2 * nnzb * r * c * SPARSE_FLOP_COST
-    threshold = _parallel_threshold(parallel)
+    nbr, per_chunk, nch, flops_per_row, threshold = _bsr_tasks(N, r, c, nnzb, parallel)
     # 1x16 on a Zen 3: 1 KiB a stream instead of 2 took 0.93-0.95x the time at 70-80 % (equal at
     # 90-95 %); 512 B / 1.5 KiB a stream were no better
     pd = pf.ahead(4 * r * c, READ_STREAMS)
@@ -388,32 +401,24 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                                                   lambda val, g, j, i, cc: val[j, i, cc])
 
     @T.macro
-    def chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s):
-        # rows [0, t_end): x^T batch tiles; [t_end, m_end): MB-row register tiles; the rest: rows()
-        t_end: T.let = B // TB * TB
-        m_end: T.let = single_from(B)
-        # tiles outside the chunk's block rows: a tile's rows of x stay in L1 / L2 across the chunk
-        for t in range(t_end // TB):
-            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-                batch_tile(XP, crow, col, val, bias, Y, ch * per_chunk + bri, t * TB, acct)
-        for bo in range((m_end - t_end) // MB):
-            for bri in range(T.min(per_chunk, nbr - ch * per_chunk)):
-                br: T.let = ch * per_chunk + bri
-                for mi in T.unroll(MB):
-                    for i in T.unroll(r):
-                        for cb in T.unroll(c // cv):
-                            for q in T.vectorized(cv):
-                                acc[mi, i, cb * cv + q] = T.Cast(dtype, 0)
-                for j in range(crow[br], crow[br + 1]):
-                    for mi in T.unroll(MB):
-                        for i in T.unroll(r):
-                            for cb in T.unroll(c // cv):
-                                for q in T.vectorized(cv):
-                                    acc[mi, i, cb * cv + q] = acc[mi, i, cb * cv + q] + val[j, i, cb * cv + q] * X[
-                                        t_end + bo * MB + mi, T.Cast("int64", col[j]) * c + cb * cv + q]
-                for mi in range(MB):
-                    for i in range(r):
-                        hsum(acc, mi, i, bias, Y, t_end + bo * MB + mi, br * r + i, s)
+    def row_tile(X, crow, col, val, bias, Y, br, x0, acc, s):
+        for mi in T.unroll(MB):
+            for i in T.unroll(r):
+                for cb in T.unroll(c // cv):
+                    for q in T.vectorized(cv):
+                        acc[mi, i, cb * cv + q] = T.Cast(dtype, 0)
+        for j in range(crow[br], crow[br + 1]):
+            for mi in T.unroll(MB):
+                for i in T.unroll(r):
+                    for cb in T.unroll(c // cv):
+                        for q in T.vectorized(cv):
+                            acc[mi, i, cb * cv + q] = acc[mi, i, cb * cv + q] + val[j, i, cb * cv + q] * X[
+                                x0 + mi, T.Cast("int64", col[j]) * c + cb * cv + q]
+        for mi in range(MB):
+            for i in range(r):
+                hsum(acc, mi, i, bias, Y, x0 + mi, br * r + i, s)
+
+    chunk = _bsr_chunk(TB, MB, None, per_chunk, nbr, single_from, batch_tile, row_tile)
 
     @T.macro
     def rows(X, crow, col, val, bias, Y, b, br0, nb, acc1, s):
@@ -444,6 +449,21 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
                     for i in range(r):
                         hsum(acc1, 0, i, bias, Y, b, br * r + i, s)
 
+    @T.macro
+    def task(X, XP, crow, col, val, bias, Y, B, ch, acc, acc1, acct, s, in_task):
+        chunk(X, XP, (crow, col, val), bias, Y, B, ch, acc, acct, (s,))
+        if in_task:  # the single rows of this chunk's block rows; serially all block rows at once, after
+            for b in range(single_from(B), B):
+                rows(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk), acc1, s)
+
+    @T.macro
+    def single_rows(X, XP, crow, col, val, bias, Y, B, acc, acc1, acct, s):
+        for b in range(single_from(B), B):
+            rows(X, crow, col, val, bias, Y, b, 0, nbr, acc1, s)
+
+    tasks = by_work(threshold, {"acc": ((MB, r, c), dtype), "acc1": ((1, r, c), dtype),
+                                "acct": ((RA, r, TB), dtype), "s": ((8,), dtype)}, task, "ch", single_rows)
+
     @T.prim_func(private=True)
     def bsr(x_h: T.handle, crow: T.Buffer((nbr + 1,), idx), col: T.Buffer((nnzb,), idx),
             val: T.Buffer((nnzb, r, c), dtype), bias: T.Buffer((N,), dtype), y_h: T.handle):
@@ -453,25 +473,7 @@ def bsr_col_vector_kernel(N: int, K: int, r: int, c: int, nnzb: int, idx: str, M
         Y = T.match_buffer(y_h, (B, N), dtype)
         XP = T.alloc_buffer((B // TB * TB * K,), dtype)
         repack(X, XP, B)
-        if B * flops_per_row >= threshold:
-            for ch in T.parallel(nch):
-                acc = T.alloc_buffer((MB, r, c), dtype)
-                acc1 = T.alloc_buffer((1, r, c), dtype)
-                acct = T.alloc_buffer((RA, r, TB), dtype)
-                s = T.alloc_buffer((8,), dtype)
-                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s)
-                for b in range(single_from(B), B):
-                    rows(X, crow, col, val, bias, Y, b, ch * per_chunk, T.min(per_chunk, nbr - ch * per_chunk),
-                         acc1, s)
-        else:
-            acc = T.alloc_buffer((MB, r, c), dtype)
-            acc1 = T.alloc_buffer((1, r, c), dtype)
-            acct = T.alloc_buffer((RA, r, TB), dtype)
-            s = T.alloc_buffer((8,), dtype)
-            for ch in range(nch):
-                chunk(X, XP, crow, col, val, bias, Y, B, ch, acc, acct, s)
-            for b in range(single_from(B), B):
-                rows(X, crow, col, val, bias, Y, b, 0, nbr, acc1, s)
+        tasks(B * flops_per_row, nch, (X, XP, crow, col, val, bias, Y, B))
 
     return _scheduled(bsr)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
 
 # Outputs per dense panel (two 8-float AVX2 vectors) and rows per register tile; see
 # docs/_drafts/tvm.md for the measurements behind the defaults.
@@ -155,3 +156,59 @@ def _parallel_threshold(parallel: bool) -> int:
 
 def _chunks(rows: int, per_chunk: int) -> int:
     return -(-rows // per_chunk)
+
+
+def _named(var, name: str):
+    """``var`` (a loop variable) printed and compiled as ``name``."""
+    IRBuilder.name(name, var)
+    return var
+
+
+def _scratch(scratch: dict[str, tuple]) -> list:
+    """One buffer per entry ``name: (shape, dtype)`` of ``scratch``, in order, each named by its key (as
+    ``name = T.alloc_buffer(shape, dtype)`` in the kernel's own text would name it)."""
+    out = []
+    for name, (shape, dtype) in scratch.items():
+        buf = T.alloc_buffer(shape, dtype)
+        IRBuilder.name(name, buf)
+        out.append(buf)
+    return out
+
+
+def by_work(threshold: int, scratch: dict[str, tuple], task, loop, tail=None):
+    """A kernel's outer loop over its tasks, parallel only when the call has the work for it.
+
+    Returns a macro ``run(work, extent, args)``. When ``work >= threshold`` (see
+    :func:`_parallel_threshold`), ``for <loop> in T.parallel(extent)`` allocates the ``scratch`` buffers
+    (``name: (shape, dtype)``, e.g. register tiles) per task and calls ``task(*args, index, *scratch, True)``;
+    otherwise the buffers are allocated once, a serial loop calls ``task(*args, index, *scratch, False)``
+    for every task, and then ``tail(*args, *scratch)`` runs (if given). ``loop`` names the loop variable;
+    a pair ``(a, b)`` with ``extent = (n_a, n_b)`` makes it a grid: one parallel loop ``i`` over
+    ``n_a * n_b`` tasks (``task`` gets ``i // n_b, i % n_b``) or a serial ``T.grid(n_a, n_b)``. The last
+    argument tells ``task`` whether it runs as a parallel task. Every kernel decides this way:
+    a ``T.parallel`` launch costs ~12 us even on one thread (:data:`MIN_PARALLEL_FLOPS`).
+    """
+    grid = not isinstance(loop, str)
+
+    @T.macro
+    def run(work, extent, args):
+        if work >= threshold:
+            if grid:
+                for i in T.parallel(extent[0] * extent[1]):
+                    task(*args, i // extent[1], i % extent[1], *_scratch(scratch), True)
+            else:
+                for i in T.parallel(extent):
+                    task(*args, _named(i, loop), *_scratch(scratch), True)
+        else:
+            bufs = T.meta_var(_scratch(scratch))
+            if grid:
+                for a, b in T.grid(extent[0], extent[1]):
+                    task(*args, _named(a, loop[0]), _named(b, loop[1]), *bufs, False)
+            else:
+                for i in range(extent):
+                    task(*args, _named(i, loop), *bufs, False)
+            if tail is not None:
+                tail(*args, *bufs)
+
+    return run
+

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.script.ir_builder import IRBuilder
 
-from .common import BATCH_VEC, _parallel_threshold, _scheduled
+from .common import BATCH_VEC, by_work, _parallel_threshold, _scheduled
 
 
 # --------------------------------------------------------------------------- convolutions
@@ -78,6 +79,23 @@ def conv_out_size(padded: int, k: int, s: int, d: int) -> int:
     return (padded - d * (k - 1) - 1) // s + 1
 
 
+def _views(dtype: str, N, **args: tuple) -> list:
+    """A kernel's array arguments ``name=(handle, dims, view_dims, view_name)``: each matched with its own
+    rank (``[N, *dims]``, so the caller needs no reshape), then viewed as ``[N, *view_dims]``; the views, in
+    order, each named as ``view_name = T.decl_buffer(...)`` in the kernel's text would name it."""
+    matched = []
+    for name, (handle, dims, view_dims, view_name) in args.items():
+        buf = T.match_buffer(handle, (N, *dims), dtype)
+        IRBuilder.name(name, buf)
+        matched.append((buf, view_dims, view_name))
+    views = []
+    for buf, view_dims, view_name in matched:
+        view = T.decl_buffer((N, *view_dims), dtype, data=buf.data)
+        IRBuilder.name(view_name, view)
+        views.append(view)
+    return views
+
+
 def conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: tuple, G: int,
                 NB: int = CONV_NB, TW: int = CONV_TW, dtype: str = "float32", act: str | None = None,
                 x_dims: tuple | None = None, y_dims: tuple | None = None, parallel: bool = True,
@@ -108,8 +126,8 @@ def conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: tuple, G: i
     OCP = -(-OC // NB) * NB
     OCB = OCP // NB
     BPG = OCB if G == 1 else OCG // NB  # vector blocks per group
-    xd = x_dims or (IC, DP, HP, WP)
-    yd = y_dims or (OC, OD, OH, OW)
+    xv, yv = (IC, DP, HP, WP), (OC, OD, OH, OW)  # the kernel's view of the arguments
+    xd, yd = x_dims or xv, y_dims or yv
     full = OW // TW
     R = OW - full * TW  # static remainder tile
     RR = max(R, 1)
@@ -137,49 +155,30 @@ def conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: tuple, G: i
                         Y[n, ocb * NB + v, od, oh, ow0 + t] = activation(act, acc[t, v], dtype)
 
     @T.macro
-    def block(X, w, bias, Rs, Y, n, ocb, acc, acc1):
+    def block(X, w, bias, Rs, Y, n, ocb, acc, acc1, in_task):
         for od, oh in T.grid(OD, OH):
             for owo in range(full):
                 tile(X, w, bias, Rs, Y, n, ocb, od, oh, owo * TW, TW, acc)
             if R > 0:
                 tile(X, w, bias, Rs, Y, n, ocb, od, oh, full * TW, R, acc1)
 
-    @T.macro
-    def body(X, w, bias, Rs, Y, N):
-        if N * flops_per_image >= threshold:
-            for i in T.parallel(N * OCB):
-                acc = T.alloc_buffer((TW, NB), dtype)
-                acc1 = T.alloc_buffer((RR, NB), dtype)
-                block(X, w, bias, Rs, Y, i // OCB, i % OCB, acc, acc1)
-        else:
-            acc = T.alloc_buffer((TW, NB), dtype)
-            acc1 = T.alloc_buffer((RR, NB), dtype)
-            for n, ocb in T.grid(N, OCB):
-                block(X, w, bias, Rs, Y, n, ocb, acc, acc1)
+    blocks = by_work(threshold, {"acc": ((TW, NB), dtype), "acc1": ((RR, NB), dtype)}, block, ("n", "ocb"))
 
     @T.prim_func(private=True)
     def conv(x_h: T.handle, w: T.Buffer((OCB, ICG, KD, KH, KW, NB), dtype),
              bias: T.Buffer((OCP,), dtype), y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         N = T.int64()
-        Xa = T.match_buffer(x_h, (N, *xd), dtype)
-        Ya = T.match_buffer(y_h, (N, *yd), dtype)
-        X = T.decl_buffer((N, IC, DP, HP, WP), dtype, data=Xa.data)
-        Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
-        body(X, w, bias, Y, Y, N)
+        X, Y = T.meta_var(_views(dtype, N, Xa=(x_h, xd, xv, "X"), Ya=(y_h, yd, yv, "Y")))
+        blocks(N * flops_per_image, (N, OCB), (X, w, bias, Y, Y))
 
     @T.prim_func(private=True)
     def conv_residual(x_h: T.handle, w: T.Buffer((OCB, ICG, KD, KH, KW, NB), dtype),
                       bias: T.Buffer((OCP,), dtype), r_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         N = T.int64()
-        Xa = T.match_buffer(x_h, (N, *xd), dtype)
-        Ra = T.match_buffer(r_h, (N, *yd), dtype)
-        Ya = T.match_buffer(y_h, (N, *yd), dtype)
-        X = T.decl_buffer((N, IC, DP, HP, WP), dtype, data=Xa.data)
-        Rs = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ra.data)
-        Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
-        body(X, w, bias, Rs, Y, N)
+        X, Rs, Y = T.meta_var(_views(dtype, N, Xa=(x_h, xd, xv, "X"), Ra=(r_h, yd, yv, "Rs"), Ya=(y_h, yd, yv, "Y")))
+        blocks(N * flops_per_image, (N, OCB), (X, w, bias, Rs, Y))
 
     return _scheduled(conv_residual if residual else conv)
 
@@ -197,8 +196,8 @@ def pointwise_conv_kernel(IC: int, P: int, OC: int, MB: int = POINTWISE_MB, PB: 
     ``x_dims`` / ``y_dims``: the argument buffers' own dims after ``N`` (viewed as ``[IC, P]``);
     ``residual`` as :func:`conv_kernel`.
     """
-    xd = x_dims or (IC, P)
-    yd = y_dims or (OC, P)
+    xv, yv = (IC, P), (OC, P)  # the kernel's view of the arguments
+    xd, yd = x_dims or xv, y_dims or yv
     OCP = -(-OC // MB) * MB
     OCB = OCP // MB
     flops_per_image = 2 * OCP * P * IC
@@ -226,48 +225,29 @@ def pointwise_conv_kernel(IC: int, P: int, OC: int, MB: int = POINTWISE_MB, PB: 
                         Y[n, ob * MB + m, p0 + v] = activation(act, acc[m, v], dtype)
 
     @T.macro
-    def block(X, w, bias, Rs, Y, n, ob, acc, acc1):
+    def block(X, w, bias, Rs, Y, n, ob, acc, acc1, in_task):
         for po in range(full):
             tile(X, w, bias, Rs, Y, n, ob, po * PB, PB, acc)
         if R > 0:
             tile(X, w, bias, Rs, Y, n, ob, full * PB, R, acc1)
 
-    @T.macro
-    def body(X, w, bias, Rs, Y, N):
-        if N * flops_per_image >= threshold:
-            for i in T.parallel(N * OCB):
-                acc = T.alloc_buffer((MB, PB), dtype)
-                acc1 = T.alloc_buffer((MB, RR), dtype)
-                block(X, w, bias, Rs, Y, i // OCB, i % OCB, acc, acc1)
-        else:
-            acc = T.alloc_buffer((MB, PB), dtype)
-            acc1 = T.alloc_buffer((MB, RR), dtype)
-            for n, ob in T.grid(N, OCB):
-                block(X, w, bias, Rs, Y, n, ob, acc, acc1)
+    blocks = by_work(threshold, {"acc": ((MB, PB), dtype), "acc1": ((MB, RR), dtype)}, block, ("n", "ob"))
 
     @T.prim_func(private=True)
     def conv1x1(x_h: T.handle, w: T.Buffer((OCB, IC, MB), dtype), bias: T.Buffer((OCP,), dtype),
                 y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         N = T.int64()
-        Xa = T.match_buffer(x_h, (N, *xd), dtype)
-        Ya = T.match_buffer(y_h, (N, *yd), dtype)
-        X = T.decl_buffer((N, IC, P), dtype, data=Xa.data)
-        Y = T.decl_buffer((N, OC, P), dtype, data=Ya.data)
-        body(X, w, bias, Y, Y, N)
+        X, Y = T.meta_var(_views(dtype, N, Xa=(x_h, xd, xv, "X"), Ya=(y_h, yd, yv, "Y")))
+        blocks(N * flops_per_image, (N, OCB), (X, w, bias, Y, Y))
 
     @T.prim_func(private=True)
     def conv1x1_residual(x_h: T.handle, w: T.Buffer((OCB, IC, MB), dtype),
                          bias: T.Buffer((OCP,), dtype), r_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         N = T.int64()
-        Xa = T.match_buffer(x_h, (N, *xd), dtype)
-        Ra = T.match_buffer(r_h, (N, *yd), dtype)
-        Ya = T.match_buffer(y_h, (N, *yd), dtype)
-        X = T.decl_buffer((N, IC, P), dtype, data=Xa.data)
-        Rs = T.decl_buffer((N, OC, P), dtype, data=Ra.data)
-        Y = T.decl_buffer((N, OC, P), dtype, data=Ya.data)
-        body(X, w, bias, Rs, Y, N)
+        X, Rs, Y = T.meta_var(_views(dtype, N, Xa=(x_h, xd, xv, "X"), Ra=(r_h, yd, yv, "Rs"), Ya=(y_h, yd, yv, "Y")))
+        blocks(N * flops_per_image, (N, OCB), (X, w, bias, Rs, Y))
 
     return _scheduled(conv1x1_residual if residual else conv1x1)
 
@@ -301,8 +281,8 @@ def depthwise_conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: t
     OD, OH, OW = (conv_out_size(p, k, s, d) for p, k, s, d in zip(IS, KS, S, D))
     M = OC // IC
     full, R = OW // V, OW % V
-    xd = x_dims or (IC, DP, HP, WP)
-    yd = y_dims or (OC, OD, OH, OW)
+    xv, yv = (IC, DP, HP, WP), (OC, OD, OH, OW)  # the kernel's view of the arguments
+    xd, yd = x_dims or xv, y_dims or yv
     flops_per_image = 2 * OC * OD * OH * OW * KD * KH * KW
     threshold = _parallel_threshold(parallel)
 
@@ -335,29 +315,21 @@ def depthwise_conv_kernel(IC: int, IS: tuple, OC: int, KS: tuple, S: tuple, D: t
     body = row_wide if 1 < sw <= DW_WIDE_MAX_STRIDE else row
 
     @T.macro
-    def plane(X, w, bias, Y, n, oc, acc):
+    def plane(X, w, bias, Y, n, oc, acc, in_task):
         for od, oh in T.grid(OD, OH):
             for owo in range(full):
                 body(X, w, bias, Y, n, oc, od, oh, owo * V, V, acc)
             if R > 0:
                 body(X, w, bias, Y, n, oc, od, oh, full * V, R, acc)
 
+    planes = by_work(threshold, {"acc": ((V * sw,), dtype)}, plane, ("n", "oc"))
+
     @T.prim_func(private=True)
     def depthwise(x_h: T.handle, w: T.Buffer((OC, KD, KH, KW), dtype), bias: T.Buffer((OC,), dtype),
                   y_h: T.handle):
         T.func_attr({"tirx.noalias": True})
         N = T.int64()
-        Xa = T.match_buffer(x_h, (N, *xd), dtype)
-        Ya = T.match_buffer(y_h, (N, *yd), dtype)
-        X = T.decl_buffer((N, IC, DP, HP, WP), dtype, data=Xa.data)
-        Y = T.decl_buffer((N, OC, OD, OH, OW), dtype, data=Ya.data)
-        if N * flops_per_image >= threshold:
-            for i in T.parallel(N * OC):
-                acc = T.alloc_buffer((V * sw,), dtype)
-                plane(X, w, bias, Y, i // OC, i % OC, acc)
-        else:
-            acc = T.alloc_buffer((V * sw,), dtype)
-            for n, oc in T.grid(N, OC):
-                plane(X, w, bias, Y, n, oc, acc)
+        X, Y = T.meta_var(_views(dtype, N, Xa=(x_h, xd, xv, "X"), Ya=(y_h, yd, yv, "Y")))
+        planes(N * flops_per_image, (N, OC), (X, w, bias, Y))
 
     return _scheduled(depthwise)

@@ -6,7 +6,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .common import (DEFAULT_PLAN, Prefetch, ROW_UNROLL, SELL_R, SELL_SIGMA, SPARSE_FLOP_COST, _chunks,
-                     _parallel_threshold, _prefetch, _scheduled)
+                     _parallel_threshold, _prefetch, _scheduled, by_work)
 
 
 def sell_layout(crow, col, values, R: int = SELL_R, sigma: int = SELL_SIGMA, align: int = ROW_UNROLL):
@@ -170,7 +170,7 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
                 Y[b0 + q, ch * sigma + r] = YT[r * 16 + q]
 
     @T.macro
-    def chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT, YS, own_scatter):
+    def chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, YS, ch, acc, acc16, acc8, YT, own_scatter):
         # a chunk = the slices of one sorting window (``sigma`` output rows); batch tiles outside
         # its slices: the window's weights (L2) are reused by every tile
         for t in range(B // 16):
@@ -195,6 +195,14 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
             for bt in range(B % 8):
                 scatter(YS, perm, bias, Y, ch * sigma, T.min((ch + 1) * sigma, slices * R),
                         B // 8 * 8 + bt, bt * slices * R)
+
+    @T.macro
+    def scatter_all(XF, XP, sptr, col, CW, val, perm, bias, Y, B, YS, acc, acc16, acc8, YT):
+        for bt in range(B % 8):
+            scatter(YS, perm, bias, Y, 0, slices * R, B // 8 * 8 + bt, bt * slices * R)
+
+    chunks = by_work(threshold, {"acc": ((U, R), dtype), "acc16": ((4, 16), dtype), "acc8": ((8, 8), dtype),
+                                 "YT": ((sigma * 16,), dtype)}, chunk, "ch", scatter_all)
 
     @T.prim_func(private=True)
     def csr(xt_h: T.handle, sptr: T.Buffer((slices + 1,), i32), col: T.Buffer((entries, R), idx),
@@ -222,21 +230,6 @@ def csr_kernel(N: int, K: int, slices: int, entries: int, idx: str, dtype: str =
         # the end, which reads perm as a stream (3072x768 at 70-95 %, batch 1, cold, same-run A/B on
         # separate copies; csr_c_reference.c's `each` column: 0.97-1.12x)
         YS = T.alloc_buffer((B % 8 * slices * R,), dtype)
-        if B * flops_per_row >= threshold:
-            for ch in T.parallel(nch):
-                acc = T.alloc_buffer((U, R), dtype)
-                acc16 = T.alloc_buffer((4, 16), dtype)
-                acc8 = T.alloc_buffer((8, 8), dtype)
-                YT = T.alloc_buffer((sigma * 16,), dtype)
-                chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT, YS, True)
-        else:
-            acc = T.alloc_buffer((U, R), dtype)
-            acc16 = T.alloc_buffer((4, 16), dtype)
-            acc8 = T.alloc_buffer((8, 8), dtype)
-            YT = T.alloc_buffer((sigma * 16,), dtype)
-            for ch in range(nch):
-                chunk(XF, XP, sptr, col, CW, val, perm, bias, Y, B, ch, acc, acc16, acc8, YT, YS, False)
-            for bt in range(B % 8):
-                scatter(YS, perm, bias, Y, 0, slices * R, B // 8 * 8 + bt, bt * slices * R)
+        chunks(B * flops_per_row, nch, (XF, XP, sptr, col, CW, val, perm, bias, Y, B, YS))
 
     return _scheduled(csr)

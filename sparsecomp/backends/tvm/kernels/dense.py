@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .common import DENSE_MB, DENSE_NB, _parallel_threshold, _scheduled
+from .common import by_work, DENSE_MB, DENSE_NB, _parallel_threshold, _scheduled
 
 
 def dense_kernel(K: int, NP: int, MB: int = DENSE_MB, NB: int = DENSE_NB, dtype: str = "float32",
@@ -15,7 +15,7 @@ def dense_kernel(K: int, NP: int, MB: int = DENSE_MB, NB: int = DENSE_NB, dtype:
     threshold = _parallel_threshold(parallel)
 
     @T.macro
-    def panel(X, w, bias, Y, B, nb, acc, acc1):
+    def panel(X, w, bias, Y, B, nb, acc, acc1, in_task):
         for bo in range(B // MB):
             for mi in T.unroll(MB):
                 for ni in T.vectorized(NB):
@@ -36,6 +36,8 @@ def dense_kernel(K: int, NP: int, MB: int = DENSE_MB, NB: int = DENSE_NB, dtype:
             for ni in T.vectorized(NB):
                 Y[B // MB * MB + bt, nb * NB + ni] = acc1[ni]
 
+    panels = by_work(threshold, {"acc": ((MB, NB), dtype), "acc1": ((NB,), dtype)}, panel, "nb")
+
     @T.prim_func(private=True)
     def dense(x_h: T.handle, w: T.Buffer((nblk, K, NB), dtype), bias: T.Buffer((NP,), dtype),
               y_h: T.handle):
@@ -43,16 +45,7 @@ def dense_kernel(K: int, NP: int, MB: int = DENSE_MB, NB: int = DENSE_NB, dtype:
         B = T.int64()
         X = T.match_buffer(x_h, (B, K), dtype)
         Y = T.match_buffer(y_h, (B, NP), dtype)
-        if B * flops_per_row >= threshold:
-            for nb in T.parallel(nblk):
-                acc = T.alloc_buffer((MB, NB), dtype)
-                acc1 = T.alloc_buffer((NB,), dtype)
-                panel(X, w, bias, Y, B, nb, acc, acc1)
-        else:
-            acc = T.alloc_buffer((MB, NB), dtype)
-            acc1 = T.alloc_buffer((NB,), dtype)
-            for nb in range(nblk):
-                panel(X, w, bias, Y, B, nb, acc, acc1)
+        panels(B * flops_per_row, nblk, (X, w, bias, Y, B))
 
     return _scheduled(dense)
 

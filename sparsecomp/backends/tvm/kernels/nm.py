@@ -5,7 +5,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from .common import (BATCH_VEC, DEFAULT_PLAN, PAIR_ACC_VECTORS, PREFETCH_BYTES, Prefetch, ROWS_PER_CHUNK, ROW_UNROLL,
-                     SELL_R, SPARSE_FLOP_COST, _chunks, _parallel_threshold, _prefetch, _scheduled)
+                     SELL_R, SPARSE_FLOP_COST, by_work, _chunks, _parallel_threshold, _prefetch, _scheduled)
 
 
 def nm_kernel(N: int, K: int, n: int, m: int, pos_dtype: str, dtype: str = "float32",
@@ -22,7 +22,7 @@ def nm_kernel(N: int, K: int, n: int, m: int, pos_dtype: str, dtype: str = "floa
     threshold = _parallel_threshold(parallel)
 
     @T.macro
-    def chunk(XT, val, pos, bias, Y, B, ch, acc, accu, s):
+    def chunk(XT, val, pos, bias, Y, B, ch, acc, accu, s, in_task):
         for rr in range(T.min(rows_per_chunk, N - ch * rows_per_chunk)):
             row: T.let = ch * rows_per_chunk + rr
             for bo in range(B // V):
@@ -53,6 +53,8 @@ def nm_kernel(N: int, K: int, n: int, m: int, pos_dtype: str, dtype: str = "floa
                     s[0] = s[0] + accu[u]
                 Y[b, row] = s[0]
 
+    chunks = by_work(threshold, {"acc": ((V,), dtype), "accu": ((U,), dtype), "s": ((1,), dtype)}, chunk, "ch")
+
     @T.prim_func(private=True)
     def nm(xt_h: T.handle, val: T.Buffer((N, L), dtype), pos: T.Buffer((N, L), pos_dtype),
            bias: T.Buffer((N,), dtype), y_h: T.handle):
@@ -60,18 +62,7 @@ def nm_kernel(N: int, K: int, n: int, m: int, pos_dtype: str, dtype: str = "floa
         B = T.int64()
         XT = T.match_buffer(xt_h, (K, B), dtype)
         Y = T.match_buffer(y_h, (B, N), dtype)
-        if B * flops_per_row >= threshold:
-            for ch in T.parallel(nch):
-                acc = T.alloc_buffer((V,), dtype)
-                accu = T.alloc_buffer((U,), dtype)
-                s = T.alloc_buffer((1,), dtype)
-                chunk(XT, val, pos, bias, Y, B, ch, acc, accu, s)
-        else:
-            acc = T.alloc_buffer((V,), dtype)
-            accu = T.alloc_buffer((U,), dtype)
-            s = T.alloc_buffer((1,), dtype)
-            for ch in range(nch):
-                chunk(XT, val, pos, bias, Y, B, ch, acc, accu, s)
+        chunks(B * flops_per_row, nch, (XT, val, pos, bias, Y, B))
 
     return _scheduled(nm)
 
