@@ -159,7 +159,7 @@ def collect_moments(gm: fx.GraphModule, batches: list[list[Any]], nodes: Iterabl
     as soon as the graph no longer needs them. Padding rows are skipped (``masks``, one per batch, from
     :func:`token_masks`).
     """
-    from .reconstruct import Moments, input_rows, output_rows
+    from .reconstruct import Moments, input_rows, output_rows, sum_squares
 
     wanted = {n: n.args[0] for n in nodes}
     masks = masks if masks is not None else [None] * len(batches)
@@ -177,7 +177,7 @@ def collect_moments(gm: fx.GraphModule, batches: list[list[Any]], nodes: Iterabl
                 if mom is None:
                     mom = stats[node.name] = Moments.zeros(xr.shape[1], diagonal=diagonal)
                 mom.add(xr)
-                mom.yy += float((yr.double() ** 2).sum())
+                mom.yy += sum_squares(yr)
 
         with torch.no_grad():
             _Observer(gm, hook).run(*batches[i])

@@ -78,7 +78,7 @@ class Moments:
                 self.y = torch.zeros(y.shape[1], dtype=torch.float64)
             self.xy += (x.T @ y).double()
             self.y += y.sum(0).double()
-            self.yy += float((y.double() ** 2).sum())
+            self.yy += sum_squares(y)
 
     def add_targets(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add only the target side of rows already counted in ``xx``/``x``/``n`` (shared input statistics)."""
@@ -88,7 +88,7 @@ class Moments:
             self.y = torch.zeros(y.shape[1], dtype=torch.float64)
         self.xy += (x.T @ y).double()
         self.y += y.sum(0).double()
-        self.yy += float((y.double() ** 2).sum())
+        self.yy += sum_squares(y)
 
     def with_targets(self) -> "Moments":
         """Moments sharing this object's input statistics (not copied) with empty target sums."""
@@ -696,16 +696,26 @@ def _input_folds(node: fx.Node, xs: Sequence[torch.Tensor], masks: Sequence[Any]
     return folds
 
 
-def _rows_error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                chunk: int = 4096) -> float:
+def _rows_error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> float:
     """``sum ||W x + b - y||^2`` over the rows of ``x`` (n, d_in) and ``y`` (n, d_out), in row chunks."""
     total = 0.0
     w32 = w.detach().float()
     b32 = None if b is None else b.detach().float()
+    chunk = max(1, CHUNK_ELEMENTS // max(y.shape[1], 1))
     for xs, ys in zip(x.split(chunk), y.split(chunk)):
-        pred = torch.nn.functional.linear(xs.float(), w32, b32)
-        total += float(((pred - ys.float()).double() ** 2).sum())
+        total += sum_squares(torch.nn.functional.linear(xs.float(), w32, b32) - ys.float())
     return total
+
+
+#: Elements per chunk when a float64 reduction walks a large activation (a 32k-vocabulary logit matrix
+#: of 8k rows is 1 GiB in float32: reduced whole in float64 it would need twice that again).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def sum_squares(t: torch.Tensor) -> float:
+    """``sum t^2`` accumulated in float64, over bounded chunks of ``t``."""
+    flat = t.detach().reshape(-1)
+    return sum(float(c.double().square().sum()) for c in flat.split(CHUNK_ELEMENTS))
 
 
 def _cv_columns(d_out: int) -> list[int] | None:
