@@ -4,9 +4,10 @@ What runs, in order (``Target`` says what to reach; see docs/ARCHITECTURE.md, "C
 
 1. capture the model; time the dense model end to end on the backend at ``Target.batch`` rows;
 2. ``round_to``: measured for the backend (:func:`sparsecomp.target.widths.suitable_round_to`) unless given;
-3. a latency model (:class:`~sparsecomp.target.latency.LatencyModel`: per-op table + residual, refitted on
-   every model measured so far) gives the first fraction of MACs to remove: the share of the predicted
-   latency the target asks to save, spread over the ops the table times;
+3. a latency model (:class:`~sparsecomp.target.latency.LatencyModel`: ``scale x`` per-op table + residual),
+   fitted on the dense model and a cheap data-free probe (uniform l2 pruning, ``PROBE_RATIO``) measured
+   end to end, then refitted on every model measured, gives the first fraction of MACs to remove: the
+   latency the target asks to save, taken from the ops the table times;
 4. each try compresses with the calibrated ``StructuredPruning`` (per-group error profiles and the
    sensitivity-scaled global allocation pick *which* heads / neurons / channels go, at
    ``mac_ratio``; least-squares reconstruction), predicts its latency from the table, then measures it
@@ -45,6 +46,8 @@ MARGIN = 0.03
 RELAX = 0.06
 #: the first try never removes less than this fraction of the MACs
 MIN_RATIO = 0.05
+#: the latency model's second anchor: data-free uniform pruning of this fraction of every group
+PROBE_RATIO = 0.5
 
 
 @dataclasses.dataclass
@@ -155,6 +158,27 @@ def _base_config(template: Any, calibration: Any):
     return template
 
 
+def _probe_config(base: Any, round_to: int):
+    from ..passes.structured import StructuredPruning
+
+    return StructuredPruning(ratio=PROBE_RATIO, criterion="l2", allocation="uniform", reconstruct=False,
+                             round_to=round_to, granularity=base.granularity, ignore=base.ignore)
+
+
+def _compress(captured: Captured, cfg: Any, calibration: Any, cache: dict) -> tuple[torch.nn.Module, float]:
+    """``sparsecomp.compress`` once per config (``cache``: config JSON -> (module, seconds))."""
+    import sparsecomp
+
+    key = cfg.to_json() + ("" if calibration is None else "|calibrated")
+    if key not in cache:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the drift warning: reported per point instead
+            out = sparsecomp.compress(captured, captured.example_args, cfg, calibration=calibration)
+        cache[key] = (out, time.perf_counter() - t0)
+    return cache[key]
+
+
 def _layers(dense: torch.nn.Module, chosen: torch.nn.Module) -> list[dict]:
     before = {n: tuple(p.shape) for n, p in dense.named_parameters() if p.dim() >= 2}
     rows = []
@@ -239,32 +263,32 @@ def compress_to_target(model: Any, example_inputs: Any, target: Target, calibrat
     else:
         round_to = int(target.round_to)
 
-    anchors: list[Any] = [captured]
-    anchor_ms: list[float] = [dense_ms]
+    # the latency model: the table, fitted on the dense model and a cheap data-free probe (uniform l2
+    # pruning of PROBE_RATIO of every group), measured interleaved; it prices the first try
+    cache = candidates if candidates is not None else {}
+    probe = _compress(captured, _probe_config(base, round_to), None, cache)[0]
+    probe_stats = measure_latencies({"dense": dense_run, "probe": runner(probe, inputs, target.backend, target.threads)},
+                                    inputs, threads=target.threads, rounds=target.rounds, repeats=10, min_time=0.3)
+    anchors: list[Any] = [captured, probe]
+    anchor_ms: list[float] = [dense_ms, probe_stats["probe"].median_ms * dense_ms / probe_stats["dense"].median_ms]
     lat = LatencyModel.fit(table, anchors, inputs, progress, measured=anchor_ms)
     dense_pred = lat.predict(captured, inputs)
-    share = lat.scale * dense_pred.ops_ms / dense_pred.total_ms
-    ratio = min(target.max_ratio, max(MIN_RATIO, (1.0 - 1.0 / (target.speedup * (1 + MARGIN))) / max(share, 1e-6)))
-    _say(progress, f"latency model: the timed ops are {100 * share:.0f} % of the dense latency; first try "
-                   f"removes {ratio:.3f} of the MACs")
+    # timed ops shrink with the MACs removed, the residual does not: solve for the latency the target asks
+    want_ms = dense_pred.total_ms / (target.speedup * (1 + MARGIN))
+    ratio = (dense_pred.total_ms - want_ms) / max(lat.scale * dense_pred.ops_ms, 1e-9)
+    ratio = min(target.max_ratio, max(MIN_RATIO, ratio))
+    _say(progress, f"latency model: {lat.scale:.2f} x timed ops ({dense_pred.ops_ms:.2f} ms) + "
+                   f"{lat.residual_ms + dense_pred.overhead_ms:.2f} ms (probe at ratio {PROBE_RATIO}: measured "
+                   f"{probe_stats['dense'].median_ms / probe_stats['probe'].median_ms:.2f}x); first try removes "
+                   f"{ratio:.3f} of the MACs")
 
-    cache = candidates if candidates is not None else {}
     points: list[Point] = []
     modules: dict[int, torch.nn.Module] = {}
     notes: list[str] = []
     stop = f"Target.max_tries={target.max_tries} used"
     for attempt in range(target.max_tries):
         cfg = dataclasses.replace(base, mac_ratio=round(ratio, 4), round_to=round_to, progress=progress)
-        key = cfg.to_json()
-        _say(progress, f"try {attempt + 1}/{target.max_tries}: StructuredPruning(mac_ratio={cfg.mac_ratio:.3f}, "
-                       f"round_to={round_to})")
-        if key not in cache:
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # the drift warning: reported per point instead
-                out = sparsecomp.compress(captured, captured.example_args, cfg, calibration=calibration)
-            cache[key] = (out, time.perf_counter() - t0)
-        cand, seconds = cache[key]
+        cand, seconds = _compress(captured, cfg, calibration, cache)
         pred = lat.predict(cand, inputs, progress)
         cand_run = runner(cand, inputs, target.backend, target.threads)
         stats = measure_latencies({"dense": dense_run, "cand": cand_run}, inputs, threads=target.threads,
