@@ -79,3 +79,21 @@ def test_unreachable_target_names_the_best_point(cache):
     assert err.value.best["speedup"] == max(p["speedup"] for p in err.value.points)
     assert len(err.value.points) == 1 and not err.value.points[0]["met"]
     assert err.value.points[0]["mac_ratio"] == 0.5  # the first try is capped at max_ratio; no second one
+
+
+def _pt(ratio: float, speedup: float):
+    from sparsecomp.target.search import Point
+
+    return Point(ratio, 8, 1.0, 1.0, 1.0, speedup, 0.0, None, None, False, 0.0)
+
+
+def test_next_ratio_interpolates_measured_points():
+    from sparsecomp.target.search import _next_ratio
+
+    # dense (0, 1.0) and a point at 0.5 running at 1/2 the latency: 1/1.5 of the latency lies at 1/3 of the way
+    assert abs(_next_ratio([_pt(0.5, 2.0)], 1 / 1.5, 0.9) - 1 / 3) < 1e-9
+    # all points too slow: extrapolate from the two largest ratios, capped at max_ratio
+    assert abs(_next_ratio([_pt(0.2, 1.25), _pt(0.4, 1 / 0.6)], 0.5, 0.9) - 0.5) < 1e-9
+    assert _next_ratio([_pt(0.2, 1.25), _pt(0.4, 1 / 0.6)], 0.1, 0.7) == 0.7
+    # a slower model at a larger ratio (noise): a fixed step up instead of a negative slope
+    assert abs(_next_ratio([_pt(0.3, 1.2), _pt(0.4, 1.1)], 0.5, 0.9) - 0.5) < 1e-9
