@@ -288,6 +288,8 @@ def compress_to_target(model: Any, example_inputs: Any, target: Target, calibrat
     stop = f"Target.max_tries={target.max_tries} used"
     for attempt in range(target.max_tries):
         cfg = dataclasses.replace(base, mac_ratio=round(ratio, 4), round_to=round_to, progress=progress)
+        _say(progress, f"try {attempt + 1}/{target.max_tries}: StructuredPruning(mac_ratio={cfg.mac_ratio:.3f}, "
+                       f"round_to={round_to})")
         cand, seconds = _compress(captured, cfg, calibration, cache)
         pred = lat.predict(cand, inputs, progress)
         cand_run = runner(cand, inputs, target.backend, target.threads)
