@@ -14,6 +14,7 @@ from .errors import (
     PassError,
     ShapeError,
     SparsecompError,
+    TargetUnreachableError,
     UnsupportedError,
     VerificationError,
 )
@@ -23,6 +24,7 @@ from .backends.onnx import export_onnx
 from .backends.registry import load, lower
 from .passes import LowRank, Recover, Slice, Sparsify, StructuredPruning
 from .report import report
+from .target import Target, TargetResult, compress_to_target
 from .writeback import load_compressed, save_compressed, write_back
 
 __version__ = "0.1.0"
@@ -46,10 +48,14 @@ __all__ = [
     "SparsecompError",
     "Sparsify",
     "StructuredPruning",
+    "Target",
+    "TargetResult",
+    "TargetUnreachableError",
     "UnsupportedError",
     "VerificationError",
     "capture",
     "compress",
+    "compress_to_target",
     "config_from_dict",
     "dependency_graph",
     "export_onnx",

@@ -52,3 +52,16 @@ class MissingDependencyError(SparsecompError, ImportError):
             f"{purpose} needs the optional package {package!r}; install it with "
             f"`pip install 'sparsecomp[{extra}]'`."
         )
+
+
+class TargetUnreachableError(SparsecompError):
+    """``compress_to_target`` found no model that meets the target as measured.
+
+    ``best`` is the fastest point it measured (a dict: mac_ratio, measured speedup, output error) and
+    ``points`` every point it explored.
+    """
+
+    def __init__(self, message: str, best: dict | None, points: list[dict]):
+        super().__init__(message)
+        self.best = best
+        self.points = points

@@ -9,6 +9,7 @@ Examples
     sparsecomp inspect path/to/file.py:make
     sparsecomp compress path/to/file.py:make --ratio 0.5 -o small.pt2
     sparsecomp compress mypkg.models:make_model --recipe recipe.yaml -o small.pt2
+    sparsecomp compress mypkg.models:make_model --speedup 2 --backend ort --calibration calib.pt -o out/
 
 ``MODULE:FUNCTION`` names a zero-argument function returning
 ``(model, example_inputs)`` or ``(model, example_inputs, example_kwargs)``;
@@ -308,6 +309,8 @@ def _cmd_compress(ns: argparse.Namespace) -> int:
 
     if ns.importance is not None:
         raise CLIError("--importance was renamed to --criterion")
+    if ns.speedup is not None:
+        return _cmd_compress_target(ns)
     configs = _build_configs(ns)
     model, args, kwargs = load_factory(ns.spec)
     calibration = None if ns.calibration is None else load_calibration(ns.calibration, ns.spec)
@@ -345,6 +348,68 @@ def _cmd_compress(ns: argparse.Namespace) -> int:
         torch.export.save(program, ns.output)
         shapes = "dynamic batch" if dynamic else "static shapes: example input shapes only"
         print(f"saved: {ns.output} ({shapes}; load with torch.export.load(path).module())")
+    return EXIT_OK
+
+
+def _cmd_compress_target(ns: argparse.Namespace) -> int:
+    """``compress --speedup S --backend B``: :func:`sparsecomp.compress_to_target`, then the artefact
+    (the lowered model: an ORT / TVM directory, or a torch.export ``.pt2``), ``report.json``,
+    ``points.md`` (explored points and per-layer choices) and ``target.png`` in the output directory."""
+    import sparsecomp
+    from ..target.latency import at_batch
+
+    given = [flag for flag, value in (("--ratio", ns.ratio), ("--mac-ratio", ns.mac_ratio), ("--recipe", ns.recipe))
+             if value is not None]
+    if given:
+        raise CLIError(f"--speedup searches the pruning itself; it cannot be combined with {', '.join(given)}")
+    if ns.output is None:
+        raise CLIError("--speedup needs -o OUT (a directory for the model, the report and the plot)")
+    if os.path.isfile(ns.output):
+        raise CLIError(f"output path {ns.output!r} is a file; --speedup writes a directory")
+    target = sparsecomp.Target(speedup=ns.speedup, backend=ns.backend, batch=ns.batch, threads=ns.threads,
+                               max_tries=ns.max_tries, round_to="auto" if ns.round_to is None else ns.round_to)
+    model, args, kwargs = load_factory(ns.spec)
+    if kwargs:
+        raise CLIError("--speedup times positional inputs only; make the factory return every input positionally")
+    calibration = None if ns.calibration is None else load_calibration(ns.calibration, ns.spec)
+    template = None
+    if ns.criterion is not None or ns.granularity is not None:
+        options: dict[str, Any] = {"mac_ratio": 0.1}
+        if ns.criterion is not None:
+            options["criterion"] = ns.criterion
+        if ns.granularity is not None:
+            options["granularity"] = ns.granularity
+        template = sparsecomp.StructuredPruning(**options)
+    print(f"target: {target.to_json()}")
+    result = sparsecomp.compress_to_target(model.eval(), args, target, calibration=calibration, template=template,
+                                           progress=not ns.quiet)
+    out = Path(ns.output)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = at_batch(tuple(args), ns.batch)
+    if ns.backend == "torch":
+        program, dynamic = _export_for_saving(result.module, args, {})
+        artefact = out / "model.pt2"
+        torch.export.save(program, str(artefact))
+        how = f"torch.export program ({'dynamic batch' if dynamic else 'static shapes'}); torch.export.load(path).module()"
+    else:
+        lowered = sparsecomp.lower(result.module, inputs, backend=ns.backend, num_threads=ns.threads)
+        artefact = out / "model"
+        if artefact.exists():
+            import shutil
+
+            shutil.rmtree(artefact)
+        lowered.save(str(artefact))
+        how = f"{ns.backend} runner; sparsecomp.load(path)"
+    result.save_report(out / "report.json")
+    (out / "points.md").write_text(result.table() + "\n\n" + result.layer_table() + "\n")
+    result.plot(out / "target.png")
+    c = result.chosen
+    print(result.table())
+    print(f"chosen: mac_ratio {c.mac_ratio:.3f}: measured {c.speedup:.2f}x (re-measured {c.remeasured_speedup:.2f}x) "
+          f"on {ns.backend}, target {ns.speedup:g}x met; output error {c.output_error}")
+    for note in result.report["notes"]:
+        print(f"note: {note}")
+    print(f"saved: {artefact} ({how}), {out / 'report.json'}, {out / 'points.md'}, {out / 'target.png'}")
     return EXIT_OK
 
 
@@ -456,7 +521,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe", default=None, metavar="FILE",
         help="JSON or YAML recipe (a config, a list of configs, or {passes: [...]})",
     )
-    compress.add_argument("-o", "--output", default=None, metavar="OUT.pt2", help="where to save")
+    compress.add_argument("-o", "--output", default=None, metavar="OUT.pt2",
+                          help="where to save (with --speedup: a directory)")
+    compress.add_argument("--speedup", type=float, default=None, metavar="S",
+                          help="search the pruning for this measured speedup over the dense model on --backend "
+                               "(sparsecomp.compress_to_target); writes the lowered model, report.json, points.md "
+                               "and target.png into -o")
+    compress.add_argument("--backend", choices=["torch", "ort", "tvm"], default="torch",
+                          help="with --speedup: where the speedup is measured and the artefact runs (default torch)")
+    compress.add_argument("--batch", type=_positive_int, default=1, help="with --speedup: batch size timed (default 1)")
+    compress.add_argument("--threads", type=_positive_int, default=1,
+                          help="with --speedup: intra-op threads timed (default 1)")
+    compress.add_argument("--max-tries", type=_positive_int, default=4,
+                          help="with --speedup: compressions the search may run (default 4)")
+    compress.add_argument("--round-to", type=_positive_int, default=None,
+                          help="with --speedup: channel multiple (default: measured for the backend)")
+    compress.add_argument("-q", "--quiet", action="store_true", help="with --speedup: no progress output")
     compress.add_argument("--report", action="store_true",
                           help="print the per-pass, per-layer report (sparsecomp.report)")
     compress.set_defaults(func=_cmd_compress)

@@ -22,7 +22,9 @@ deliberately conservative). The 128-row entries of ``csr`` and ``bsr16x1`` were 
 by ``benchmarks/bench_rewrites.py``: on all-MiniLM-L6-v2 at seq 128 (384-wide layers), 90% CSR and 90%
 16x1 ran 1.10x and 1.07x *slower* than dense at batch 1. ``None`` means the kernel never beat dense in the sweep (2:4 N:M: its
 effective sparsity is fixed at 50%, where no sparse CPU kernel of torch wins). Re-run the command on the
-deployment machine and pass your own table to :func:`decide` (``Sparsify`` uses the default table).
+deployment machine and pass your own table to :func:`decide`. ``Sparsify(backend=..., threads=...)`` uses
+the table measured for that backend on this machine by :func:`sparsecomp.target.breakeven.measure_break_even`
+when there is one (:func:`table_for`), and this documented table otherwise; its report says which.
 
 Between two measured row counts the larger of the two break-evens is used (conservative); above the
 largest measured row count, the largest one's. Block shapes without a row of their own use the CSR
@@ -109,9 +111,26 @@ def break_even(key: str, rows: int,
     return points[-1][1], used
 
 
+#: where the documented table's numbers come from (the reasons of :func:`decide` name it)
+DOCUMENTED = "our CPU measurements"
+
+
+def table_for(backend: str, threads: int = 1) -> tuple[Mapping[str, tuple[tuple[int, Optional[float]], ...]], str]:
+    """The break-even table for ``backend`` at ``threads`` threads: the one measured on this machine
+    (:func:`sparsecomp.target.breakeven.measure_break_even`) when it exists, else :data:`BREAK_EVEN`;
+    and where it comes from, in words."""
+    from ...target.breakeven import measured_break_even
+
+    measured = measured_break_even(backend, threads)
+    if measured:
+        return measured, f"measurements of {backend} with {threads} thread(s) on this machine"
+    return BREAK_EVEN, DOCUMENTED
+
+
 def decide(fmt: str, sparsity: float, rows: int, *, block: tuple[int, int] = (1, 1), n: int = 2,
            m: int = 4, policy: str = "auto",
-           table: Mapping[str, tuple[tuple[int, Optional[float]], ...]] = BREAK_EVEN) -> Decision:
+           table: Mapping[str, tuple[tuple[int, Optional[float]], ...]] = BREAK_EVEN,
+           source: str = DOCUMENTED) -> Decision:
     """Should a layer with this format and (actual) sparsity use the sparse operator?
 
     Parameters
@@ -124,6 +143,8 @@ def decide(fmt: str, sparsity: float, rows: int, *, block: tuple[int, int] = (1,
         Input rows per call (batch size times the other leading dims of the layer's input).
     policy:
         ``"auto"`` consults the table, ``"always"`` / ``"never"`` force the answer.
+    table, source:
+        The break-even table and where it comes from (see :func:`table_for`).
 
     Examples
     --------
@@ -142,10 +163,11 @@ def decide(fmt: str, sparsity: float, rows: int, *, block: tuple[int, int] = (1,
     be, used = break_even(key, rows, table)
     via = "" if used == key else f" (no measurement for {key}; using the {used} break-even)"
     if be is None:
-        return Decision(False, f"{key} never beat dense at {rows} rows in our CPU measurements{via}")
+        return Decision(False, f"{key} never beat dense at {rows} rows in {source}{via}")
+    src = "" if source == DOCUMENTED else f" ({source})"
     if sparsity + SPARSITY_SLACK >= be:
-        return Decision(True, f"sparsity {sparsity:.2f} >= break-even {be:.2f} for {key} at {rows} rows{via}", be)
-    return Decision(False, f"sparsity {sparsity:.2f} < break-even {be:.2f} for {key} at {rows} rows{via}", be)
+        return Decision(True, f"sparsity {sparsity:.2f} >= break-even {be:.2f} for {key} at {rows} rows{via}{src}", be)
+    return Decision(False, f"sparsity {sparsity:.2f} < break-even {be:.2f} for {key} at {rows} rows{via}{src}", be)
 
 
 def estimate(out_features: int, in_features: int, rows: int, stored_values: int, dense_bytes: int,
@@ -193,5 +215,5 @@ def _size_at(size, batch_size: int, batch_symbols=None) -> int:
         return int(hint) if hint is not None else 1
 
 
-__all__ = ["BREAK_EVEN", "Decision", "POLICIES", "SPARSITY_SLACK", "break_even", "decide", "estimate", "format_key",
-           "rows_per_call"]
+__all__ = ["BREAK_EVEN", "DOCUMENTED", "Decision", "POLICIES", "SPARSITY_SLACK", "break_even", "decide", "estimate", "format_key",
+           "rows_per_call", "table_for"]

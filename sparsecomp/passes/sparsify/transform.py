@@ -42,6 +42,7 @@ from ...graph.attrs import add_tensor, deepcopy, get_attr, owner_of, replace_ten
 from ...ops import pack_bsr, pack_csr, pack_nm
 from ..base import PassResult, register_pass
 from ..candidates import drop_weight, finish, weighted_nodes
+from ...target.latency import BACKENDS
 
 PATTERNS = ("unstructured", "block", "n:m")
 CRITERIA = ("magnitude", "wanda")
@@ -79,6 +80,11 @@ class Sparsify(PassConfig):
         (dense-with-zeros everywhere: the accuracy of the pattern without the kernels).
     batch_size:
         Batch size the cost model assumes (the dynamic batch dim of the capture is set to it).
+    backend, threads:
+        Where the model will run (``"torch"``, ``"ort"`` or ``"tvm"``, with ``threads`` intra-op threads):
+        the cost model uses the break-even table measured for it on this machine
+        (:func:`sparsecomp.target.breakeven.measure_break_even`), else the documented ``BREAK_EVEN``; each
+        layer's ``reason`` names the table used.
 
     Examples
     --------
@@ -97,6 +103,8 @@ class Sparsify(PassConfig):
     ignore: tuple[str, ...] = ()
     cost_model: str = "auto"
     batch_size: int = 1
+    backend: str = "torch"
+    threads: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore", name_patterns("ignore", self.ignore))
@@ -104,6 +112,8 @@ class Sparsify(PassConfig):
         check_choice("criterion", self.criterion, CRITERIA)
         check_choice("cost_model", self.cost_model, cost_model.POLICIES)
         check_positive_int("batch_size", self.batch_size)
+        check_choice("backend", self.backend, BACKENDS)
+        check_positive_int("threads", self.threads)
         block = self.block
         if not isinstance(block, (tuple, list)) or len(block) != 2 or not all(is_int(b) and b >= 1 for b in block):
             raise ConfigError(f"block must be a pair of positive integers (r, c), got {block!r}")
@@ -330,6 +340,7 @@ def run_sparsify(captured: Captured, cfg: Sparsify, calibration: Any = None) -> 
     observe_data = cfg.criterion == "wanda" or calibration is not None
     grams = _grams(gm, todo, captured, calibration) if observe_data else {}
 
+    table, source = cost_model.table_for(cfg.backend, cfg.threads)
     modified = False
     for node in todo:
         w_node = node.args[1]
@@ -347,7 +358,7 @@ def run_sparsify(captured: Captured, cfg: Sparsify, calibration: Any = None) -> 
         sparsity = zeros / max(1, out_f * in_f)
         rows = _rows(node, cfg.batch_size)
         decision = cost_model.decide(cfg.format, sparsity, rows, block=cfg.block, n=cfg.n, m=cfg.m,
-                                     policy=cfg.cost_model)
+                                     policy=cfg.cost_model, table=table, source=source)
         packed = _pack(cfg, masked) if decision.sparse else None
         dense_bytes = out_f * in_f * weight.element_size()
         stored = packed.nnz if packed is not None else out_f * in_f
