@@ -109,8 +109,10 @@ def test_prediction_within_tolerance_of_measurement(cache):
         return {r: model.check(pruned[r], inputs, measured[str(r)]) for r in (0.25, 0.5)}
 
     checks = errors()
-    if any(abs(c["error"]) >= PREDICTION_TOLERANCE for c in checks.values()):
-        checks = errors()  # one re-measurement: a neighbour's burst can hit one model of the interleaved run
+    for _ in range(2):  # re-measure: a neighbour's burst can hit one model of the interleaved run
+        if all(abs(c["error"]) < PREDICTION_TOLERANCE for c in checks.values()):
+            break
+        checks = errors()
     for r, check in checks.items():
         assert abs(check["error"]) < PREDICTION_TOLERANCE, (r, check)
     model = LatencyModel.fit(table, [cap, pruned[0.75]], inputs, measured=[1.0, 0.5])

@@ -72,13 +72,7 @@ class Moments:
         self.x += x.sum(0).double()
         self.n += x.shape[0]
         if y is not None:
-            y = y.detach().float()
-            if self.xy is None:
-                self.xy = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
-                self.y = torch.zeros(y.shape[1], dtype=torch.float64)
-            self.xy += (x.T @ y).double()
-            self.y += y.sum(0).double()
-            self.yy += sum_squares(y)
+            self.add_targets(x, y)
 
     def add_targets(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add only the target side of rows already counted in ``xx``/``x``/``n`` (shared input statistics)."""

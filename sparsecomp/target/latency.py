@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -40,12 +39,12 @@ from ..app.metrics import LatencyStats, measure_latencies, measure_latency
 from ..calibration.data import observe, progress_bar
 from ..capture.export import Captured, capture
 from ..errors import ConfigError
+from ..cache import CACHE_ENV, cache_dir, cpu_model  # noqa: F401  (CACHE_ENV: re-exported for tests)
 
 aten = torch.ops.aten
 
 #: backends a latency can be measured on
 BACKENDS = ("torch", "ort", "tvm")
-CACHE_ENV = "SPARSECOMP_CACHE_DIR"
 _VERSION = 1
 
 
@@ -261,25 +260,6 @@ def model_ops(model: Any, inputs: tuple) -> list[tuple[str, OpKey]]:
 
 
 # ------------------------------------------------------------------------------------------------ cache
-def cache_dir() -> Path:
-    """``$SPARSECOMP_CACHE_DIR``, else ``$XDG_CACHE_HOME/sparsecomp``, else ``~/.cache/sparsecomp``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sparsecomp"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def backend_version(backend: str) -> str:
     try:
         if backend == "ort":

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -34,6 +33,7 @@ import torch
 import tvm
 
 from ...errors import ConfigError
+from ...cache import CACHE_ENV, cache_dir, cpu_model  # noqa: F401  (CACHE_ENV: re-exported for tests)
 from . import kernels
 from .kernels import DEFAULT_PLAN, Prefetch, PrefetchPlan
 from .target import host_target, resolve_target
@@ -41,7 +41,6 @@ from .weights import WeightArena
 
 __all__ = ["CANDIDATES", "Calibration", "cache_dir", "calibrate", "plan_for", "plan_path", "save_plan"]
 
-CACHE_ENV = "SPARSECOMP_CACHE_DIR"
 _VERSION = 1
 
 # per walk, the default first: the grid measured on the two hosts above (distances below 2 KiB and
@@ -54,27 +53,8 @@ CANDIDATES: dict[str, tuple[Prefetch, ...]] = {
 }
 
 
-def cache_dir() -> Path:
-    """``$SPARSECOMP_CACHE_DIR``, else ``$XDG_CACHE_HOME/sparsecomp``, else ``~/.cache/sparsecomp``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sparsecomp"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _key(target: tvm.target.Target) -> str:
-    return hashlib.sha1(f"{target}|{_cpu_model()}".encode()).hexdigest()[:16]
+    return hashlib.sha1(f"{target}|{cpu_model()}".encode()).hexdigest()[:16]
 
 
 def plan_path(target: Any = None) -> Path:
@@ -109,7 +89,7 @@ def save_plan(plan: PrefetchPlan, target: Any = None, record: dict | None = None
     tgt = resolve_target(target)
     path = plan_path(tgt)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"version": _VERSION, "target": str(tgt), "cpu": _cpu_model(),
+    data = {"version": _VERSION, "target": str(tgt), "cpu": cpu_model(),
             "plan": {name: asdict(getattr(plan, name)) for name in CANDIDATES}, **(record or {})}
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
