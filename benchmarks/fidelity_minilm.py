@@ -41,8 +41,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 from sparsecomp import Slice, StructuredPruning
 from sparsecomp.app.metrics import count_macs, count_params, markdown_table, measure_latencies
 from sparsecomp.app.evaluate import load_encoder
-from sparsecomp.app.models import (HELDOUT_SENTENCES, calibration_corpus, encoder_dynamic_shapes, length_batches,
-                                   load_minilm, sentence_embeddings)
+from sparsecomp.app.models import HELDOUT_SENTENCES, load_minilm, sentence_embeddings
 
 #: (measured speedup, cosine) of Torch-Pruning's best setting on the same model (from the issue).
 TORCH_PRUNING = ((1.04, 0.955), (1.13, 0.942), (1.25, 0.870), (1.58, 0.673), (1.83, 0.564))
@@ -95,16 +94,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(ns.compress_threads)
 
     encoder = load_encoder(lambda: load(ns.model_dir))
-    enc, tok = encoder.model, encoder.tokenizer
+    enc = encoder.model
     example = encoder.inputs(HELDOUT_SENTENCES[0], seq_len=128)
-    # dynamic batch and sequence length (example of batch 2: export specialises size-1 dims), so that
-    # calibration runs on length-bucketed batches; MAC budgets are counted at 128 tokens
-    captured = sparsecomp.capture(enc, (example[0].repeat(2, 1), example[1].repeat(2, 1)),
-                                  dynamic_shapes=encoder_dynamic_shapes(max_seq=512))
-    corpus = list(calibration_corpus())
-    if ns.calibration:
-        corpus = corpus[: ns.calibration]
-    calibration = length_batches(tok, corpus, batch_size=32, max_len=128)
+    # dynamic batch and sequence length, so that calibration runs on length-bucketed batches; MAC budgets
+    # are counted at 128 tokens
+    captured = encoder.capture(seq_len=128)
+    calibration = encoder.calibration(ns.calibration)
+    n_sentences = sum(int(ids.shape[0]) for ids, _ in calibration)
     mask = torch.cat([m.flatten() for _, m in calibration])
     ev_ids, ev_mask = encoder.inputs(HELDOUT_SENTENCES, seq_len=128)
     with torch.no_grad():
@@ -147,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
              "-" if r["torch_pruning_cosine"] is None or r["config"] == "dense" else f"{r['torch_pruning_cosine']:.3f}"]
             for r in rows]
     print(markdown_table(header, body, text_columns=1))
-    print(f"\ncalibration: {len(corpus)} sentences ({int(mask.sum())} tokens); evaluation: "
+    print(f"\ncalibration: {n_sentences} sentences ({int(mask.sum())} tokens); evaluation: "
           f"{len(HELDOUT_SENTENCES)} held-out sentences; Torch-Pruning reference: "
           + ", ".join(f"{c:.3f} at {s:.2f}x" for s, c in TORCH_PRUNING))
     if ns.out:

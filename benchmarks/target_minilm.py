@@ -33,7 +33,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 from sparsecomp import StructuredPruning, Target, TargetUnreachableError, compress_to_target
 from sparsecomp.app.evaluate import cosines, embed, load_encoder
-from sparsecomp.app.models import HELDOUT_SENTENCES, calibration_corpus, encoder_dynamic_shapes, length_batches
+from sparsecomp.app.models import HELDOUT_SENTENCES
 
 #: the single-method pruning curve on the same model and protocol (docs/BENCHMARKS.md, "Fidelity of
 #: calibrated structured pruning on MiniLM": full 1204-sentence corpus, torch, measured speedup, cosine)
@@ -54,14 +54,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     t_start = time.perf_counter()
     encoder = load_encoder()
-    enc, tok = encoder.model, encoder.tokenizer
-    example = encoder.inputs(HELDOUT_SENTENCES[0], seq_len=128)
-    captured = sparsecomp.capture(enc, (example[0].repeat(2, 1), example[1].repeat(2, 1)),
-                                  dynamic_shapes=encoder_dynamic_shapes(max_seq=512))
-    corpus = list(calibration_corpus())
-    if ns.calibration:
-        corpus = corpus[: ns.calibration]
-    calibration = length_batches(tok, corpus, batch_size=32, max_len=128)
+    enc = encoder.model
+    captured = encoder.capture(seq_len=128)
+    calibration = encoder.calibration(ns.calibration)
+    n_sentences = sum(int(ids.shape[0]) for ids, _ in calibration)
     ev_ids, ev_mask = encoder.inputs(HELDOUT_SENTENCES, seq_len=128)
     reference = embed(enc, ev_ids, ev_mask)
 
@@ -100,7 +96,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                          "round_to_measurement": (res.report["round_to_measurement"] or {}).get("summary")})
             print(res.table(), flush=True)
     total = time.perf_counter() - t_start
-    print(f"\nwhole benchmark: {total:.0f} s; calibration {len(corpus)} sentences; "
+    print(f"\nwhole benchmark: {total:.0f} s; calibration {n_sentences} sentences; "
           f"{len(shared)} distinct compressions", flush=True)
     print("| backend | target | met | mac_ratio | round_to | measured speedup (re-measured) | held-out cosine | "
           "prediction errors | tries | search s |")
@@ -113,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"| {r['backend']} | {r['target']:g}x | yes | {r['mac_ratio']:.3f} | {r['round_to']} | "
               f"{r['speedup']:.2f}x ({r['remeasured_speedup']:.2f}x) | {r['cosine']:.4f} | {errs} | {r['tries']} | "
               f"{r['seconds']:.0f} |")
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "seconds": total, "calibration": len(corpus),
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "seconds": total, "calibration": n_sentences,
                                                    "pruning_curve": PRUNING_CURVE}, indent=1, default=str))
     return rows
 

@@ -16,7 +16,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..calibration.data import progress_bar
-from .models import BUILTIN_SENTENCES, SentenceEncoder, encode_batch, load_minilm, sentence_embeddings
+from .models import (BUILTIN_SENTENCES, HELDOUT_SENTENCES, SentenceEncoder, calibration_corpus, encode_batch,
+                     encoder_dynamic_shapes, length_batches, load_minilm, sentence_embeddings)
 
 
 @dataclasses.dataclass
@@ -31,6 +32,20 @@ class Encoder:
         """``(input_ids, attention_mask)`` of ``sentences``, padded / truncated to ``seq_len`` tokens."""
         return encode_batch(self.tokenizer, list(sentences) if not isinstance(sentences, str) else sentences,
                             seq_len=seq_len)
+
+    def capture(self, seq_len: int = 128, max_seq: int = 512) -> Any:
+        """The encoder captured with a dynamic batch and sequence length (up to ``max_seq``), traced on two
+        copies of a held-out sentence at ``seq_len`` tokens (export specialises size-1 dims)."""
+        import sparsecomp
+
+        ids, mask = self.inputs(HELDOUT_SENTENCES[0], seq_len=seq_len)
+        return sparsecomp.capture(self.model, (ids.repeat(2, 1), mask.repeat(2, 1)),
+                                  dynamic_shapes=encoder_dynamic_shapes(max_seq=max_seq))
+
+    def calibration(self, n: int = 0, batch_size: int = 32, max_len: int = 128) -> list:
+        """The packaged calibration corpus (its first ``n`` sentences; 0: all) in length-bucketed batches."""
+        corpus = list(calibration_corpus())
+        return length_batches(self.tokenizer, corpus[:n] if n else corpus, batch_size=batch_size, max_len=max_len)
 
 
 def load_encoder(loader: Callable[[], tuple[Any, Any]] | None = None) -> Encoder:
