@@ -191,14 +191,16 @@ CV_FOLDS = 4
 MIN_GAIN = 1e-4
 
 
-def add_to_folds(folds: list[Moments], x: torch.Tensor, y: torch.Tensor, n_folds: int) -> None:
+def add_to_folds(folds: list[Moments], x: torch.Tensor, y: torch.Tensor | None, n_folds: int) -> None:
     """Add the rows of one calibration batch to ``n_folds`` moment folds, in contiguous chunks (rows are
-    sample-major, so a sample's tokens or positions mostly land in one fold and the folds stay independent)."""
+    sample-major, so a sample's tokens or positions mostly land in one fold and the folds stay independent).
+    ``y=None``: input statistics only."""
     if not folds:
-        folds.extend(Moments.zeros(x.shape[1], y.shape[1]) for _ in range(n_folds))
-    for fold, xs, ys in zip(folds, torch.tensor_split(x, n_folds), torch.tensor_split(y, n_folds)):
+        folds.extend(Moments.zeros(x.shape[1], None if y is None else y.shape[1]) for _ in range(n_folds))
+    ys = [None] * n_folds if y is None else torch.tensor_split(y, n_folds)
+    for fold, xs, yc in zip(folds, torch.tensor_split(x, n_folds), ys):
         if xs.shape[0]:
-            fold.add(xs, ys)
+            fold.add(xs, yc)
 
 
 def cross_validated_damp(folds: Sequence[Moments], prior: torch.Tensor | None, bias: bool = True,
@@ -677,16 +679,10 @@ def _release(shared: dict, readers: dict, key: tuple) -> None:
 
 
 def _input_folds(node: fx.Node, xs: Sequence[torch.Tensor], masks: Sequence[Any], n_folds: int) -> list[Moments]:
-    """``n_folds`` input-side moments over every batch (each batch split in contiguous chunks, rows being
-    sample-major, so that a sample's tokens mostly land in one fold and the folds stay independent)."""
+    """``n_folds`` input-side moments over every batch (split as :func:`add_to_folds` splits them)."""
     folds: list[Moments] = []
     for x, m in zip(xs, masks):
-        xr = input_rows(node, x, m)
-        if not folds:
-            folds = [Moments.zeros(xr.shape[1]) for _ in range(n_folds)]
-        for fold, part in zip(folds, torch.tensor_split(xr, n_folds)):
-            if part.shape[0]:
-                fold.add(part)
+        add_to_folds(folds, input_rows(node, x, m), None, n_folds)
     return folds
 
 
