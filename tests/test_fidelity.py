@@ -63,6 +63,28 @@ def test_refit_error_from_the_normal_equations_matches_the_direct_error(bias, da
     assert err < output_error(mom, prior, None if not bias else torch.zeros(6, dtype=torch.float64))
 
 
+def test_refit_and_targets_in_column_chunks_equal_the_whole(monkeypatch):
+    """A wide op (a vocabulary head) is solved and accumulated in output-column chunks to bound memory;
+    the chunks must give the same weights, bias, error and moments as one block (3 columns per chunk here)."""
+    import sparsecomp.calibration.reconstruct as rc
+    torch.manual_seed(4)
+    x = torch.randn(300, 8, dtype=torch.float64) + 0.5
+    y = x @ torch.randn(11, 8, dtype=torch.float64).T + 0.2 * torch.randn(300, 11, dtype=torch.float64)
+    prior = torch.randn(11, 8, dtype=torch.float64)
+    whole = Moments.zeros(8, 11)
+    whole.add(x, y)
+    ref = refit(whole, damp=0.1, bias=True, prior=prior, with_error=True)
+    monkeypatch.setattr(rc, "CHUNK_COLUMNS_ELEMENTS", 24)  # d_in 8: 3 output columns per chunk
+    assert len(rc._column_chunks(8, 11)) == 4
+    chunked = Moments.zeros(8, 11)
+    chunked.add(x, y)
+    assert torch.allclose(chunked.xy, whole.xy, rtol=1e-6) and torch.allclose(chunked.y, whole.y, rtol=1e-6)
+    got = refit(chunked, damp=0.1, bias=True, prior=prior, with_error=True)
+    assert torch.allclose(got[0], ref[0], rtol=1e-12, atol=1e-12) and torch.allclose(got[1], ref[1], atol=1e-12)
+    assert got[2] == pytest.approx(ref[2], rel=1e-9)
+    assert got[2] == pytest.approx(output_error(whole, got[0], got[1]), rel=1e-6)
+
+
 def test_refit_shrinks_toward_the_prior_and_folds_merge_back():
     torch.manual_seed(2)
     x = torch.randn(64, 10, dtype=torch.float64)

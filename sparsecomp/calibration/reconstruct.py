@@ -76,12 +76,15 @@ class Moments:
 
     def add_targets(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add only the target side of rows already counted in ``xx``/``x``/``n`` (shared input statistics)."""
-        x, y = x.detach().float(), y.detach().float()
+        x, y = x.detach().float(), y.detach()
         if self.xy is None:
             self.xy = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
             self.y = torch.zeros(y.shape[1], dtype=torch.float64)
-        self.xy += (x.T @ y).double()
-        self.y += y.sum(0).double()
+        xt = x.T
+        for c in _column_chunks(self.xy.shape[0], y.shape[1]):  # a 32k-wide X^T Y: no whole float32 copy
+            yc = y[:, c].float()
+            self.xy[:, c] += (xt @ yc).double()
+            self.y[c] += yc.sum(0).double()
         self.yy += sum_squares(y)
 
     def with_targets(self) -> "Moments":
@@ -150,11 +153,7 @@ def refit(mom: Moments, damp: float = 1e-2, bias: bool = True, prior: torch.Tens
     """
     if mom.xy is None or mom.n == 0:
         raise ValueError("refit needs moments with targets (Moments.add(x, y))")
-    if bias:
-        mx, my = mom.mean, mom.y / mom.n
-        cxy = mom.xy - mom.n * torch.outer(mx, my)
-    else:
-        cxy = mom.xy
+    mx, my = (mom.mean, mom.y / mom.n) if bias else (None, None)
     cache_key = None if factors is None or key is None else (key, damp, bias)
     if cache_key is not None and cache_key in factors:
         factor, lam, is_chol = factors[cache_key]
@@ -168,19 +167,37 @@ def refit(mom: Moments, damp: float = 1e-2, bias: bool = True, prior: torch.Tens
             factor = cov  # not positive definite: least squares on the matrix itself (as solve_psd)
         if cache_key is not None:
             factors[cache_key] = (factor, lam, is_chol)
-    rhs = cxy if prior is None else cxy + lam * prior.double().T
-    w_t = torch.cholesky_solve(rhs, factor) if is_chol else torch.linalg.lstsq(factor, rhs).solution
-    w = w_t.T.contiguous()
+    # output columns are independent given the factor: solved in chunks, so that a 32k-wide head holds
+    # its float64 X^T Y and W once instead of several float64 copies of that size
+    d_in, d_out = mom.xy.shape
+    w = torch.empty(d_out, d_in, dtype=torch.float64)
+    fit = 0.0  # tr(W^T Cxy), and with a prior lam (tr(W W0^T) - ||W||^2): the normal-equation error terms
+    for c in _column_chunks(d_in, d_out):
+        cxy = mom.xy[:, c] - mom.n * torch.outer(mx, my[c]) if bias else mom.xy[:, c]
+        rhs = cxy if prior is None else cxy + lam * prior[c].double().T
+        w_t = torch.cholesky_solve(rhs, factor) if is_chol else torch.linalg.lstsq(factor, rhs).solution
+        w[c] = w_t.T
+        if with_error and is_chol:
+            fit += float(torch.sum(w_t * cxy))
+            if prior is not None:
+                fit -= lam * (float(torch.sum(w_t.T * prior[c].double())) - float(torch.sum(w_t * w_t)))
+        del cxy, rhs, w_t
     b = (my - w @ mx) if bias else None
     if not with_error:
         return w, b
     if not is_chol:  # least squares on a singular matrix: the identity needs the exact solve
         return w, b, output_error(mom, w, b)
     yy = mom.yy - mom.n * float(my @ my) if bias else mom.yy
-    err = yy - float(torch.sum(w_t * cxy))
-    if prior is not None:
-        err += lam * (float(torch.sum(w * prior.double())) - float(torch.sum(w * w)))
-    return w, b, max(err, 0.0)
+    return w, b, max(yy - fit, 0.0)
+
+
+#: Float64 elements per output-column chunk of :func:`refit` and :meth:`Moments.add_targets` (64 MiB).
+CHUNK_COLUMNS_ELEMENTS = 1 << 23
+
+
+def _column_chunks(d_in: int, d_out: int) -> list[slice]:
+    step = max(1, CHUNK_COLUMNS_ELEMENTS // max(d_in, 1))
+    return [slice(k, min(k + step, d_out)) for k in range(0, d_out, step)]
 
 
 #: Ridge strengths tried by :func:`cross_validated_damp` (relative to the mean diagonal of the covariance).
@@ -216,15 +233,19 @@ def cross_validated_damp(folds: Sequence[Moments], prior: torch.Tensor | None, b
     live = [(i, f) for i, f in enumerate(folds) if f.n > 1]
     if len(live) < 2:
         return 1e-2
-    trains = [merge([f for i, f in live if i != j]) for j, _ in live]
+    total = merge([f for _, f in live])
     errors: dict[int, float] = {}
 
     def error(k: int) -> float:
         if k not in errors:
             d, err = grid[k], 0.0
-            for (j, held), train in zip(live, trains):
+            for j, held in live:
+                # the training rows of fold j as the total minus fold j: one d_in x d_in matrix at a time
+                cached = factors is not None and key is not None and ((key, "cv", j), d, bias) in factors
+                train = _without(total, held, gram=not cached)  # refit reads no Gram when its factor is cached
                 w, b = refit(train, damp=d, bias=bias, prior=prior, factors=factors,
                              key=None if key is None else (key, "cv", j))
+                del train
                 err += output_error(held, w, b)
             errors[k] = err
         return errors[k]
@@ -234,6 +255,14 @@ def cross_validated_damp(folds: Sequence[Moments], prior: torch.Tensor | None, b
         while 0 <= k + step < len(grid) and error(k + step) < error(k):
             k += step
     return grid[k]
+
+
+def _without(total: Moments, part: Moments, gram: bool = True) -> Moments:
+    """The moments of ``total``'s rows minus ``part``'s (a subset of them); ``gram=False`` shares
+    ``total.xx`` instead of forming the difference (for a reader that does not use it)."""
+    return Moments(total.xx - part.xx if gram else total.xx, total.x - part.x, total.n - part.n,
+                   None if total.xy is None else total.xy - part.xy,
+                   None if total.y is None else total.y - part.y, total.yy - part.yy)
 
 
 def solve_psd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -583,6 +612,7 @@ def sequential_refit(
         if key not in shared:
             shared[key] = _SharedInput(_input_folds(node, c_run.values(node.args[0]), masks, n_folds))
         inp = shared[key]
+        cache = inp.factors if readers[key] > 1 else None  # factorisations are kept for the input's later readers
         # targets: per fold when the cross-validation reads every output column (narrow ops), else one
         # accumulator for the refit plus per-fold sums over CV_OUTPUTS columns (a vocabulary projection's
         # X^T Y is then held once, not once per fold)
@@ -615,19 +645,23 @@ def sequential_refit(
                 d_use, damp_from = sorted(earlier)[len(earlier) // 2], role
             else:
                 prior = w_old if cols is None else w_old[torch.as_tensor(cols)]
-                d_use = cross_validated_damp(cv_folds, prior, bias, factors=inp.factors, key=key)
+                d_use = cross_validated_damp(cv_folds, prior, bias, factors=cache, key=key)
                 earlier.append(d_use)
-        w_new, b_new, after = refit(mom, damp=d_use, bias=bias, prior=w_old, factors=inp.factors, key=key,
+        w_new, b_new, after = refit(mom, damp=d_use, bias=bias, prior=w_old, factors=cache, key=key,
                                     with_error=True)
         _release(shared, readers, key)
+        n_rows = mom.n
+        # drop this op's statistics and rows before the graphs step on (a vocabulary head's are gigabytes)
+        del inp, cache, cv_folds, mom
+        ys = sums = outs = x = y = xr = yr = None
         if after < before * (1 - MIN_GAIN) and all(torch.isfinite(t).all() for t in (w_new, b_new) if t is not None):
             new_w = set_tensor(compressed, wt, w_new)
             c_run.set_value(node.args[1], new_w)
             if b_param is not None:
                 c_run.set_value(b_node, set_tensor(compressed, b_node.target, b_new))
-            records.append(RefitRecord(wt, mom.n, before, after, True, damp=d_use, damp_from=damp_from))
+            records.append(RefitRecord(wt, n_rows, before, after, True, damp=d_use, damp_from=damp_from))
         else:
-            records.append(RefitRecord(wt, mom.n, before, before, False, "no improvement", d_use, damp_from))
+            records.append(RefitRecord(wt, n_rows, before, before, False, "no improvement", d_use, damp_from))
     return records
 
 
