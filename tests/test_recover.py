@@ -122,6 +122,26 @@ def test_recovers_toward_the_teacher(teacher_capture):
     assert rec.get_parameter(w).shape == refit.get_parameter(w).shape  # pruned widths stay
 
 
+def test_a_budget_without_epochs_is_spent_and_epochs_alone_bound_the_phase(teacher_capture):
+    """epochs=None with budget_s trains until the budget is spent (block phase at most BLOCK_SHARE of it);
+    without a budget the end-to-end phase runs DEFAULT_EPOCHS; explicit epochs bound it under a budget."""
+    from sparsecomp.passes.recover.config import BLOCK_SHARE, DEFAULT_EPOCHS
+    _, cap = teacher_capture
+    calib = _data(8, 1)  # 256 samples: 231 train, 15 steps per epoch at batch 16
+    small = run_pass(cap, StructuredPruning(ratio=0.6, criterion="l1", reconstruct=False), calib).captured
+    fast = dict(lr=3e-3, batch_size=16, patience=10_000)
+    timed = run_pass(small, Recover(block_epochs=1, budget_s=6.0, **fast), calib, PassContext(original=cap)).report
+    phases = {p["phase"]: p for p in timed}
+    assert phases["block-wise"]["seconds"] <= BLOCK_SHARE * 6.0 + 0.5
+    assert phases["result"]["seconds"] >= 0.85 * 6.0  # the budget is used, not 4 epochs and out
+    assert phases["end-to-end"]["seconds"] >= 0.5 * 6.0 and not phases["end-to-end"]["early_stopped"]
+    plain = run_pass(small, Recover(block_epochs=0, **fast), calib, PassContext(original=cap)).report
+    assert next(p for p in plain if p["phase"] == "end-to-end")["steps"] == DEFAULT_EPOCHS * 15
+    bounded = run_pass(small, Recover(block_epochs=0, epochs=2, budget_s=60.0, **fast), calib,
+                       PassContext(original=cap)).report
+    assert next(p for p in bounded if p["phase"] == "end-to-end")["steps"] == 2 * 15
+
+
 @pytest.mark.parametrize("cfg", [
     Sparsify(sparsity=0.6, cost_model="never"),
     Sparsify(sparsity=0.6, cost_model="always"),

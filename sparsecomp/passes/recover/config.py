@@ -13,6 +13,10 @@ OUTPUT_LOSSES = ("mse", "cosine", "kl")
 SCHEDULES = ("cosine", "linear", "constant")
 AUGMENTATIONS = ("crop", "concat", "substitute")
 _NAME = "Recover"
+#: End-to-end epochs when neither ``epochs`` nor ``budget_s`` bounds the phase.
+DEFAULT_EPOCHS = 4.0
+#: With ``epochs=None`` and a budget, the most of the budget the block-wise phase may use.
+BLOCK_SHARE = 0.25
 
 
 @register_config
@@ -25,11 +29,15 @@ class Recover(PassConfig):
     block_epochs:
         Passes over the training split for *each* block in the block-wise phase (0: no block phase).
     epochs:
-        Passes over the training split in the end-to-end phase (0: no end-to-end phase).
+        Passes over the training split in the end-to-end phase (0: no end-to-end phase). ``None``
+        (default): with ``budget_s``, as many as the budget allows (the phase ends when the time is spent;
+        its learning-rate schedule runs on the clock); without a budget, ``DEFAULT_EPOCHS``.
     budget_s:
-        Wall-clock budget of the whole pass in seconds (``None``: only the epochs limit). Split between the
-        phases in proportion to their epochs; the learning-rate schedule follows whichever of steps and
-        time runs out first. A binding budget makes the number of steps depend on the machine's speed.
+        Wall-clock budget of the whole pass in seconds (``None``: only the epochs limit). With explicit
+        ``epochs`` it is split between the phases in proportion to their epochs, and the learning-rate
+        schedule follows whichever of steps and time runs out first; with ``epochs=None`` the block phase
+        may use up to ``BLOCK_SHARE`` of it and the end-to-end phase the rest. A binding budget makes the
+        number of steps depend on the machine's speed.
     lr, block_lr:
         AdamW learning rates of the end-to-end and block phases (``block_lr=None``: ``lr``).
     schedule:
@@ -55,7 +63,9 @@ class Recover(PassConfig):
         Token-sequence augmentations of training samples (need ``token_mask``): ``"crop"`` (a random
         contiguous part, first and last token kept), ``"concat"`` (two samples joined, the first's last
         and the second's first token dropped), ``"substitute"`` (15% of inner tokens replaced by tokens of
-        other samples). The teacher labels every augmented sample.
+        other samples). The teacher labels every augmented sample; half the end-to-end batches are
+        augmented. Default: all three (they apply only to token inputs captured with a dynamic sequence
+        length); ``()`` turns them off.
     token_mask:
         Name of the input that marks real tokens (e.g. ``"attention_mask"``); losses skip padding.
     train_embeddings:
@@ -69,9 +79,9 @@ class Recover(PassConfig):
     type_name: ClassVar[str] = _NAME
 
     block_epochs: float = 2.0
-    epochs: float = 4.0
+    epochs: float | None = None
     budget_s: float | None = None
-    lr: float = 1e-4
+    lr: float = 3e-4
     block_lr: float | None = None
     schedule: str = "cosine"
     warmup: float = 0.05
@@ -82,7 +92,7 @@ class Recover(PassConfig):
     val_fraction: float = 0.1
     eval_every: int = 0
     patience: int = 4
-    augment: tuple[str, ...] = ()
+    augment: tuple[str, ...] = AUGMENTATIONS
     token_mask: str | None = "attention_mask"
     train_embeddings: bool = False
     seed: int = 0
@@ -94,6 +104,8 @@ class Recover(PassConfig):
         object.__setattr__(self, "augment", tuple(self.augment))
         for name in ("block_epochs", "epochs", "lr", "warmup", "weight_decay", "intermediate_weight"):
             v = getattr(self, name)
+            if v is None and name == "epochs":
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ConfigError(f"Recover.{name} must be a finite number >= 0, got {v!r}")
         if self.block_lr is not None and (not isinstance(self.block_lr, (int, float)) or self.block_lr <= 0):
@@ -122,6 +134,14 @@ class Recover(PassConfig):
             raise ConfigError(f"Recover.augment: unknown {bad}; valid: {AUGMENTATIONS}")
         if self.block_epochs == 0 and self.epochs == 0:
             raise ConfigError("Recover needs block_epochs > 0 or epochs > 0")
+
+    @property
+    def e2e_epochs(self) -> float | None:
+        """Epochs of the end-to-end phase: ``epochs``; for ``epochs=None``, ``None`` (until the budget is
+        spent) when there is a budget, else ``DEFAULT_EPOCHS``."""
+        if self.epochs is not None:
+            return float(self.epochs)
+        return None if self.budget_s is not None else DEFAULT_EPOCHS
 
     @property
     def needs_calibration(self) -> bool:

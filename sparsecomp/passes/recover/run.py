@@ -15,11 +15,32 @@ from ...calibration.data import progress_bar
 from ...capture.export import Captured
 from ...errors import PassError
 from ..base import PassContext, PassResult, register_pass
-from .config import _NAME, Recover
+from .config import _NAME, BLOCK_SHARE, Recover
 from .data import _augment, _batches, _collate, _collate_acts, _prepare_data, _trim, output_loss, relative_mse
 from .graphs import (_drop_positions, _flat_outputs, _scope_nodes, _used_tensors, corresponding_blocks,
                      module_outputs, trainable_tensors, training_module)
 from .train import _Best, _Trainer
+
+#: The step bound of a phase that only the clock ends (``epochs=None`` with a budget).
+_UNBOUNDED = 1 << 40
+
+
+class _PercentBar:
+    """Progress of a phase in percent of its bound (steps or time, whichever is nearer its end)."""
+
+    def __init__(self, trainer: _Trainer, desc: str, enabled: bool) -> None:
+        self.trainer, self.shown = trainer, 0
+        self.bar = progress_bar(None, desc, enabled, total=100)
+
+    def update(self) -> None:
+        now = int(100 * self.trainer.progress())
+        if now > self.shown:
+            self.bar.update(now - self.shown)
+            self.shown = now
+
+    def close(self) -> None:
+        self.bar.close()
+
 
 # ------------------------------------------------------------------------------------------------ the pass
 @register_pass(Recover, context=True)
@@ -98,7 +119,11 @@ def run_recover(captured: Captured, cfg: Recover, calibration: Any = None,
                                      "block_reason": why_no_blocks or None,
                                      "train_samples": len(train_idx), "val_samples": len(val_idx)}]
     steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
-    share = (cfg.block_epochs * 0.6, cfg.epochs)  # a block epoch costs about 0.6 e2e epoch (no online teacher)
+    e2e_epochs = cfg.e2e_epochs  # None: until the budget is spent
+    if e2e_epochs is None:
+        share = (BLOCK_SHARE if cfg.block_epochs > 0 and blocks else 0.0, 1.0 - BLOCK_SHARE)
+    else:
+        share = (cfg.block_epochs * 0.6, e2e_epochs)  # a block epoch costs about 0.6 e2e epoch (no online teacher)
 
     def phase_deadline(k: int) -> float | None:
         if deadline is None:
@@ -156,9 +181,9 @@ def run_recover(captured: Captured, cfg: Recover, calibration: Any = None,
         report.append({"phase": "block-wise", "skipped": why_no_blocks})
 
     # ---- end-to-end phase
-    if cfg.epochs > 0:
+    if e2e_epochs is None or e2e_epochs > 0:
         t0, c0 = time.perf_counter(), time.process_time()
-        total = int(cfg.epochs * steps_per_epoch)
+        total = _UNBOUNDED if e2e_epochs is None else int(e2e_epochs * steps_per_epoch)
         used = _used_tensors(student_e2e, tensors)
         trainer = _Trainer(cfg, used, cfg.lr, total, phase_deadline(1), validate, best, "end-to-end")
         if not trainer.eval_every:
@@ -169,7 +194,7 @@ def run_recover(captured: Captured, cfg: Recover, calibration: Any = None,
         if "substitute" in augment and data.id_input is not None:
             vocab = torch.cat([data.samples[i][data.id_input][0, 1:-1] for i in train_idx])
         fill_cache()
-        bar = iter(progress_bar(range(total), "recover end-to-end", cfg.progress))
+        bar = _PercentBar(trainer, "recover end-to-end (%)", cfg.progress)
         n_points = len(points)
         while not trainer.done():
             for b in _batches(data, train_idx, cfg.batch_size, erng):
@@ -194,7 +219,8 @@ def run_recover(captured: Captured, cfg: Recover, calibration: Any = None,
                     inter = sum(relative_mse(got[len(s_final) + j], t_points[j], mask) for j in range(n_points))
                     loss = loss + cfg.intermediate_weight * inter / n_points
                 trainer.step(loss)
-                next(bar, None)
+                bar.update()
+        bar.close()
         last = trainer.check()
         trainer.close()
         report.append({"phase": "end-to-end", "val_loss": last, "best_val_loss": best.score, "steps": trainer.step_count,
