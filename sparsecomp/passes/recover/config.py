@@ -58,7 +58,9 @@ class Recover(PassConfig):
     eval_every:
         Validate every this many optimizer steps (0: twice per epoch of each phase).
     patience:
-        Stop a phase after this many validations without improvement.
+        Stop a phase after this many validations without improvement: in its first half only when the
+        last validation is worse than where the phase began (training diverges); after that on any
+        plateau. The best validated weights are kept either way.
     augment:
         Token-sequence augmentations of training samples (need ``token_mask``): ``"crop"`` (a random
         contiguous part, first and last token kept), ``"concat"`` (two samples joined, the first's last

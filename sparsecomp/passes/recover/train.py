@@ -12,6 +12,9 @@ import torch
 from .config import Recover
 from .graphs import _Tensor
 
+#: Fraction of a phase (steps or time) after which ``patience`` stops it on a mere plateau.
+EARLY_STOP_FROM = 0.5
+
 # ------------------------------------------------------------------------------------------------ training loop
 def _lr_factor(cfg: Recover, progress: float) -> float:
     if cfg.warmup > 0 and progress < cfg.warmup:
@@ -38,6 +41,7 @@ class _Trainer:
             t.tensor.requires_grad_(True)
         self.opt = torch.optim.AdamW([t.tensor for t in tensors], lr=lr, weight_decay=cfg.weight_decay)
         self.eval_every = cfg.eval_every
+        self.start_score = best.score  # the best validation when the phase began
 
     def progress(self) -> float:
         p = self.step_count / self.total
@@ -72,7 +76,9 @@ class _Trainer:
             self.stale = 0
         else:
             self.stale += 1
-            if self.stale >= self.cfg.patience:
+            # a long phase's validation is noisy while its learning rate is high: before EARLY_STOP_FROM of
+            # the phase only a run that is worse than where the phase began (diverging) stops early
+            if self.stale >= self.cfg.patience and (self.progress() >= EARLY_STOP_FROM or score > self.start_score):
                 self.stopped = True
         return score
 
