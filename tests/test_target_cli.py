@@ -79,3 +79,7 @@ def test_cli_speedup_refuses_a_fixed_ratio(factory, tmp_path, capsys):
     assert "needs -o OUT" in capsys.readouterr().err
     assert main(["compress", f"{path}:make", "--speedup", "0.5", "-o", str(tmp_path / "o")]) == 2
     assert "Target.speedup must be a number > 1" in capsys.readouterr().err
+    assert main(["compress", f"{path}:make", "--speedup", "2", "--recover", "60", "-o", str(tmp_path / "o")]) == 2
+    assert "--recover needs --calibration FILE" in capsys.readouterr().err
+    assert main(["compress", f"{path}:make", "--speedup", "2", "--recover", "-5", "-o", str(tmp_path / "o")]) == 2
+    assert "must be a finite number > 0" in capsys.readouterr().err

@@ -69,6 +69,31 @@ def test_target_met_as_measured(cache):
     assert saved["latency_model"]["table_misses"] > 0 and len(saved["points"]) == len(res.points)
 
 
+def test_recovery_after_the_search_is_measured_and_kept_only_when_it_holds(cache):
+    """recover=Recover(...): the chosen pruning is distilled, re-measured end to end and returned when it
+    still meets the target and its validation did not get worse; the report says what it bought."""
+    m, x, _ = _model()
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(8, 64, 256, generator=g) for _ in range(6)]
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        compress_to_target(m, (x,), Target(speedup=1.5), recover=sparsecomp.Recover(epochs=1))
+    with pytest.raises(ConfigError, match="needs a sparsecomp.Recover"):
+        compress_to_target(m, (x,), Target(speedup=1.5), calibration=calib, recover=sparsecomp.LowRank(rank_ratio=0.5))
+    rec = sparsecomp.Recover(block_epochs=0, epochs=8, lr=1e-3, batch_size=8, eval_every=2, patience=50)
+    # a pruning without the refit leaves something to recover
+    res = compress_to_target(m, (x,), Target(speedup=1.5, round_to=8, max_tries=3), calibration=calib,
+                             progress=False, recover=rec,
+                             template=sparsecomp.StructuredPruning(mac_ratio=0.5, criterion="fluctuation", reconstruct=False))
+    r = res.report["recover"]
+    assert r["config"]["type"] == "Recover" and r["seconds"] > 0 and r["phases"][-1]["phase"] == "result"
+    assert r["kept"] == (r["measured_speedup"] >= 1.5 and r["val_loss_after"] <= r["val_loss_before"])
+    # same widths as the chosen pruning, and when kept the returned module is the recovered one
+    widths = {n: tuple(p.shape) for n, p in res.module.named_parameters()}
+    assert all(tuple(row["chosen"]) == widths[row["weight"]] for row in res.layers)
+    assert r["kept"] and r["val_loss_after"] < r["val_loss_before"]
+    assert any(ph.get("phase") == "end-to-end" for ph in r["phases"])
+
+
 def test_unreachable_target_names_the_best_point(cache):
     m, x, calib = _model()
     with pytest.raises(TargetUnreachableError, match=r"50x on torch was not reached after 1 compression\(s\) "

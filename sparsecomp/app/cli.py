@@ -372,6 +372,11 @@ def _cmd_compress_target(ns: argparse.Namespace) -> int:
     if kwargs:
         raise CLIError("--speedup times positional inputs only; make the factory return every input positionally")
     calibration = None if ns.calibration is None else load_calibration(ns.calibration, ns.spec)
+    recover = None
+    if ns.recover is not None:
+        if calibration is None:
+            raise CLIError("--recover needs --calibration FILE: the dense model labels that data for the distillation")
+        recover = sparsecomp.Recover(budget_s=ns.recover, progress=not ns.quiet)
     template = None
     if ns.criterion is not None or ns.granularity is not None:
         options: dict[str, Any] = {"mac_ratio": 0.1}
@@ -382,7 +387,7 @@ def _cmd_compress_target(ns: argparse.Namespace) -> int:
         template = sparsecomp.StructuredPruning(**options)
     print(f"target: {target.to_json()}")
     result = sparsecomp.compress_to_target(model.eval(), args, target, calibration=calibration, template=template,
-                                           progress=not ns.quiet)
+                                           progress=not ns.quiet, recover=recover)
     out = Path(ns.output)
     out.mkdir(parents=True, exist_ok=True)
     inputs = at_batch(tuple(args), ns.batch)
@@ -407,6 +412,10 @@ def _cmd_compress_target(ns: argparse.Namespace) -> int:
     print(result.table())
     print(f"chosen: mac_ratio {c.mac_ratio:.3f}: measured {c.speedup:.2f}x (re-measured {c.remeasured_speedup:.2f}x) "
           f"on {ns.backend}, target {ns.speedup:g}x met; output error {c.output_error}")
+    if "recover" in result.report:
+        r = result.report["recover"]
+        print(f"recovery ({r['seconds']:.0f} s): validation loss {r['val_loss_before']:.4g} -> {r['val_loss_after']:.4g}, "
+              f"measured {r['measured_speedup']:.2f}x, {'kept' if r['kept'] else 'not kept (the search result is saved)'}")
     for note in result.report["notes"]:
         print(f"note: {note}")
     print(f"saved: {artefact} ({how}), {out / 'report.json'}, {out / 'points.md'}, {out / 'target.png'}")
@@ -435,6 +444,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -536,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="with --speedup: compressions the search may run (default 4)")
     compress.add_argument("--round-to", type=_positive_int, default=None,
                           help="with --speedup: channel multiple (default: measured for the backend)")
+    compress.add_argument("--recover", type=_positive_float, default=None, metavar="SECONDS",
+                          help="with --speedup and --calibration: distil the chosen model from the dense one for "
+                               "this many seconds (sparsecomp.Recover(budget_s=SECONDS)), kept if it still meets "
+                               "the target and is not worse on held-out calibration data")
     compress.add_argument("-q", "--quiet", action="store_true", help="with --speedup: no progress output")
     compress.add_argument("--report", action="store_true",
                           help="print the per-pass, per-layer report (sparsecomp.report)")

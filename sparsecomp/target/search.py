@@ -205,7 +205,8 @@ def _next_ratio(points: list[Point], want: float, max_ratio: float) -> float:
 
 def compress_to_target(model: Any, example_inputs: Any, target: Target, calibration: Any = None, *,
                        template: Any = None, fidelity: Callable[[torch.nn.Module], float] | None = None,
-                       progress: bool = True, candidates: dict | None = None) -> TargetResult:
+                       progress: bool = True, candidates: dict | None = None,
+                       recover: Any = None) -> TargetResult:
     """The most faithful ``StructuredPruning`` of ``model`` whose speedup over the dense model, measured
     end to end on ``target.backend``, is at least ``target.speedup``.
 
@@ -226,6 +227,11 @@ def compress_to_target(model: Any, example_inputs: Any, target: Target, calibrat
     candidates:
         A dict shared between calls (e.g. several targets on one model) that caches compressed models
         by config; compression is the expensive step.
+    recover:
+        A :class:`sparsecomp.Recover` config (needs ``calibration``): the chosen model is then distilled
+        from the dense one (same widths, so the same speed), measured again end to end, and returned
+        instead if it still meets the target and its fidelity (``fidelity``, else Recover's validation)
+        did not fall; ``report["recover"]`` says what it bought.
 
     Raises
     ------
@@ -241,6 +247,11 @@ def compress_to_target(model: Any, example_inputs: Any, target: Target, calibrat
 
     if not isinstance(target, Target):
         raise ConfigError(f"compress_to_target needs a sparsecomp.Target, got {type(target).__name__}")
+    if recover is not None:
+        if not isinstance(recover, sparsecomp.Recover):
+            raise ConfigError(f"compress_to_target(recover=...) needs a sparsecomp.Recover, got {type(recover).__name__}")
+        if calibration is None:
+            raise ConfigError("compress_to_target(recover=...) needs calibration data: the teacher labels it")
     base = _base_config(template, calibration)
     start = time.perf_counter()
     captured = captured_at(model, tuple(example_inputs) if isinstance(example_inputs, (tuple, list))
@@ -363,7 +374,47 @@ def compress_to_target(model: Any, example_inputs: Any, target: Target, calibrat
     record.update({"chosen": chosen.to_dict(), "layers": layers, "met": True})
     _say(progress, f"chosen: mac_ratio {chosen.mac_ratio:.3f}, measured {chosen.speedup:.2f}x "
                    f"(re-measured {chosen.remeasured_speedup:.2f}x) in {record['seconds']:.0f} s")
+    if recover is not None:
+        module = _recover_chosen(captured, base, chosen, recover, calibration, dense_run, inputs, target,
+                                 fidelity, progress, module, record)
+        record["seconds"] = time.perf_counter() - start
     return TargetResult(module, target, chosen, points, layers, record)
+
+
+def _recover_chosen(captured: Captured, base: Any, chosen: Point, recover: Any, calibration: Any, dense_run: Any,
+                    inputs: tuple, target: Target, fidelity: Callable | None, progress: bool,
+                    module: torch.nn.Module, record: dict) -> torch.nn.Module:
+    """The chosen pruning compressed again with ``recover`` after it (deterministic: the same widths),
+    measured end to end; returned when it still meets the target and is not less faithful."""
+    import sparsecomp
+
+    _say(progress, f"recovery of the chosen model: {recover.to_json()}")
+    cfg = dataclasses.replace(base, mac_ratio=chosen.mac_ratio, round_to=chosen.round_to, progress=progress)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rec = sparsecomp.compress(captured, captured.example_args, [cfg, recover], calibration=calibration)
+    seconds = time.perf_counter() - t0
+    stats = measure_latencies({"dense": dense_run, "rec": runner(rec, inputs, target.backend, target.threads)},
+                              inputs, threads=target.threads, rounds=target.rounds, repeats=10, min_time=0.3)
+    speedup = stats["dense"].median_ms / stats["rec"].median_ms
+    phases = next(r for r in rec.sparsecomp_report if r.get("pass") == "Recover")["layers"]
+    result = phases[-1]
+    before_fid, after_fid = chosen.fidelity, (fidelity(rec) if fidelity else None)
+    better = (after_fid >= before_fid) if fidelity else result["val_loss"] <= result["val_loss_start"]
+    kept = speedup >= target.threshold and better
+    record["recover"] = {"config": recover.to_dict(), "seconds": seconds, "measured_speedup": speedup,
+                         "fidelity_before": before_fid, "fidelity_after": after_fid,
+                         "val_loss_before": result["val_loss_start"], "val_loss_after": result["val_loss"],
+                         "phases": phases, "kept": kept}
+    _say(progress, f"recovered in {seconds:.0f} s: measured {speedup:.2f}x, validation loss "
+                   f"{result['val_loss_start']:.4g} -> {result['val_loss']:.4g}"
+                   + ("" if after_fid is None else f", fidelity {before_fid:.4f} -> {after_fid:.4f}")
+                   + ("" if kept else " (not kept: " + ("slower than the target" if speedup < target.threshold
+                                                       else "less faithful") + ")"))
+    if not kept:
+        warnings.warn(f"compress_to_target: the recovered model was not kept ({record['recover']})", stacklevel=3)
+    return rec if kept else module
 
 
 __all__ = ["MARGIN", "Point", "RELAX", "TargetResult", "compress_to_target"]

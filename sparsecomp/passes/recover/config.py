@@ -59,7 +59,7 @@ class Recover(PassConfig):
         Validate every this many optimizer steps (0: twice per epoch of each phase).
     patience:
         Stop a phase after this many validations without improvement: in its first half only when the
-        last validation is worse than where the phase began (training diverges); after that on any
+        last validation is 1.5x worse than where the phase began (training diverges); after that on any
         plateau. The best validated weights are kept either way.
     augment:
         Token-sequence augmentations of training samples (need ``token_mask``): ``"crop"`` (a random

@@ -14,6 +14,8 @@ from .graphs import _Tensor
 
 #: Fraction of a phase (steps or time) after which ``patience`` stops it on a mere plateau.
 EARLY_STOP_FROM = 0.5
+#: Before that, a validation this many times the phase's starting one counts as diverging (stops on patience).
+DIVERGED = 1.5
 
 # ------------------------------------------------------------------------------------------------ training loop
 def _lr_factor(cfg: Recover, progress: float) -> float:
@@ -77,8 +79,9 @@ class _Trainer:
         else:
             self.stale += 1
             # a long phase's validation is noisy while its learning rate is high: before EARLY_STOP_FROM of
-            # the phase only a run that is worse than where the phase began (diverging) stops early
-            if self.stale >= self.cfg.patience and (self.progress() >= EARLY_STOP_FROM or score > self.start_score):
+            # the phase only a diverging run (DIVERGED times worse than where the phase began) stops early
+            if self.stale >= self.cfg.patience and (self.progress() >= EARLY_STOP_FROM
+                                                    or score > DIVERGED * self.start_score):
                 self.stopped = True
         return score
 
