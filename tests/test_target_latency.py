@@ -99,8 +99,13 @@ def test_prediction_within_tolerance_of_measurement(cache):
               for r in (0.25, 0.5, 0.75)}
     timing = Timing(threads=1, warmup=3, repeats=10, min_time=0.1, rounds=3)
     table = LatencyTable("torch", timing)
+    tries = iter(range(1, 10))
 
     def errors() -> dict[float, dict]:
+        nonlocal table
+        # a fresh table per try: a burst while the per-op table is timed skews every prediction made from it
+        # (a CI run missed by 58 % three times on one table; the whole-model re-measures alone cannot fix that)
+        table = LatencyTable("torch", timing, path=cache / f"table_try{next(tries)}.json")
         measured = {name: s.median_ms for name, s in measure_models(
             {"dense": cap, **{str(r): m for r, m in pruned.items()}}, inputs, "torch", timing).items()}
         model = LatencyModel.fit(table, [cap, pruned[0.75]], inputs, measured=[measured["dense"], measured["0.75"]])
